@@ -1,0 +1,46 @@
+"""Build the fedfull extension: the seed-based perturbation ops of csrc/ as `fedfull_ops`.
+
+CPU kernels are always built. CUDA kernels are built too when nvcc is found and torch is a CUDA build
+(or FEDFULL_CUDA=1 forces it, e.g. to compile-check on a machine without a GPU).
+Install without build isolation so the torch already installed is the one built against:
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+here = os.path.dirname(os.path.abspath(__file__))
+cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+want_cuda = os.environ.get("FEDFULL_CUDA", "auto")
+with_cuda = bool(cuda_sources) and (
+    want_cuda == "1" or (want_cuda == "auto" and CUDA_HOME is not None and torch.version.cuda is not None)
+)
+
+ext_modules = []
+if cpp_sources:
+    extra = {"cxx": ["-O3", "-ffp-contract=off", "-fopenmp"]}
+    Extension = CppExtension
+    sources = cpp_sources
+    if with_cuda:
+        Extension = CUDAExtension
+        sources = cpp_sources + cuda_sources
+        extra["nvcc"] = ["-O3", "--fmad=false"]
+    ext_modules.append(
+        Extension("fedfull_ops", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    )
+
+setup(
+    name="fedfull",
+    version="0.1.0",
+    description="Federated full-parameter tuning of LLMs: FedKSeed and FedCyBGD, with fused seed-based kernels",
+    py_modules=["fedkseed", "fedcybgd"],
+    packages=["tasks"],
+    python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
