@@ -1,0 +1,42 @@
+"""Shared test fixtures: a tiny character-level tokenizer and tiny random models, built in memory."""
+import string
+
+import pytest
+import torch
+
+
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + 4 specials), no files, no hub."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_tiny_llama(vocab_size, seed=0, layers=2, hidden=32):
+    """A random Llama causal LM with `layers` layers: big enough to have blocks, small enough for CI."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer):
+    return make_tiny_llama(len(tiny_tokenizer))
