@@ -1,5 +1,10 @@
 """Shared test fixtures: a tiny character-level tokenizer and tiny random models, built in memory."""
+import os
 import string
+
+# Tests never reach a model or dataset hub: everything they use is built here or committed under tests/.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
