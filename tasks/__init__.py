@@ -1,22 +1,42 @@
-"""tasks: the data and metrics both scripts share (INTERFACE DRAFT: the tasks issue implements it).
-
-Every dataset becomes plain Python lists of dicts; the scripts never see a loader class.
+"""tasks: the data and metrics both scripts share. Every dataset becomes plain lists of dicts.
 
 Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task sft):
 
-    data = tasks.load_instruction_data(name, data_path=None, num_clients=200, iid="dir0.5", seed=42)
-        name: "dolly" | "instruct" | "alpaca_gpt4_en"
-        data.clients: list over clients of lists of examples (the federated training split)
-        data.test:    list of held-out examples (dolly: one whole category; instruct: the test tasks)
-        data.summary: a printable table of client sizes and label mix
-        example = {"prompt": str (template filled in), "target": str (response, no EOS), "category": str}
-    t = tasks.tokenize_example(tokenizer, example, max_length)
-        -> {"input_ids": list[int], "labels": list[int] (-100 on prompt tokens), "truncated": bool}
-    batch = tasks.collate(list_of_t, pad_token_id)
-        -> {"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T], "labels": LongTensor[B, T]}
-    tasks.generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8) -> list[str]  (greedy)
-    tasks.rouge_l(predictions, references) -> float  (mean per-sample Rouge-L F-measure, 0 for empty)
+    data = tasks.load_instruction_data(name, data_path=None, num_clients=200, iid="dir0.5", seed=42,
+                                       test_category="summarization", test_fraction=0.01, min_size=10,
+                                       tokenizer=None, max_length=1024)
+        name "dolly":          test = one whole category (test_category); the other 7 categories are split
+                               over num_clients by iid="iid" or label-Dirichlet "dirALPHA" (>= min_size each)
+        name "instruct":       Natural Instructions: one client per training task (num_clients is ignored),
+                               20% of each task; test = max(20, 2%) of each test task; instances longer than
+                               max_length tokens (tokenizer given) or characters (no tokenizer) are dropped
+        name "alpaca_gpt4_en": test = a seeded test_fraction of the records; the rest split like dolly
+        data.clients  list over clients of lists of examples
+        data.test     list of held-out examples
+        data.summary  printable text table: client sizes and label mix
+        example = {"prompt": str (Alpaca-style template filled in), "target": str (no EOS), "category": str}
 
-GLUE (tasks.glue), SQuAD v1.1 (tasks.squad), partitions (tasks.partition): see their modules.
-Errors a user can cause raise tasks.DataError with a one-line message.
+    t = tasks.tokenize_example(tokenizer, example, max_length)
+        -> {"input_ids": list[int], "labels": list[int] (-100 on the prompt), "truncated": bool}
+           input_ids = prompt + target + EOS; too long -> the prompt is cut from the left first
+    ts = tasks.tokenize_examples(tokenizer, examples, max_length)    # same, and prints how many were cut
+    batch = tasks.collate(ts, pad_token_id)
+        -> {"input_ids", "attention_mask", "labels"}: LongTensor [B, T], right padding, labels -100 there
+    texts = tasks.generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8)   # greedy, new text only
+    score = tasks.rouge_l(predictions, references)   # mean per-sample Rouge-L F in [0, 1], 0 for empty
+
+Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
+             tasks.partition_summary(parts, labels) -> str
+GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
+             compute_metrics(task, predictions, labels) -> dict; example {"text_a", "text_b" or None, "label"}
+SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
+             postprocess_predictions, evaluate(examples, predictions) -> {"exact_match", "f1"} (0-100)
+
+Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
+is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
+from . import glue, squad
+from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
+from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_example, tokenize_examples
+from .partitions import partition, partition_summary
+from .sources import DataError

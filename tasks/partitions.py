@@ -1,0 +1,94 @@
+"""Federated partitions: which example indices each client holds.
+
+    iid        shuffle, then cut into num_clients nearly equal parts
+    dirALPHA   label-Dirichlet (the FedKSeed / NIID-Bench recipe): for every label, draw client shares
+               p ~ Dir(ALPHA, ..., ALPHA), give clients that already hold N/num_clients examples no more,
+               and cut that label's examples by p; redraw everything until each client has >= min_size.
+               Small ALPHA -> each client sees few labels; large ALPHA -> close to iid.
+(One client per task, for Natural Instructions, is built by its loader.)
+
+Randomness comes from one numpy Generator seeded with `seed`, so a seed gives the same split everywhere.
+"""
+from collections import Counter
+
+import numpy as np
+
+from .sources import DataError
+
+MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum size
+
+
+def parse_iid(iid):
+    """'iid' -> None, 'dir0.5' -> 0.5; anything else is a DataError."""
+    if iid == "iid":
+        return None
+    if isinstance(iid, str) and iid.startswith("dir"):
+        try:
+            alpha = float(iid[3:])
+        except ValueError:
+            alpha = -1.0
+        if alpha > 0:
+            return alpha
+    raise DataError(f"unknown partition '{iid}': use 'iid' or 'dirALPHA' with ALPHA > 0 (e.g. dir0.5)")
+
+
+def partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10):
+    """Split indices 0..len(labels)-1 over num_clients -> list (per client) of index lists."""
+    n = len(labels)
+    alpha = parse_iid(iid)
+    if num_clients < 1:
+        raise DataError(f"num_clients must be at least 1, got {num_clients}")
+    if num_clients > n:
+        raise DataError(f"cannot split {n} training examples over {num_clients} clients: use at most {n} clients")
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        order = rng.permutation(n)
+        return [part.tolist() for part in np.array_split(order, num_clients)]
+
+    if num_clients * min_size > n:
+        raise DataError(
+            f"{num_clients} clients x at least {min_size} examples each needs {num_clients * min_size} "
+            f"examples, only {n} available: use fewer clients or a smaller minimum size"
+        )
+    y = np.asarray([str(v) for v in labels])
+    classes = sorted(set(y.tolist()))
+    for _ in range(MAX_DRAWS):
+        parts = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = np.flatnonzero(y == c)
+            rng.shuffle(idx)
+            p = rng.dirichlet(np.full(num_clients, alpha))
+            # balance: a client already holding its fair share N/num_clients gets nothing more
+            open_ = np.array([len(part) < n / num_clients for part in parts], dtype=float)
+            p = p * open_
+            p = p / p.sum() if p.sum() > 0 else open_ / open_.sum()  # tiny alpha: all mass on full clients
+            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+            for part, chunk in zip(parts, np.split(idx, cuts)):
+                part.extend(chunk.tolist())
+        if min(len(part) for part in parts) >= min_size:
+            for part in parts:
+                rng.shuffle(part)
+            return parts
+    raise DataError(
+        f"no Dirichlet(alpha={alpha}) draw in {MAX_DRAWS} tries gave all {num_clients} clients "
+        f"at least {min_size} examples: use fewer clients, a larger alpha or a smaller minimum size"
+    )
+
+
+def partition_summary(parts, labels, max_rows=10):
+    """A plain-text table: client sizes and each client's label mix (most common labels first)."""
+    sizes = np.array([len(p) for p in parts])
+    lines = [
+        f"{len(parts)} clients, {int(sizes.sum())} examples; per client: "
+        f"min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()}",
+        f"{'client':>6}  {'size':>6}  label mix",
+    ]
+    shown = list(range(len(parts))) if len(parts) <= max_rows else list(range(max_rows - 1)) + [len(parts) - 1]
+    for j in shown:
+        if j == len(parts) - 1 and len(parts) > max_rows:
+            lines.append(f"{'...':>6}  ({len(parts) - max_rows} more)")
+        mix = Counter(str(labels[i]) for i in parts[j]).most_common(3)
+        rest = len({str(labels[i]) for i in parts[j]}) - len(mix)
+        text = ", ".join(f"{k} {v}" for k, v in mix) + (f", +{rest} more labels" if rest > 0 else "")
+        lines.append(f"{j:>6}  {len(parts[j]):>6}  {text}")
+    return "\n".join(lines)
