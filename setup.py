@@ -21,17 +21,26 @@ with_cuda = bool(cuda_sources) and (
     want_cuda == "1" or (want_cuda == "auto" and CUDA_HOME is not None and torch.version.cuda is not None)
 )
 
+# Bit-identical z needs IEEE arithmetic with no fused multiply-add anywhere: -ffp-contract=off for C++ (the
+# SIMD paths are chosen at run time with __builtin_cpu_supports, so no -march flag: one build stays portable)
+# and --fmad=false for nvcc (its default would fuse). Never add -ffast-math / --use_fast_math.
+# (-fno-math-errno changes no result: it only lets sqrtf be inlined and vectorized.)
 ext_modules = []
 if cpp_sources:
-    extra = {"cxx": ["-O3", "-ffp-contract=off", "-fopenmp"]}
+    extra = {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]}
     Extension = CppExtension
     sources = cpp_sources
+    include_dirs = [os.path.join(here, "csrc")]
     if with_cuda:
         Extension = CUDAExtension
         sources = cpp_sources + cuda_sources
-        extra["nvcc"] = ["-O3", "--fmad=false"]
+        extra["nvcc"] = ["-O3", "--fmad=false", "-Xcompiler", "-ffp-contract=off"]
+        # pip's CUDA torch ships the CUDA headers it was built with (e.g. site-packages/nvidia/cu13/include)
+        include_dirs += sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include")))
+        # target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), else the GPUs present
     ext_modules.append(
-        Extension("fedfull_ops", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        Extension("fedfull_ops", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                  extra_link_args=["-fopenmp"])
     )
 
 setup(

@@ -1,0 +1,315 @@
+"""z kernels: the compiled ops (csrc/) against the pure-PyTorch reference in fedkseed.py, bit for bit, plus
+the statistics z must have and the errors bad input must raise. Speed lives in bench/bench_kernels.py."""
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fedkseed as F
+
+ops = torch.ops.fedfull if F.HAVE_COMPILED_OPS else None
+compiled = pytest.mark.skipif(not F.HAVE_COMPILED_OPS, reason=f"fedfull_ops not built: {F.COMPILED_OPS_ERROR}")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KINDS = [F.GAUSSIAN, F.RADEMACHER]
+BIG_SEED = 2**63 - 1
+# (seed, offset, n): offsets not a multiple of 4 (nor of the kernels' block sizes), lengths 1 .. 10**6;
+# a negative seed is its 64-bit two's complement
+CASES = [(0, 0, 1), (0, 3, 2), (BIG_SEED, 1, 7), (12345, 5, 4096), (987654321, 4094, 8195),
+         (BIG_SEED, 2**40 + 127, 1000), (-1, 6, 33), (31337, 130, 100_003)]
+
+
+@functools.lru_cache(maxsize=None)
+def ref_z(seed, offset, n, kind):
+    return F.z_reference(seed, offset, n, kind)
+
+
+def bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def assert_same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    diff = (bits(a) != bits(b)).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].item()}: {a.view(-1)[diff[0]]} vs {b.view(-1)[diff[0]]}"
+
+
+def simd_levels():
+    if not F.HAVE_COMPILED_OPS:
+        return [0]
+    best = ops.simd_level(-1)
+    return list(range(best + 1))
+
+
+@pytest.fixture
+def simd():
+    """Run a test on one CPU path (0 scalar, 1 AVX2, 2 AVX-512), then go back to the best one."""
+    def use(level):
+        assert ops.simd_level(level) == level
+    yield use
+    ops.simd_level(-1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the reference itself, against outside oracles
+# ------------------------------------------------------------------------------------------------------
+def test_philox_known_answers():
+    # Random123's published known-answer vectors for philox4x32-10
+    vectors = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+               ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+               ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+                (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in vectors:
+        got = F.philox4x32_10(*[torch.tensor([c]) for c in ctr], *key)
+        assert tuple(int(w) for w in got) == want
+
+
+def test_reference_polynomials_match_libm():
+    # our log / sin / cos are polynomials; they must still be accurate, not just reproducible
+    x = torch.randint(0, 2**32, (100_000,), generator=torch.Generator().manual_seed(0))
+    u = ((x >> 8) + 1).double() / 2**24
+    assert torch.allclose(F._minus_two_log_uniform(x).double(), -2 * torch.log(u), rtol=2e-6, atol=1e-6)
+    c, s = F._cos_sin_turn(x)
+    t = 2 * math.pi * (x >> 8).double() / 2**24
+    assert (c.double() - torch.cos(t)).abs().max() < 3e-7 and (s.double() - torch.sin(t)).abs().max() < 3e-7
+
+
+def test_reference_is_a_function_of_the_global_index():
+    z = ref_z(7, 0, 300, F.GAUSSIAN)
+    assert_same_bits(F.z_reference(7, 123, 45, F.GAUSSIAN), z[123:168])
+    z = ref_z(7, 0, 300, F.RADEMACHER)
+    assert_same_bits(F.z_reference(7, 127, 100, F.RADEMACHER), z[127:227])
+
+
+# ------------------------------------------------------------------------------------------------------
+# compiled == reference, bit for bit
+# ------------------------------------------------------------------------------------------------------
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed,offset,n", CASES)
+def test_noise_matches_reference(seed, offset, n, kind, simd):
+    for level in simd_levels():
+        simd(level)
+        assert_same_bits(ops.noise(seed, offset, n, kind), ref_z(seed, offset, n, kind))
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+def test_noise_matches_reference_million(kind):
+    assert_same_bits(ops.noise(BIG_SEED, 3, 10**6, kind), ref_z(BIG_SEED, 3, 10**6, kind))
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed,offset,n", CASES[1:7])
+def test_perturb_matches_reference(seed, offset, n, dtype, kind, simd):
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    want = p0.clone()
+    F.perturb_reference_(want, seed, offset, 0.37, kind)
+    for level in simd_levels():
+        simd(level)
+        got = p0.clone()
+        ops.perturb_(got, seed, offset, 0.37, kind)
+        assert_same_bits(got, want)
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_seeds_matches_reference_and_perturb_sequence(dtype, kind, simd):
+    n, offset = 10_007, 4093
+    seeds = [0, BIG_SEED, 1, 2, 3, 17, 2**40, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    scales = [0.1 * (-1) ** k / (k + 1) for k in range(16)]
+    p0 = torch.randn(3, n, generator=torch.Generator().manual_seed(1)).to(dtype)[1]   # a contiguous row
+    want = p0.clone()
+    F.apply_seeds_reference_(want, seeds, scales, offset, kind)
+    for level in simd_levels():
+        simd(level)
+        got = p0.clone()
+        ops.apply_seeds_(got, seeds, scales, offset, kind)
+        assert_same_bits(got, want)
+    if dtype == torch.float32:   # one rounding vs sixteen: equal within float32 tolerance
+        seq = p0.clone()
+        for s, c in zip(seeds, scales):
+            ops.perturb_(seq, s, offset, c, kind)
+        torch.testing.assert_close(seq, want, rtol=1e-5, atol=1e-6)
+
+
+@compiled
+def test_apply_seeds_empty_is_a_no_op():
+    p = torch.randn(10)
+    q = p.clone()
+    ops.apply_seeds_(q, [], [], 0, F.GAUSSIAN)
+    assert_same_bits(q, p)
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_and_two_threads_give_the_same_bits(kind):
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            p = torch.ones(300_001)
+            ops.perturb_(p, 99, 5, 0.5, kind)
+            ops.apply_seeds_(p, [1, 2, 3], [0.1, 0.2, 0.3], 5, kind)
+            out.append(p)
+        assert_same_bits(out[0], out[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scale", [1e-3, 0.5])
+def test_plus_then_minus_restores_within_one_rounding(scale, kind):
+    p0 = torch.randn(200_000, generator=torch.Generator().manual_seed(2))
+    p = p0.clone()
+    ops.perturb_(p, 11, 6, scale, kind)
+    ops.perturb_(p, 11, 6, -scale, kind)
+    mag = p0.abs() + (scale * ops.noise(11, 6, p0.numel(), kind)).abs()
+    ulp = torch.nextafter(mag, torch.tensor(math.inf)) - mag
+    assert ((p - p0).abs() <= ulp).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# z has the distribution it claims
+# ------------------------------------------------------------------------------------------------------
+def _z(seed, n, kind, offset=0):
+    return ops.noise(seed, offset, n, kind) if F.HAVE_COMPILED_OPS else F.z_reference(seed, offset, n, kind)
+
+
+def _corr(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_gaussian_moments_and_ks():
+    n = 10**6
+    z = _z(2024, n, F.GAUSSIAN).double()
+    tol = 5 / math.sqrt(n)   # five standard errors
+    assert abs(z.mean()) < tol
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((z**3).mean()) < 5 * math.sqrt(15 / n) and abs((z**4).mean() - 3) < 5 * math.sqrt(96 / n)
+    # Kolmogorov-Smirnov against N(0, 1); Phi via erf, spot-checked against math.erf
+    zs = z.sort().values
+    phi = 0.5 * (1 + torch.erf(zs / math.sqrt(2)))
+    for k in (0, n // 3, n - 1):
+        assert abs(phi[k] - 0.5 * (1 + math.erf(zs[k] / math.sqrt(2)))) < 1e-12
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    d = max(float((i / n - phi).max()), float((phi - (i - 1) / n).max()))
+    assert d < 1.63 / math.sqrt(n), f"KS statistic {d:.2e} rejects N(0,1) at the 1% level"
+    assert abs(float((z.abs() > 3).double().mean()) - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_correlation_between_indices_or_seeds(kind):
+    n = 400_000
+    z = _z(5, n, kind)
+    tol = 5 / math.sqrt(n)
+    for lag in (1, 2, 3, 4, 5, 32, 128):   # within a counter, across counters, across words
+        assert abs(_corr(z[:-lag], z[lag:])) < tol, lag
+    for s in (0, 4, 6, 2**32 + 5, BIG_SEED):
+        assert abs(_corr(z, _z(s, n, kind))) < tol, s
+    if kind == F.GAUSSIAN:   # Box-Muller pairs are independent, not just uncorrelated
+        assert abs(_corr(z[:-1] ** 2, z[1:] ** 2)) < tol
+
+
+def test_rademacher_is_balanced_signs():
+    n = 10**6
+    z = _z(77, n, F.RADEMACHER)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(z.double().mean())) < 5 / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library integration and errors
+# ------------------------------------------------------------------------------------------------------
+@compiled
+def test_opcheck():
+    p = torch.randn(1000)
+    torch.library.opcheck(ops.perturb_.default, (p, 3, 5, 0.25, F.GAUSSIAN))
+    torch.library.opcheck(ops.apply_seeds_.default, (p, [1, 2], [0.5, -0.25], 5, F.RADEMACHER))
+    torch.library.opcheck(ops.noise_fill_.default, (torch.empty(77), 3, 1, F.GAUSSIAN))
+    torch.library.opcheck(ops.noise.default, (3, 1, 77, F.GAUSSIAN))
+
+
+@compiled
+def test_meta_tensors_are_checked_not_computed():
+    p = torch.empty(10, device="meta")
+    ops.perturb_(p, 1, 0, 1.0, F.GAUSSIAN)
+    ops.apply_seeds_(p, [1], [1.0], 0, F.RADEMACHER)
+    with pytest.raises(RuntimeError, match="offset"):
+        ops.perturb_(p, 1, -1, 1.0, F.GAUSSIAN)
+
+
+BAD = [
+    ("contiguous", lambda f: f.perturb_(torch.zeros(4, 4).t(), 1, 0, 1.0, 0)),
+    ("float32, bfloat16 or float16", lambda f: f.perturb_(torch.zeros(4, dtype=torch.int32), 1, 0, 1.0, 0)),
+    ("float32, bfloat16 or float16", lambda f: f.apply_seeds_(torch.zeros(4, dtype=torch.int64), [1], [1.0], 0, 0)),
+    ("2 seeds but 1 scales", lambda f: f.apply_seeds_(torch.zeros(4), [1, 2], [1.0], 0, 0)),
+    ("offset must be >= 0", lambda f: f.perturb_(torch.zeros(4), 1, -3, 1.0, 0)),
+    ("offset must be >= 0", lambda f: f.noise(1, -3, 4, 0)),
+    ("unknown kind 2", lambda f: f.perturb_(torch.zeros(4), 1, 0, 1.0, 2)),
+    ("unknown kind -1", lambda f: f.apply_seeds_(torch.zeros(4), [1], [1.0], 0, -1)),
+    ("unknown kind 7", lambda f: f.noise(1, 0, 4, 7)),
+]
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("message,call", BAD, ids=[f"{i}-{m[:12]}" for i, (m, _) in enumerate(BAD)])
+def test_bad_input_raises_clear_error(impl, message, call):
+    if impl == "compiled":
+        if not F.HAVE_COMPILED_OPS:
+            pytest.skip("fedfull_ops not built")
+        f = ops
+    else:
+        class f:  # the reference under the ops' names
+            perturb_, apply_seeds_, noise = F.perturb_reference_, F.apply_seeds_reference_, F.z_reference
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        call(f)
+
+
+def test_fedkseed_uses_the_compiled_ops_when_built():
+    if F.HAVE_COMPILED_OPS:
+        assert F.perturb_ is torch.ops.fedfull.perturb_ and F.apply_seeds_ is torch.ops.fedfull.apply_seeds_
+    else:
+        assert F.perturb_ is F.perturb_reference_
+
+
+def test_fedkseed_falls_back_to_the_reference_without_them():
+    code = ("import sys; sys.modules['fedfull_ops'] = None\n"   # makes `import fedfull_ops` fail
+            "import fedkseed as F\n"
+            "assert not F.HAVE_COMPILED_OPS and F.COMPILED_OPS_ERROR\n"
+            "assert (F.noise, F.perturb_, F.apply_seeds_) == (F.z_reference, F.perturb_reference_, F.apply_seeds_reference_)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(F.__file__)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------------
+@cuda
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_reference(dtype, kind):
+    seed, offset, n = BIG_SEED, 4093, 100_003
+    assert_same_bits(ops.noise(seed, offset, n, kind, device="cuda").cpu(), ref_z(seed, offset, n, kind))
+    p0 = torch.randn(n).to(dtype)
+    want = p0.clone()
+    F.perturb_reference_(want, seed, offset, 0.37, kind)
+    got = p0.cuda()
+    ops.perturb_(got, seed, offset, 0.37, kind)
+    assert_same_bits(got.cpu(), want)
+    seeds, scales = [0, BIG_SEED, 5], [0.5, -0.25, 0.125]
+    want = p0.clone()
+    F.apply_seeds_reference_(want, seeds, scales, offset, kind)
+    got = p0.cuda()
+    ops.apply_seeds_(got, seeds, scales, offset, kind)
+    assert_same_bits(got.cpu(), want)
