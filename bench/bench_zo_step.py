@@ -1,0 +1,110 @@
+"""One FedKSeed client step on the default model: fused seed ops (3 passes) vs a MeZO-style step (4 passes).
+
+    python bench/bench_zo_step.py                  # SmolLM2-135M, float32, batch 1, 256 tokens
+    python bench/bench_zo_step.py --repeats 5 --threads 1 --model path/to/model
+
+The MeZO-style step is what the official FedKSeed code does per step: seed the global RNG, draw
+z = torch.normal(...) for every parameter and add it out of place (`param.data = param.data + eps * z`), four
+times (+eps, -2 eps, +eps to restore, then the update -lr*g*z). The fused step is `fedkseed.zo_step`: three
+in-place passes of the compiled `perturb_` op. Both run here, interleaved, on the same model and batch; the
+script prints medians, the split between the two forward passes and the perturbation passes, and the ratio.
+Target on a 2-core CPU: >= 3x for the whole step.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fedkseed as fk  # noqa: E402
+
+
+@torch.no_grad()
+def mezo_style_step(named, model, batch, seed, eps, lr):
+    """The official code's step: 4 passes of torch.normal under torch.manual_seed, out-of-place adds."""
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for _, p in named:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * eps * z
+
+    perturb(1)
+    loss1 = model(**batch).loss
+    perturb(-2)
+    loss2 = model(**batch).loss
+    perturb(1)
+    g = ((loss1 - loss2) / (2 * eps)).item()
+    torch.manual_seed(seed)
+    for _, p in named:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data - lr * (g * z)
+    return g
+
+
+@torch.no_grad()
+def mezo_style_pass(named, seed, scale):
+    torch.manual_seed(seed)
+    for _, p in named:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data + scale * z
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=fk.DEFAULT_MODEL)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="steps of each kind (interleaved); medians are printed")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); "
+                    "on a machine busy with other jobs, 1 avoids threads waiting on each other")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not fk.HAVE_COMPILED_OPS:
+        sys.exit("the compiled ops are not built (pip install --no-build-isolation -e .): nothing fused to measure")
+
+    model, _ = fk.load_model(args.model, "float32", "cpu")
+    params, offsets = fk.trainable(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_el = sum(p.numel() for p in params)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    eps, lr, seed = 1e-3, 1e-6, 123456789
+    print(f"{args.model}: {n_el / 1e6:.1f}M params float32, batch 1 x {args.tokens} tokens, "
+          f"{torch.get_num_threads()} threads, {args.repeats} repeats")
+
+    fk.batch_loss(model, batch)  # warm-up
+    fused, mezo, forward, fused_pass, mezo_pass, rad_pass = [], [], [], [], [], []
+    for r in range(args.repeats):  # interleaved, so drift in the machine's load hits every kind alike
+        forward.append(timed(lambda: fk.batch_loss(model, batch)))
+        fused_pass.append(timed(lambda: [fk.perturb_(p, seed, o, 1e-12, fk.GAUSSIAN) for p, o in zip(params, offsets)]))
+        rad_pass.append(timed(lambda: [fk.perturb_(p, seed, o, 1e-12, fk.RADEMACHER) for p, o in zip(params, offsets)]))
+        mezo_pass.append(timed(lambda: mezo_style_pass(named, seed, 1e-12)))
+        params, offsets = fk.trainable(model)  # the MeZO-style pass replaced the parameter tensors
+        fused.append(timed(lambda: fk.zo_step(model, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN)))
+        mezo.append(timed(lambda: mezo_style_step(named, model, batch, seed + r, eps, lr)))
+        params, offsets = fk.trainable(model)
+
+    med = statistics.median
+    fwd2 = 2 * med(forward)
+    print(f"  {'':<52} {'step':>8}  {'2 forwards':>10}  {'perturbation passes':>20}")
+    for name, t, passes in [("MeZO-style step (4 x torch.normal, out-of-place add)", med(mezo), 4 * med(mezo_pass)),
+                            ("fused step (3 x perturb_)", med(fused), 3 * med(fused_pass))]:
+        print(f"  {name:<52} {t:7.3f} s  {fwd2:8.3f} s  {passes:8.3f} s ({100 * passes / t:4.1f}% of the step)")
+    print(f"  one pass over {n_el / 1e6:.1f}M weights: MeZO-style {med(mezo_pass):.3f} s, fused Gaussian "
+          f"{med(fused_pass):.3f} s ({n_el / med(fused_pass) / 1e9:.2f} G elements/s), fused Rademacher "
+          f"{med(rad_pass):.3f} s")
+    print(f"speedup of the whole step: {med(mezo) / med(fused):.2f}x (target >= 3x); "
+          f"of the perturbation passes: {4 * med(mezo_pass) / (3 * med(fused_pass)):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

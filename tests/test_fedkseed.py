@@ -1,0 +1,283 @@
+"""fedkseed.py on tiny models: the ZO step, aggregation, Pro's probabilities, replay, the ledger, resume, errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fedkseed as fk
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost milliseconds per op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CATEGORIES = ["open_qa", "classification", "brainstorming", "summarization"]
+
+
+def write_dolly(path, n=40):
+    """A tiny Dolly-format jsonl: 4 categories, 'summarization' is the held-out one."""
+    with open(path, "w") as f:
+        for i in range(n):
+            cat = CATEGORIES[i % len(CATEGORIES)]
+            f.write(json.dumps({"instruction": f"Say {i} twice.", "context": "ctx" if i % 3 == 0 else "",
+                                "response": f"{i} {i}", "category": cat}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama + character tokenizer saved as a local model folder, usable as --model."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dolly(tmp_path_factory):
+    return write_dolly(tmp_path_factory.mktemp("data") / "dolly.jsonl")
+
+
+def argv(tiny_dir, dolly, out, *extra):
+    return ["--model", str(tiny_dir), "--data_path", str(dolly), "--output_dir", str(out), "--num_clients", "4",
+            "-m", "0.5", "-K", "16", "--local_steps", "3", "--rounds", "2", "--lr", "1e-3", "--zo_eps", "1e-2",
+            "--max_length", "64", "--iid", "iid", "--eval_every", "1", "--eval_samples", "3", "--rouge_samples", "2",
+            "--max_new_tokens", "4", "--device", "cpu", *extra]
+
+
+def batch_for(tok, texts):
+    import tasks
+
+    rows = [tasks.tokenize_example(tok, {"prompt": "Q: ", "target": t}, 64) for t in texts]
+    return tasks.collate(rows, tok.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------- the ZO step
+@pytest.mark.parametrize("kind", [fk.GAUSSIAN, fk.RADEMACHER])
+def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
+    """w+ = w + eps z; w- = w+ - 2 eps z; g = (L(w+) - L(w-)) / 2 eps; w' = w- + (eps - lr g) z.
+
+    Computed in float32 with z_reference; the step (compiled ops when built) must give the same bits."""
+    model, seed, eps, lr = tiny_llama, 1234567, 1e-2, 1e-2
+    batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
+    params, offsets = fk.trainable(model)
+    w0 = [p.clone() for p in params]
+    zs = [fk.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)]
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (the op rounds its scale to fp32)
+
+    def loss_at(ws):
+        for p, w in zip(params, ws):
+            p.copy_(w)
+        return fk.batch_loss(model, batch)
+
+    w_plus = [w + f32(eps) * z for w, z in zip(w0, zs)]
+    l_plus = loss_at(w_plus)
+    w_minus = [w + f32(-2 * eps) * z for w, z in zip(w_plus, zs)]
+    l_minus = loss_at(w_minus)
+    g = float(np.float32((l_plus - l_minus) / (2 * eps)))
+    expected = [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
+
+    for p, w in zip(params, w0):
+        p.copy_(w)
+    got_g, got_loss = fk.zo_step(model, params, offsets, batch, seed, eps, lr, kind)
+    assert got_g == g and got_loss == l_plus and g != 0.0
+    for p, e in zip(params, expected):
+        assert torch.equal(p, e)
+    assert any(not torch.equal(p, w) for p, w in zip(params, w0))  # the update moved the weights
+
+
+def test_non_finite_loss_is_skipped(tiny_llama, tiny_tokenizer):
+    """All labels masked -> loss NaN: weights restored (to rounding), nothing recorded, nothing uploaded."""
+    import tasks
+
+    params, offsets = fk.trainable(tiny_llama)
+    w0 = [p.clone() for p in params]
+    batch = batch_for(tiny_tokenizer, ["x"])
+    batch["labels"][:] = -100
+    g, _ = fk.zo_step(tiny_llama, params, offsets, batch, 7, 1e-2, 1e-2, fk.GAUSSIAN)
+    assert g is None
+    for p, w in zip(params, w0):
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-6)
+
+    class Args:
+        seed, perturbation, local_steps, batch_size, zo_eps, lr = 0, "gaussian", 2, 1, 1e-2, 1e-2
+
+    ex = [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]
+    up, loss = fk.client_update(tiny_llama, params, offsets, ex, None, fk.candidate_seeds(0, 4), Args, 1, 0,
+                                tiny_tokenizer.pad_token_id)
+    n, idx, gs = fk.decode_upload(up, 4)
+    assert n == 1 and len(idx) == 0 and len(gs) == 0 and math.isnan(loss)
+    assert tasks  # the collate used by client_update
+
+
+# ---------------------------------------------------------------------------------------------- server
+def test_server_aggregate_weights_by_data_size():
+    K, lr = 8, 0.5
+    ups = [fk.encode_upload(1, [2, 5, 2], [1.0, -2.0, 0.5], K),  # client A: 1 example
+           fk.encode_upload(3, [5, 7], [4.0, 1.0], K)]  # client B: 3 examples
+    coefs = fk.server_aggregate(ups, K, lr)
+    expected = np.zeros(K)
+    expected[2] = 0.25 * (1.0 + 0.5)
+    expected[5] = 0.25 * -2.0 + 0.75 * 4.0
+    expected[7] = 0.75 * 1.0
+    np.testing.assert_array_equal(coefs, (-lr * expected).astype(np.float32))
+    assert coefs.dtype == np.float32
+
+
+def test_pro_probabilities_by_hand():
+    K, clip, initial = 4, 10.0, 0.0
+    hist_sum, hist_count = np.full(K, initial), np.ones(K, dtype=np.int64)
+    ups = [fk.encode_upload(5, [0, 1, 1, 3], [2.0, -4.0, 100.0, 1.0], K)]
+    fk.update_seed_history(hist_sum, hist_count, ups, K, clip)
+    # mean |clip(g)| over each history [initial, g...]: seed0 (0+2)/2=1, seed1 (0+4+10)/3, seed2 0, seed3 0.5
+    mean = np.array([1.0, 14 / 3, 0.0, 0.5])
+    norm = (mean - 0.0) / (14 / 3 + 1e-10 - 0.0)
+    expected = np.exp(norm) / np.exp(norm).sum()
+    probs = fk.seed_probabilities(hist_sum, hist_count)
+    np.testing.assert_allclose(probs, expected, rtol=1e-12)
+    assert probs.argmax() == 1 and probs.max() / probs.min() <= math.e + 1e-9
+    # uniform before any history: all means equal -> min-max gives zeros -> softmax uniform
+    np.testing.assert_allclose(fk.seed_probabilities(np.zeros(K), np.ones(K)), np.full(K, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def test_messages_roundtrip_dense_and_sparse():
+    K = 300
+    coefs = np.zeros(K, dtype=np.float32)
+    coefs[[3, 299]] = [0.5, -1.25]
+    for c, probs in [(coefs, None), (np.arange(K, dtype=np.float32) + 1, None), (coefs, np.full(K, 1 / K))]:
+        msg = fk.encode_download(c, probs)
+        back, p = fk.decode_download(msg, K)
+        np.testing.assert_array_equal(back, c)
+        assert (p is None) == (probs is None)
+    assert len(fk.encode_download(coefs)) == 1 + 4 + 2 * (2 + 4)  # sparse: flag, count, 2 x (uint16, float32)
+    assert len(fk.encode_download(np.ones(K, np.float32))) == 1 + 4 * K  # dense
+
+
+def test_ledger_under_18_kilobytes_for_paper_setting():
+    """K = 4096, 200 local steps: the largest download (all K seeds touched) + the upload < 18,000 bytes."""
+    K, steps = 4096, 200
+    rng = np.random.default_rng(0)
+    up = fk.encode_upload(75, rng.integers(0, K, steps), rng.normal(size=steps), K)
+    history = [rng.normal(size=K).astype(np.float32) for _ in range(5)]
+    down = fk.encode_download(fk.pending_coefficients(history, 0, 6, K))
+    assert len(up) == 4 + steps * 6 and len(down) == 1 + 4 * K
+    assert len(up) + len(down) < 18_000
+
+
+# ---------------------------------------------------------------------------------------------- replay
+def test_replay_one_round_is_bit_exact_and_stale_replay_close(tiny_llama):
+    """Clients replaying the server's messages reach the server's weights: bit for bit one round at a time,
+    to float32 rounding when several rounds are summed into one message."""
+    K, kind = 32, fk.GAUSSIAN
+    seeds = fk.candidate_seeds(3, K)
+    server = make_tiny_llama(tiny_llama.config.vocab_size)
+    sp, offsets = fk.trainable(server)
+    client = make_tiny_llama(tiny_llama.config.vocab_size)
+    cp, _ = fk.trainable(client)
+    stale = make_tiny_llama(tiny_llama.config.vocab_size)
+    stp, _ = fk.trainable(stale)
+    rng = np.random.default_rng(1)
+    history = []
+    for rnd in range(1, 4):
+        ups = [fk.encode_upload(int(rng.integers(1, 9)), rng.integers(0, K, 5), rng.normal(size=5), K)
+               for _ in range(3)]
+        coefs, _ = fk.decode_download(fk.encode_download(fk.server_aggregate(ups, K, 1e-2)), K)
+        fk.sync_model(sp, offsets, seeds, coefs, kind)
+        history.append(coefs)
+        # the client downloads what it has not applied: this round only
+        msg = fk.encode_download(fk.pending_coefficients(history, rnd - 1, rnd + 1, K))
+        fk.sync_model(cp, offsets, seeds, fk.decode_download(msg, K)[0], kind)
+        assert all(torch.equal(a, b) for a, b in zip(sp, cp))
+    msg = fk.encode_download(fk.pending_coefficients(history, 0, 4, K))  # 3 rounds in one message
+    fk.sync_model(stp, offsets, seeds, fk.decode_download(msg, K)[0], kind)
+    for a, b in zip(sp, stp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    initial, _ = fk.trainable(make_tiny_llama(tiny_llama.config.vocab_size))
+    assert any(not torch.equal(a, b) for a, b in zip(sp, initial))  # the rounds did move the weights
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly, tmp_path):
+    out = tmp_path / "run"
+    fk.main(argv(tiny_dir, dolly, out))
+    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "checkpoint.pt", "loss.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert {"round", "train_loss", "eval_loss", "rougeL", "upload_bytes", "download_bytes", "seconds"} <= set(r)
+    assert rows[0]["train_loss"] is None and rows[0]["rougeL"] is not None and rows[2]["rougeL"] is not None
+    assert rows[1]["upload_bytes"] == 4 + 3 * 6  # 3 steps of (uint16, float32) + the data size
+    ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 2 * 2 and all(e["up"] > 0 and e["down"] > 0 for e in ledger)
+    # replaying the checkpoint's per-round messages on the initial weights gives the checkpoint's weights
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model, _ = fk.load_model(str(tiny_dir), "float32", "cpu")
+    params, offsets = fk.trainable(model)
+    seeds = fk.candidate_seeds(42, 16)
+    for h in state["history"]:
+        fk.sync_model(params, offsets, seeds, fk.decode_download(fk.encode_download(h.numpy()), 16)[0], fk.GAUSSIAN)
+    assert all(torch.equal(p, w) for p, w in zip(params, state["weights"]))
+    assert any(not torch.equal(p, w) for p, w in zip(fk.trainable(fk.load_model(str(tiny_dir), "float32", "cpu")[0])[0],
+                                                      state["weights"]))
+
+
+def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
+    """2 rounds + resume to 4 == 4 rounds straight (weights bit for bit, same metrics), FedKSeed-Pro."""
+    pro = ("--bias_sampling", "--eval_every", "2", "--rouge_samples", "0")
+    fk.main(argv(tiny_dir, dolly, tmp_path / "a", "--rounds", "4", *pro))
+    fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "2", *pro))
+    fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "4", "--resume", *pro))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["round"] == b["round"] == 4
+    assert all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["history"], b["history"]))
+    assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
+    ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    def key(rows):
+        return [(r["round"], r["train_loss"], r["upload_bytes"], r["download_bytes"]) for r in rows]
+
+    assert key(ra) == key(rb)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, words", [
+    (["-m", "0"], "-m 0.0"),
+    (["-m", "1.5"], "(0, 1]"),
+    (["-K", "0"], "-K 0"),
+    (["-m", "0.1"], "samples no client"),
+    (["--num_clients", "100"], "over 100 clients"),  # more clients than training examples
+    (["--model", "./no/such/model"], "no such folder"),
+    (["--model", "no-such-org/no-such-model"], "--model no-such-org/no-such-model:"),  # hub id: offline or 404
+    (["--data_path", "/no/such/dolly.jsonl"], "not found"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(tiny_dir, dolly, tmp_path, capsys, extra, words):
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, tmp_path / "out") + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_resume_with_other_config_is_one_line(tiny_dir, dolly, tmp_path, capsys):
+    out = tmp_path / "run"
+    fk.main(argv(tiny_dir, dolly, out, "--rounds", "1", "--rouge_samples", "0"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, out, "--rounds", "2", "--resume", "--lr", "2e-3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "lr=0.001" in err[0] and "lr=0.002" in err[0]
