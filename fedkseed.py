@@ -35,16 +35,25 @@ loss is not finite is undone and recorded nowhere. The server applies a round wi
 parameter over the seeds touched, and does so by replaying the very message a client would receive, so any
 party that replays the rounds reaches the server's weights bit for bit.
 
+Across processes (`torchrun --nproc_per_node N fedkseed.py ...`, also across machines): rank 0 is the server,
+the round's sampled clients are dealt round-robin over the ranks, and every rank keeps its own copy of the
+model. Ranks exchange only the wire messages above, as uint8 tensors: the uploads go to rank 0, the round's
+coefficients (and Pro's probabilities) are broadcast, and every rank reaches the global model by replaying them
+with `sync_model` -- no weight tensor ever crosses, and every rank's weights equal rank 0's bit for bit.
+
 The script reads top to bottom: z (the kernel contract), config, model, data, messages, the ZO step,
-`client_update`, `server_aggregate` / `seed_probabilities`, `sync_model`, evaluation, the round loop, `main`.
+`client_update`, `server_aggregate` / `seed_probabilities`, `sync_model`, evaluation, across processes,
+the round loop, `main`.
 """
 import argparse
+import datetime
 import functools
 import importlib.util
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------
 # z: the perturbation, one definition everywhere
@@ -241,6 +251,9 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
       help="weight dtype; bf16/fp16 round most ZO updates (lr*g ~ 1e-7) away, so float32 is the default")
+    a("--dist_timeout", type=float, default=1800.0,
+      help="with torchrun: seconds a rank waits for the others at a collective (uploads, download broadcast) "
+           "before the whole run stops with one error line; it must exceed rank 0's evaluation time")
     args = p.parse_args(argv)
     check_config(args)
     return args
@@ -262,6 +275,8 @@ def check_config(args):
         low = 0 if name == "rounds" else 1
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
+    if not args.dist_timeout > 0:
+        raise ConfigError(f"--dist_timeout {args.dist_timeout}: must be > 0 seconds")
     if args.eval_samples < 0 or (args.rouge_samples is not None and args.rouge_samples < 0):
         raise ConfigError("--eval_samples and --rouge_samples must be >= 0")
     if not args.zo_eps > 0:
@@ -675,16 +690,123 @@ def progress_bars():
 
 
 # ----------------------------------------------------------------------------------------------------
+# across processes: torchrun ranks, rank 0 the server; only the wire messages cross, as uint8 tensors
+# ----------------------------------------------------------------------------------------------------
+class GroupError(Exception):
+    """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
+
+
+def init_distributed(args):
+    """-> (rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on CUDA
+    (each rank on GPU LOCAL_RANK when --device is plain 'cuda'). Without torchrun: (0, 1) and no group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    backend = "gloo"
+    if args.device.startswith("cuda"):
+        if args.device == "cuda":
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+        backend = "nccl"
+    # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    except RuntimeError:
+        raise GroupError(f"rank {os.environ.get('RANK', '?')}: the process group did not form within "
+                         f"{args.dist_timeout:g} s (check the launch command on every machine)") from None
+
+    def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
+        raise GroupError("stopped by the launcher (another rank failed)")
+
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
+    return dist.get_rank(), world
+
+
+def collective(fn, *a, **kw):
+    """Run one torch.distributed call; a lost rank (timeout or closed connection) becomes a GroupError."""
+    try:
+        return fn(*a, **kw)
+    except RuntimeError as e:  # torch.distributed.DistError and gloo/NCCL errors are RuntimeErrors
+        raise GroupError("timeout" if "timed out" in str(e).lower() or "timeout" in str(e).lower()
+                         else "a rank left the group") from None
+
+
+def upload_row_bytes(K, local_steps):
+    """One client's row in `gather_uploads`: uint32 length + float64 train loss + the longest possible upload."""
+    return 4 + 8 + 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
+
+
+def gather_uploads(mine, n_sampled, rank, world, K, local_steps, device):
+    """Every rank's [(upload message, mean train loss)] for its clients -> rank 0, in the round's client order.
+
+    One `dist.gather` of a uint8 tensor [rows, row_bytes] from each rank (a collective needs equal shapes, and
+    every rank can compute these from the flags): rows = ceil(n_sampled / world), the clients of rank r being
+    sampled[r::world]; row i = uint32 message length, float64 train loss (for metrics.jsonl only), the upload
+    message, zeros up to the longest possible upload (shorter only if non-finite steps were skipped). A rank
+    with one client fewer sends one row of zeros. -> list of (upload, loss) on rank 0, None elsewhere.
+    """
+    rows, width = -(-n_sampled // world), upload_row_bytes(K, local_steps)
+    buf = np.zeros((rows, width), dtype=np.uint8)
+    for i, (msg, loss) in enumerate(mine):
+        buf[i, :12] = np.frombuffer(np.uint32(len(msg)).tobytes() + np.float64(loss).tobytes(), np.uint8)
+        buf[i, 12:12 + len(msg)] = np.frombuffer(msg, np.uint8)
+    mine_t = torch.from_numpy(buf).to(device)
+    parts = [torch.empty_like(mine_t) for _ in range(world)] if rank == 0 else None
+    collective(dist.gather, mine_t, parts, dst=0)
+    if rank != 0:
+        return None
+    got = [None] * n_sampled
+    for r, part in enumerate(parts):
+        part = part.cpu().numpy()
+        for i, j in enumerate(range(r, n_sampled, world)):  # row i of rank r is client j of the round
+            n = int(part[i, :4].view(np.uint32)[0])
+            got[j] = (part[i, 12:12 + n].tobytes(), float(part[i, 4:12].view(np.float64)[0]))
+    return got
+
+
+def broadcast_download(msg, rank, device):
+    """Rank 0's download message (bytes) -> every rank. Two `dist.broadcast`s: the length as one int64, then the
+    message as uint8[length]; every other rank receives 8 + len(msg) bytes."""
+    length = torch.tensor([len(msg) if rank == 0 else 0], dtype=torch.int64, device=device)
+    collective(dist.broadcast, length, src=0)
+    if rank == 0:
+        buf = torch.from_numpy(np.frombuffer(msg, np.uint8).copy()).to(device)
+    else:
+        buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    collective(dist.broadcast, buf, src=0)
+    return buf.cpu().numpy().tobytes()
+
+
+def wire_ledger(rnd, sampled, world, K, local_steps, down_lengths):
+    """The bytes the collectives of round `rnd` moved, per rank (what ledger.jsonl records with "rank"): tensor
+    payloads as `gather_uploads` / `broadcast_download` build them, counting rank 0's broadcast as one copy per
+    peer; the transport's own framing (gloo/NCCL headers, TCP) is not counted."""
+    rows = -(-len(sampled) // world)
+    up = rows * upload_row_bytes(K, local_steps)  # each rank's gather tensor (rank 0's own stays local)
+    down = sum(8 + n for n in down_lengths)  # each broadcast: int64 length + the message
+    entries = [{"round": rnd, "rank": 0, "clients": sampled[0::world], "sent": (world - 1) * down,
+                "received": (world - 1) * up}]
+    entries += [{"round": rnd, "rank": r, "clients": sampled[r::world], "sent": up, "received": down}
+                for r in range(1, world)]
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------------
 # the round loop
 # ----------------------------------------------------------------------------------------------------
 def train(args):
     import tasks
 
     out = Path(args.output_dir)
+    rank, world = init_distributed(args)  # (0, 1) without torchrun
+    device = torch.device(args.device if world > 1 and args.device.startswith("cuda") else "cpu")  # of collectives
     config = {k: v for k, v in vars(args).items()}
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
     ckpt_path = out / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path, config) if args.resume else None  # fail fast, before the slow parts
+    # fail fast, before the slow parts; under torchrun every rank loads it (a shared --output_dir, or a copy)
+    state = load_checkpoint(ckpt_path, config) if args.resume else None
+    if rank != 0:  # rank 0 speaks for the run: the other ranks print nothing (errors aside)
+        sys.stdout = open(os.devnull, "w")
     if args.dtype != "float32":
         print(f"warning: --dtype {args.dtype}: ZO updates lr*g*z (~1e-7) are below its resolution and mostly "
               "round away; float32 is recommended", file=sys.stderr)
@@ -705,15 +827,17 @@ def train(args):
     rouge_set = rouge_set if args.rouge_samples != 0 else []
     tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
 
-    out.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() for p in params)
-    with open(out / "config.json", "w") as f:
-        json.dump({**config, "clients": N, "sampled_per_round": n_sampled, "trainable_params": total,
-                   "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__}, f, indent=2)
+    if rank == 0:  # outputs are rank 0's job
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "config.json", "w") as f:
+            json.dump({**config, "clients": N, "sampled_per_round": n_sampled, "trainable_params": total,
+                       "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__, "ranks": world}, f, indent=2)
     print(data.summary)
     print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
           f"{N} clients, {n_sampled} per round, K={K}, {args.local_steps} steps, "
-          f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}", flush=True)
+          f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}"
+          + (f"; {world} ranks (torchrun), rank 0 the server" if world > 1 else ""), flush=True)
 
     # server state: everything the next round depends on is in the checkpoint
     history = []  # per round: the coefficients sent (float32[K])
@@ -729,11 +853,11 @@ def train(args):
         history = [h.numpy() for h in state["history"]]
         last_sync = state["last_sync"].numpy().copy()
         hist_sum, hist_count = state["hist_sum"].numpy().copy(), state["hist_count"].numpy().copy()
-        for path in (metrics_path, ledger_path):  # drop lines of rounds after the checkpoint
+        for path in (metrics_path, ledger_path) if rank == 0 else ():  # drop lines of rounds after the checkpoint
             lines = path.read_text().splitlines() if path.exists() else []
             path.write_text("".join(l + "\n" for l in lines if json.loads(l)["round"] <= start))
         print(f"resumed from {ckpt_path} after round {start}")
-    else:
+    elif rank == 0:
         metrics_path.write_text("")
         ledger_path.write_text("")
 
@@ -755,8 +879,9 @@ def train(args):
         t_rounds = bars.add_task("rounds", total=args.rounds, completed=start)
         t_clients = bars.add_task("clients", total=n_sampled)
         t_steps = bars.add_task("steps", total=args.local_steps)
+    rnd = start
     try:
-        if start == 0:
+        if start == 0 and rank == 0:
             t0 = time.time()
             set_model(global_w)
             eval_loss = evaluate_loss(model, eval_tok, pad_id)
@@ -766,19 +891,28 @@ def train(args):
             log(f"round 0: held-out loss {eval_loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
         for rnd in range(start + 1, args.rounds + 1):
             t0 = time.time()
-            sampled = sample_clients(args.seed, rnd, N, n_sampled)
-            probs = seed_probabilities(hist_sum, hist_count) if args.bias_sampling else None
-            uploads, losses, ledger = [], [], []
+            sampled = sample_clients(args.seed, rnd, N, n_sampled)  # every rank draws the same clients
+            mine = sampled[rank::world]  # round-robin: client j of the round runs on rank j % world
+            probs = client_probs = None
+            down_lengths = []  # broadcasts of this round (torchrun only), for the ledger
+            if args.bias_sampling:  # Pro: the server's seed probabilities for this round, to every client
+                probs = seed_probabilities(hist_sum, hist_count) if rank == 0 else None
+                msg = encode_download(np.zeros(K, dtype=np.float32), probs) if rank == 0 else None
+                if world > 1:
+                    msg = broadcast_download(msg, rank, device)
+                    down_lengths.append(len(msg))
+                _, client_probs = decode_download(msg, K)
+            # the protocol's download of each sampled client, the coefficients it has not applied (+ Pro's
+            # probabilities), sized for the ledger. Its clients need not replay it here: one process resets the
+            # working copy to the global weights, and under torchrun every rank's copy replays every round (below)
+            downs = {c: len(encode_download(pending_coefficients(history, int(last_sync[c]), rnd, K), probs))
+                     for c in sampled} if rank == 0 else {}
+            last_sync[sampled] = rnd - 1
+            results = []  # (upload message, mean train loss) of this rank's clients
             if bars:
-                bars.reset(t_clients, total=n_sampled)
-            for j, c in enumerate(sampled):
-                # download: the coefficients the client has not applied (+ Pro's probabilities)
-                down = encode_download(pending_coefficients(history, int(last_sync[c]), rnd, K), probs)
-                _, client_probs = decode_download(down, K)
-                # one process: replaying `down` on the client's last synced weights gives the global weights,
-                # so the working model is reset to them (a copy, no per-client model)
-                set_model(global_w)
-                last_sync[c] = rnd - 1
+                bars.reset(t_clients, total=len(mine))
+            for j, c in enumerate(mine):
+                set_model(global_w)  # the client starts from the global weights (a copy, no per-client model)
                 if c not in tokenized:
                     tokenized[c] = tasks.tokenize_examples(tokenizer, data.clients[c], args.max_length, log=None)
                 if bars:
@@ -787,23 +921,33 @@ def train(args):
                 tc = time.time()
                 up, loss = client_update(model, params, offsets, tokenized[c], client_probs, seeds, args, rnd, c,
                                          pad_id, on_step=step_cb)
-                uploads.append(up)
-                losses.append(loss)
-                ledger.append({"round": rnd, "client": c, "down": len(down), "up": len(up)})
-                log(f"round {rnd} client {c} ({j + 1}/{n_sampled}): {len(tokenized[c])} examples, "
-                    f"loss {loss:.4f}, {(time.time() - tc) / args.local_steps:.2f} s/step, "
-                    f"down {len(down)} B, up {len(up)} B")
+                results.append((up, loss))
+                log(f"round {rnd} client {c} ({j + 1}/{len(mine)}{' on rank 0' if world > 1 else ''}): "
+                    f"{len(tokenized[c])} examples, loss {loss:.4f}, "
+                    f"{(time.time() - tc) / args.local_steps:.2f} s/step, "
+                    f"down {downs.get(c, '-')} B, up {len(up)} B")  # (only rank 0's lines are shown)
                 if bars:
                     bars.advance(t_clients)
-            # server: aggregate, then apply the round exactly as any client would replay it
+            if world > 1:  # the uploads of every rank's clients -> rank 0, in the round's client order
+                results = gather_uploads(results, n_sampled, rank, world, K, args.local_steps, device)
+            # server: aggregate; every rank (the server included) then applies the round by replaying its message
             ts = time.time()
-            coefs = server_aggregate(uploads, K, args.lr)
-            coefs, _ = decode_download(encode_download(coefs), K)
+            msg = encode_download(server_aggregate([u for u, _ in results], K, args.lr)) if rank == 0 else None
+            if world > 1:
+                msg = broadcast_download(msg, rank, device)
+                down_lengths.append(len(msg))
+            coefs, _ = decode_download(msg, K)
             sync_model(global_w, offsets, seeds, coefs, kind)
             server_seconds = time.time() - ts
             history.append(coefs)
+            if rank != 0:
+                continue  # the rest of the round (statistics, outputs) is the server's
+            uploads, losses = [u for u, _ in results], [l for _, l in results]
             if args.bias_sampling:
                 update_seed_history(hist_sum, hist_count, uploads, K, args.bias_loss_clip)
+            ledger = [{"round": rnd, "client": c, "down": downs[c], "up": len(u)} for c, u in zip(sampled, uploads)]
+            if world > 1:
+                ledger += wire_ledger(rnd, sampled, world, K, args.local_steps, down_lengths)
             with open(ledger_path, "a") as f:
                 f.writelines(json.dumps(e) + "\n" for e in ledger)
 
@@ -815,10 +959,10 @@ def train(args):
                     rouge = evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens)
             finite = [l for l in losses if math.isfinite(l)]
             row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": eval_loss,
-                   "rougeL": rouge, "upload_bytes": float(np.mean([e["up"] for e in ledger])),
-                   "download_bytes": float(np.mean([e["down"] for e in ledger])), "seconds": time.time() - t0,
+                   "rougeL": rouge, "upload_bytes": float(np.mean([len(u) for u in uploads])),
+                   "download_bytes": float(np.mean(list(downs.values()))), "seconds": time.time() - t0,
                    "seeds_touched": int(np.count_nonzero(coefs))}
-            save_checkpoint(ckpt_path, {
+            save_checkpoint(ckpt_path, {  # only after the round is complete on every rank
                 "config": config, "round": rnd, "weights": global_w,
                 "history": [torch.from_numpy(h) for h in history], "last_sync": torch.from_numpy(last_sync),
                 "hist_sum": torch.from_numpy(hist_sum), "hist_count": torch.from_numpy(hist_count)})
@@ -829,10 +973,22 @@ def train(args):
                 f"{server_seconds:.1f} s)")
             if bars:
                 bars.advance(t_rounds)
+    except GroupError as e:  # a rank exited or hangs: one line, no traceback
+        why = (f"a rank did not answer within {args.dist_timeout:g} s" if str(e) == "timeout"
+               else str(e) if "launcher" in str(e) else "a rank exited")
+        if rank != 0:
+            last = "rank 0 keeps the last complete round in its checkpoint: rerun every rank with --resume"
+        elif rnd > 1:
+            last = f"the last complete checkpoint is round {rnd - 1}: rerun every rank with --resume"
+        else:
+            last = "no round was completed: rerun"
+        raise GroupError(f"rank {rank}: {why} in round {rnd}; {last}") from None
     finally:
         if bars:
             bars.stop()
     set_model(global_w)  # leave the global model in `model`
+    if rank != 0:
+        return model, None
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
     if plot_losses(rows, out / "loss.png"):
         log(f"wrote {out / 'loss.png'}")
@@ -842,6 +998,13 @@ def train(args):
 
 def summarize(rows, ledger_path, log):
     entries = [json.loads(l) for l in Path(ledger_path).read_text().splitlines()]
+    wire = [e for e in entries if "rank" in e]  # torchrun: what each rank's collectives moved per round
+    entries = [e for e in entries if "client" in e]
+    if wire:
+        for r in sorted({e["rank"] for e in wire}):
+            mine = [e for e in wire if e["rank"] == r]
+            log(f"collectives, rank {r}: mean per round {np.mean([e['sent'] for e in mine]):,.0f} B sent, "
+                f"{np.mean([e['received'] for e in mine]):,.0f} B received")
     if entries:
         up = float(np.mean([e["up"] for e in entries]))
         down = float(np.mean([e["down"] for e in entries]))
@@ -865,6 +1028,11 @@ def main(argv=None):
     except (ConfigError, tasks.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except GroupError as e:
+        print(f"fedkseed: {e}", file=sys.stderr, flush=True)
+        os._exit(3)  # at once: tearing down a process group that lost a rank can block
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

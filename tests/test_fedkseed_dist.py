@@ -1,0 +1,181 @@
+"""fedkseed.py under torchrun: two gloo ranks on CPU give the one-process run's metrics and weights bit for bit,
+and a rank that hangs stops the group with one line, keeping the last complete checkpoint for --resume."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedkseed as fk
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from test_fedkseed import write_dolly
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "fedkseed.py")
+TIMEOUT = 10  # --dist_timeout of the runs below, seconds
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama + character tokenizer as a local model folder, and a tiny Dolly file."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, write_dolly(tmp_path_factory.mktemp("data") / "dolly.jsonl")
+
+
+def flags(files, out, *extra):
+    # 4 clients, 3 sampled per round: rank 0 runs two clients, rank 1 one (and sends a padding row)
+    model, dolly = files
+    return ["--model", str(model), "--data_path", str(dolly), "--output_dir", str(out), "--num_clients", "4",
+            "-m", "0.75", "-K", "16", "--local_steps", "3", "--lr", "1e-3", "--zo_eps", "1e-2", "--max_length", "64",
+            "--iid", "iid", "--eval_samples", "3", "--rouge_samples", "2", "--max_new_tokens", "4", "--device", "cpu",
+            "--bias_sampling", "--dist_timeout", str(TIMEOUT), *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), SCRIPT, *args]
+
+
+def metrics(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def checkpoint(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_two_ranks_equal_one_process(files, tmp_path):
+    """Same flags (FedKSeed-Pro, 3 rounds): 1 process vs 2 gloo ranks -> same metrics.jsonl values (all but
+    `seconds`), the same weights bit for bit, the same server state; the ledger adds the collectives' bytes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--rounds", "3", "--eval_every", "1")
+    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(files, one, *common)], env=env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p2 = subprocess.run(torchrun(2, *flags(files, two, *common)), env=env(), cwd=ROOT, capture_output=True, text=True,
+                        timeout=180)
+    out1, _ = p1.communicate(timeout=180)
+    assert p1.returncode == 0, out1
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert metrics(one) == metrics(two) and [r["round"] for r in metrics(two)] == [0, 1, 2, 3]
+    a, b = checkpoint(one), checkpoint(two)
+    assert all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
+    assert len(a["history"]) == 3 and all(torch.equal(x, y) for x, y in zip(a["history"], b["history"]))
+    assert all(torch.equal(a[key], b[key]) for key in ("last_sync", "hist_sum", "hist_count"))
+    assert any(not torch.equal(x, y) for x, y in zip(a["weights"], checkpoint_initial(files)))  # training moved them
+    # rank 0 alone speaks: one header line, one summary
+    assert p2.stdout.count("2 ranks (torchrun), rank 0 the server") == 1 and p2.stdout.count("communication:") == 1
+    # the ledger: per client the protocol's messages (as in one process) + per rank the collectives' tensor bytes
+    ledger = [json.loads(l) for l in (two / "ledger.jsonl").read_text().splitlines()]
+    clients = [e for e in ledger if "client" in e]
+    assert clients == [json.loads(l) for l in (one / "ledger.jsonl").read_text().splitlines()]
+    row = 4 + 8 + 4 + 3 * (2 + 4)  # uint32 length, float64 loss, the longest upload of 3 steps
+    probs_msg = 1 + 4 + 4 * 16  # Pro's probabilities: flag, empty sparse coefficients, K float32
+    for rnd in (1, 2, 3):
+        wire = {e["rank"]: e for e in ledger if "rank" in e and e["round"] == rnd}
+        coef_msg = len(fk.encode_download(b["history"][rnd - 1].numpy()))  # the round's coefficients
+        assert wire[1]["received"] == (8 + probs_msg) + (8 + coef_msg) == wire[0]["sent"]  # int64 length + message
+        assert wire[1]["sent"] == 2 * row == wire[0]["received"]  # ceil(3 / 2) rows, one of them padding
+        assert wire[1]["clients"] == [e["client"] for e in clients if e["round"] == rnd][1::2]
+
+
+def checkpoint_initial(files):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(files[0]), dtype=torch.float32)
+    return [p.detach() for p in model.parameters() if p.requires_grad]
+
+
+def rank_pid(agent_pid, rank):
+    """The worker of `rank` among the launcher's children (its environment has RANK=<rank>)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process through /proc")
+@pytest.mark.parametrize("sig, why", [(signal.SIGSTOP, f"a rank did not answer within {TIMEOUT} s"),
+                                      (signal.SIGKILL, "a rank exited")], ids=["hung", "killed"])
+def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
+    """Stop (SIGSTOP: hangs) or kill rank 1 after a few rounds: rank 0 gives up, within --dist_timeout for a hung
+    rank and at once for a dead one, with one line naming the last complete checkpoint, which is the latest round
+    in checkpoint.pt and metrics.jsonl; (hung case) --resume with two ranks then finishes the run."""
+    out = tmp_path / "run"
+    many = ("--rounds", "100000", "--eval_every", "100000", "--rouge_samples", "0")  # runs until stopped
+    agent = subprocess.Popen(torchrun(2, *flags(files, out, *many)), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists():  # the first complete round
+            assert agent.poll() is None and time.time() < deadline, agent.stderr.read() if agent.poll() else "slow"
+            time.sleep(0.1)
+        victim = rank_pid(agent.pid, 1)
+        assert victim is not None
+        os.kill(victim, sig)
+        stopped = time.time()
+        rank0 = rank_pid(agent.pid, 0)
+        while rank0 is not None and Path(f"/proc/{rank0}").exists() and time.time() - stopped < TIMEOUT + 30:
+            try:
+                if Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # exited; the launcher has not reaped it yet
+            except OSError:
+                break
+            time.sleep(0.1)
+        waited = time.time() - stopped
+        if sig == signal.SIGSTOP:
+            os.kill(victim, signal.SIGCONT)  # a stopped process cannot act on the launcher's SIGTERM; let it
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode != 0
+    assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
+    ours = [l for l in err.splitlines() if l.startswith("fedkseed: rank 0:")]
+    assert len(ours) == 1, err
+    assert why in ours[0] and "rerun every rank with --resume" in ours[0]
+    assert 'fedkseed.py", line' not in err  # no traceback from the ranks
+    last = int(ours[0].split("the last complete checkpoint is round ")[1].split(":")[0])
+    state = checkpoint(out)
+    assert state["round"] == last >= 1 and metrics(out)[-1]["round"] == last
+    if sig == signal.SIGKILL:
+        return  # resuming is the same either way; once is enough
+
+    # --resume restarts the whole group: two more rounds, then the run ends normally
+    more = ("--rounds", str(last + 2), "--eval_every", "100000", "--rouge_samples", "0", "--resume")
+    done = subprocess.run(torchrun(2, *flags(files, out, *more)), env=env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {out / 'checkpoint.pt'} after round {last}" in done.stdout
+    assert checkpoint(out)["round"] == last + 2
+    assert [r["round"] for r in metrics(out)] == list(range(0, last + 3))
