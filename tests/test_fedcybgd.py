@@ -1,0 +1,353 @@
+"""FedCyBGD: blocks, one client turn, the download/upload messages and their bytes, resume, a tiny run."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+import fedcybgd as cy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------- tiny models of four kinds
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=64)).eval()
+
+
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64,
+                                                          max_position_embeddings=70)).eval()
+
+
+# expected layout, written out by hand: (layer stack prefix, layers, embeddings, head)
+LAYOUTS = {
+    "llama": (lambda: make_tiny_llama(104, layers=3), "model.layers", 3,
+              ["model.embed_tokens.weight"], ["model.norm.weight"]),  # lm_head is tied to embed_tokens
+    "gpt2": (tiny_gpt2, "transformer.h", 3, ["transformer.wte.weight", "transformer.wpe.weight"],
+             ["transformer.ln_f.weight", "transformer.ln_f.bias"]),
+    "bert": (tiny_bert, "bert.encoder.layer", 2,
+             ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+              "bert.embeddings.token_type_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+              "bert.embeddings.LayerNorm.bias"],
+             ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]),
+    "roberta": (tiny_roberta, "roberta.encoder.layer", 2,
+                ["roberta.embeddings.word_embeddings.weight", "roberta.embeddings.position_embeddings.weight",
+                 "roberta.embeddings.token_type_embeddings.weight", "roberta.embeddings.LayerNorm.weight",
+                 "roberta.embeddings.LayerNorm.bias"],
+                ["classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+                 "classifier.out_proj.bias"]),
+}
+
+
+@pytest.mark.parametrize("arch", LAYOUTS)
+def test_find_blocks(arch):
+    make, stack, n_layers, embeddings, head = LAYOUTS[arch]
+    model = make()
+    cycle, units = cy.find_blocks(model)
+    assert cycle == [f"layer.{i}" for i in range(n_layers)]
+    assert sorted(units["embeddings"]) == sorted(embeddings) and units["head"] == head
+    for i in range(n_layers):
+        expected = [f"{stack}.{i}.{n}" for n, _ in model.get_submodule(stack)[i].named_parameters()]
+        assert units[f"layer.{i}"] == expected and expected
+    everything = [n for names in units.values() for n in names]
+    assert sorted(everything) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
+    cycle, _ = cy.find_blocks(model, train_embeddings=True)
+    assert cycle[-1] == "embeddings" and len(cycle) == n_layers + 1
+
+
+def test_no_layer_stack_is_a_clear_error():
+    with pytest.raises(cy.InputError, match="no nn.ModuleList"):
+        cy.find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("mode,n_clients", [("ascending", 3), ("ascending", 2), ("descending", 5), ("random", 3)])
+def test_every_sweep_visits_every_block(mode, n_clients):
+    cycle = [f"layer.{i}" for i in range(4)]
+    turns = [cy.block_of_turn(cycle, mode, 7, t) for t in range(8)]
+    assert sorted(turns[:4]) == cycle and sorted(turns[4:]) == cycle  # blocks visited even with fewer clients
+    if mode == "ascending":
+        assert turns[:4] == cycle
+    if mode == "descending":
+        assert turns[:4] == cycle[::-1]
+
+
+# ---------------------------------------------------------------------------------------------- a client turn
+def llama_batches(tokenizer, n, seed=0, length=12):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, len(tokenizer), (2, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", ["layer.0", "layer.1"])
+def test_client_turn_changes_only_its_block_and_head(tiny_tokenizer, dtype, block):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=3).to(dtype).requires_grad_(False)
+    cycle, units = cy.find_blocks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train = units[block] + units["head"]
+    upload, stats = cy.client_update(model, train, llama_batches(tiny_tokenizer, 4), 1e-2, 0.1, 2, seed=1)
+    after = dict(model.named_parameters())
+    for n in before:
+        if n in train:
+            assert not torch.equal(before[n], after[n]), f"{n} did not train"
+        else:
+            assert torch.equal(before[n], after[n]), f"{n} changed outside the block"
+        assert not after[n].requires_grad and after[n].grad is None
+    assert list(upload) == train and all(torch.equal(upload[n], after[n]) for n in train)
+    assert math.isfinite(stats["loss"])
+    # memory ledger: at least the weights held + grads + two Adam moments of the trained tensors
+    trained_numel = sum(after[n].numel() for n in train)
+    all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert stats["peak_memory_bytes"] >= all_bytes + trained_numel * (4 + 8)
+
+
+def test_upload_bytes_equal_the_block_size(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=3).requires_grad_(False)
+    _, units = cy.find_blocks(model)
+    train = units["layer.2"] + units["head"]
+    upload, _ = cy.client_update(model, train, llama_batches(tiny_tokenizer, 1), 1e-3, 0.0, 1, seed=0)
+    wire = cy.pack(upload)
+    header = 8 + int.from_bytes(wire[:8], "little")  # safetensors: u64 header length, JSON header, raw data
+    params = dict(model.named_parameters())
+    assert len(wire) - header == sum(params[n].numel() * 4 for n in train)
+    assert set(json.loads(wire[8:header])) - {"__metadata__"} == set(train)
+
+
+def test_weight_decay_groups_by_parameter_shape():
+    model = tiny_gpt2()
+    _, units = cy.find_blocks(model)
+    named = [(n, p) for n, p in model.named_parameters() if n in units["layer.0"] + units["head"]]
+    decay, no_decay = cy.param_groups(named, 0.1)
+    names = {id(p): n for n, p in named}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        f"transformer.h.0.{k}.weight" for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert all(n.endswith(".bias") or ".ln_" in n for n in (names[id(p)] for p in no_decay["params"]))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+# -------------------------------------------------------------------------------------- the download messages
+def message_units(message, units):
+    return sorted({u for u, names in units.items() for n in names
+                   if n in message or n + ".q8" in message})
+
+
+def run_turn(server, model, units, client, block, mode, tokenizer, fraction=1.0, base=None):
+    message = cy.unpack(cy.pack(cy.server_download(server, units, client, block, mode, fraction, seed=client)))
+    cy.sync_model(model, message, base=base)
+    upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tokenizer, 1, client),
+                                 1e-2, 0.0, 1, seed=client)
+    cy.server_aggregate(server, client, cy.unpack(cy.pack(upload)), units)
+    return message
+
+
+def test_delta_sends_only_blocks_changed_since_the_last_turn(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=3).requires_grad_(False)
+    _, units = cy.find_blocks(model)
+    server = cy.init_server(model, units)
+    assert run_turn(server, model, units, 0, "layer.0", "delta", tiny_tokenizer) == {}  # nothing changed yet
+    assert message_units(run_turn(server, model, units, 1, "layer.1", "delta", tiny_tokenizer), units) == [
+        "head", "layer.0"]
+    # client 0 again: its own layer.0 is unchanged since its turn, so only what client 1 changed comes
+    assert message_units(run_turn(server, model, units, 0, "layer.2", "delta", tiny_tokenizer), units) == [
+        "head", "layer.1"]
+    # in one process the working model equals the server's weights after every lossless turn
+    assert all(torch.equal(p, server["weights"][n]) for n, p in model.named_parameters())
+    full = cy.server_download(server, units, 1, "layer.0", "full")
+    assert message_units(full, units) == sorted(units)
+
+
+def test_int8_quantisation_error_bound():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 48, generator=g) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different scale
+    w[3] = 0.0
+    q, scale = cy.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (cy.dequantize_int8(q, scale, w.shape, torch.float32) - w).abs()
+    assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5))
+    assert torch.all(err[3] == 0)
+    assert torch.equal(scale, w.abs().amax(1) / 127)
+
+
+def test_int8_download_keeps_own_block_exact(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=3).requires_grad_(False)
+    _, units = cy.find_blocks(model)
+    server = cy.init_server(model, units)
+    run_turn(server, model, units, 0, "layer.0", "full", tiny_tokenizer)
+    message = cy.server_download(server, units, 1, "layer.1", "int8")
+    wire = cy.pack(message)
+    exact = units["layer.1"] + units["head"]
+    expected = sum(p.numel() * 4 if n in exact or p.ndim < 2 else p.numel() + 4 * p.shape[0]  # int8 + fp32 scales
+                   for n, p in model.named_parameters())
+    assert len(wire) - 8 - int.from_bytes(wire[:8], "little") == expected
+    cy.sync_model(model, cy.unpack(cy.pack(message)))
+    for n, p in model.named_parameters():
+        exact = server["weights"][n]
+        if n in units["layer.1"] + units["head"] or p.ndim < 2:
+            assert torch.equal(p, exact) and n in message
+        else:
+            scale = exact.abs().reshape(exact.shape[0], -1).amax(1) / 127
+            err = (p - exact).abs().reshape(exact.shape[0], -1)
+            assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5)) and n + ".q8" in message
+
+
+def test_download_fraction_drops_blocks_to_pretrained(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=4).requires_grad_(False)
+    _, units = cy.find_blocks(model)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    server = cy.init_server(model, units)
+    for c in range(3):
+        run_turn(server, model, units, c, f"layer.{c}", "full", tiny_tokenizer, 0.5, pretrained)
+    message = cy.server_download(server, units, 3, "layer.0", "full", fraction=0.5, seed=3)
+    sent = message_units(message, units)
+    assert "layer.0" in sent and "head" in sent  # own block and head always
+    assert len([u for u in sent if u not in ("layer.0", "head")]) == math.ceil(2 * 0.5)  # of layer.1, layer.2
+    cy.sync_model(model, message, base=pretrained)
+    for u, names in units.items():
+        for n in names:
+            want = server["weights"][n] if u in sent else pretrained[n]
+            assert torch.equal(dict(model.named_parameters())[n], want)
+
+
+# ------------------------------------------------------------------------------------------- whole runs (main)
+@pytest.fixture(scope="module")
+def tiny_run_files(tmp_path_factory):
+    """A tiny Llama + character tokenizer saved as a model folder, and a Dolly-format jsonl."""
+    root = tmp_path_factory.mktemp("cy")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), layers=2, hidden=32)
+    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    records = []
+    for i in range(40):
+        cat = ("open_qa", "brainstorming")[i % 2]
+        records.append({"instruction": f"Say {'ab' if i % 2 else 'cd'} {i % 4}", "context": "",
+                        "response": "ab ab ab" if i % 2 else "cd cd", "category": cat})
+    for i in range(4):
+        records.append({"instruction": "Summarize", "context": f"ab cd {i}", "response": "ab cd",
+                        "category": "summarization"})
+    (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def tiny_argv(files, out, *extra):
+    return ["--task", "sft", "--dataset", "dolly", "--data_path", str(files / "dolly.jsonl"),
+            "--model", str(files / "model"), "--num_clients", "2", "--iid", "iid", "--local_steps", "3",
+            "--batch_size", "2", "--max_length", "48", "--eval_samples", "4", "--max_new_tokens", "2",
+            "--lr", "3e-3", "--output_dir", str(out), *extra]
+
+
+def read_metrics(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def checkpoint_weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / (out / "latest").read_text().strip() / "weights.safetensors")
+
+
+def test_tiny_run_lowers_the_loss(tiny_run_files, tmp_path):
+    metrics = cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "4"))
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert metrics[-1]["train_loss"] < metrics[1]["train_loss"]
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
+    ledger = [json.loads(l) for l in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
+    assert [t["block"] for t in ledger] == ["layer.0", "layer.1"] * 4
+    assert all(t["upload_bytes"] > 0 and t["peak_memory_bytes"] > 0 for t in ledger)
+    assert {"rougeL", "upload_bytes", "download_bytes", "peak_memory_bytes", "seconds"} <= set(metrics[1])
+
+
+@pytest.mark.parametrize("extra", [["--download", "delta"], ["--download", "int8", "--download_fraction", "0.5",
+                                                              "--switch_mode", "random"]])
+def test_resume_is_bit_exact(tiny_run_files, tmp_path, extra):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cy.main(tiny_argv(tiny_run_files, straight, "--rounds", "2", *extra))
+    cy.main(tiny_argv(tiny_run_files, resumed, "--rounds", "1", *extra))
+    cy.main(tiny_argv(tiny_run_files, resumed, "--rounds", "2", "--resume", *extra))
+    assert read_metrics(straight) == read_metrics(resumed)
+    a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv,message", [
+    (["--download", "delta", "--download_fraction", "0.5"], "use it with --download full or int8"),
+    (["--download_fraction", "1.5"], "must be in (0, 1]"),
+    (["--local_steps", "3", "--local_epochs", "1"], "not both"),
+    (["--task", "glue", "--dataset", "dolly"], "is not a glue dataset"),
+    (["--data_path", "/nonexistent/dolly.jsonl"], "not found"),
+    (["--iid", "dirichlet"], "--iid must be"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_bad_input_is_one_clear_error(argv, message):
+    with pytest.raises(cy.InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        cy.get_config(argv)
+
+
+def test_bad_input_prints_one_line_without_traceback(tiny_run_files, tmp_path):
+    argv = tiny_argv(tiny_run_files, tmp_path / "x", "--model", str(tmp_path / "no-model"))
+    r = subprocess.run([sys.executable, str(ROOT / "fedcybgd.py"), *argv], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load model"), r.stderr
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(tiny_run_files, tmp_path):
+    cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1", "--max_new_tokens", "0"))
+    with pytest.raises(cy.InputError, match="already holds a run"):
+        cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1"))
+    with pytest.raises(cy.InputError, match="differs from the checkpoint's in lr"):
+        cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "2", "--max_new_tokens", "0",
+                          "--resume", "--lr", "1e-3"))
+
+
+def save_tiny(model_cls, cfg_cls, folder, **cfg):
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("task", ["glue", "squad"])
+def test_glue_and_squad_runs_log_their_metrics(task, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForQuestionAnswering
+    if task == "glue":
+        model = save_tiny(BertForSequenceClassification, BertConfig, tmp_path / "m", hidden_size=32,
+                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          max_position_embeddings=256)
+        data, keys = ROOT / "tests/fixtures/glue/MRPC", {"accuracy", "f1", "eval_loss"}
+    else:
+        model = save_tiny(GPT2ForQuestionAnswering, GPT2Config, tmp_path / "m", n_positions=256, n_embd=32,
+                          n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+        data, keys = ROOT / "tests/fixtures/squad", {"exact_match", "f1"}
+    metrics = cy.main(["--task", task, "--data_path", str(data), "--model", str(model), "--num_clients", "2",
+                       "--iid", "iid", "--rounds", "1", "--local_steps", "1", "--max_length", "128",
+                       "--output_dir", str(tmp_path / "out")])
+    assert [m["round"] for m in metrics] == [0, 1] and keys <= set(metrics[0]) and keys <= set(metrics[1])
+    assert metrics[1]["upload_bytes"] > 0 and math.isfinite(metrics[1]["train_loss"])
