@@ -25,12 +25,20 @@ trained on every turn). Before its turn a client must catch up with the blocks o
 Every message is serialised (safetensors) and its length is written to a ledger, per client turn and
 direction, next to the memory the turn needed. The loop below is written as plain functions whose inputs
 and outputs are exactly those messages (server_download -> sync_model -> client_update ->
-server_aggregate), so the same functions can later run on different processes.
+server_aggregate), so the same functions run in one process or on many.
 
 In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of
 the exact global weights. In the lossless modes the working model equals the global model after every
 sync; in the lossy modes (int8, --download_fraction) the client's view differs and the server's copy is
 what the next client and the evaluation start from.
+
+Across processes (`torchrun --nproc_per_node N fedcybgd.py ...`, also across machines): client c lives on
+rank c % N, and every rank keeps its own model plus a replica of the server state. On client c's turn only
+its rank trains; it then broadcasts its upload message (the block and the head, as uint8 bytes) and every
+rank applies it with `server_aggregate`, so all replicas -- rank 0's, the one that evaluates and is
+checkpointed, included -- stay equal bit for bit. The download message is built from the replica on the
+client's rank and counted in the ledger, but no collective carries it: every rank already holds the server's
+weights. One process and N ranks give the same metrics and the same weights.
 
 Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam):
   * Blocks are discovered from the model (the largest nn.ModuleList of identical layers), not taken from
@@ -52,15 +60,18 @@ Where this script differs from the official code (github.com/L3030/FedCyBGD, bui
     trains centrally, use the same federated loop here.
 """
 import argparse
+import datetime
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -131,6 +142,10 @@ def get_config(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weight dtype; with bf16/fp16 the trained block gets an fp32 master copy for AdamW")
+    p.add_argument("--dist_timeout", type=float, default=1800.0,
+                   help="with torchrun: seconds a rank waits for the others at a collective (a turn's upload "
+                        "broadcast) before the whole run stops with one error line; it must exceed rank 0's "
+                        "evaluation time")
     cfg = p.parse_args(argv)
     for k, v in TASK_DEFAULTS[cfg.task].items():
         if getattr(cfg, k) is None:
@@ -163,6 +178,8 @@ def check_config(cfg):
         raise InputError("--local_steps must be >= 1 and --local_epochs > 0")
     if not cfg.lr > 0:
         raise InputError(f"--lr must be > 0 (got {cfg.lr})")
+    if not cfg.dist_timeout > 0:
+        raise InputError(f"--dist_timeout must be > 0 seconds (got {cfg.dist_timeout})")
     if not 0 < cfg.download_fraction <= 1:
         raise InputError(f"--download_fraction must be in (0, 1] (got {cfg.download_fraction})")
     if cfg.download_fraction < 1 and cfg.download == "delta":
@@ -650,7 +667,7 @@ def evaluate(cfg, model, tokenizer, test, device):
 # ----------------------------------------------------------------------------------------------------
 # outputs: atomic checkpoints, metrics lines, progress, plot
 # ----------------------------------------------------------------------------------------------------
-RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir")  # may change across a resume
+RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir", "dist_timeout")  # may change across a resume
 
 
 def write_atomic(path, text):
@@ -747,11 +764,87 @@ def fmt_bytes(n):
 
 
 # ----------------------------------------------------------------------------------------------------
+# across processes: torchrun ranks; a turn's upload is the only thing that crosses, as a uint8 tensor
+# ----------------------------------------------------------------------------------------------------
+class GroupError(Exception):
+    """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
+
+
+def init_distributed(cfg, device):
+    """-> (rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL
+    on CUDA (each rank on GPU LOCAL_RANK when the device is plain 'cuda'). Without torchrun: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    backend = "gloo"
+    if device.startswith("cuda"):
+        if device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    except RuntimeError:
+        raise GroupError(f"rank {os.environ.get('RANK', '?')}: the process group did not form within "
+                         f"{cfg.dist_timeout:g} s (check the launch command on every machine)") from None
+
+    def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
+        raise GroupError("stopped by the launcher (another rank failed)")
+
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
+    return dist.get_rank(), world, device
+
+
+def collective(fn, *a, **kw):
+    """Run one torch.distributed call; a lost rank (timeout or closed connection) becomes a GroupError."""
+    try:
+        return fn(*a, **kw)
+    except RuntimeError as e:  # torch.distributed.DistError and gloo/NCCL errors are RuntimeErrors
+        raise GroupError("timeout" if "timed out" in str(e).lower() or "timeout" in str(e).lower()
+                         else "a rank left the group") from None
+
+
+HEADER_BYTES = 24  # float64[3] in front of every upload broadcast: message length, turn loss, peak memory
+
+
+def broadcast_upload(wire_up, stats, src, rank, device):
+    """Client rank `src`'s upload message (bytes) and its turn statistics -> every rank. Two `dist.broadcast`s:
+    a float64[3] header (message length, mean train loss, peak memory bytes -- the last two for the metrics
+    only; float64 holds both exactly), then the message as uint8[length]. Each other rank receives
+    HEADER_BYTES + len(message) bytes. -> (message bytes, stats) on every rank."""
+    head = torch.tensor([len(wire_up), stats["loss"], stats["peak_memory_bytes"]] if rank == src else [0.0] * 3,
+                        dtype=torch.float64, device=device)
+    collective(dist.broadcast, head, src=src)
+    n, loss, peak = head.tolist()
+    if rank == src:
+        buf = torch.frombuffer(bytearray(wire_up), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(n), dtype=torch.uint8, device=device)
+    collective(dist.broadcast, buf, src=src)
+    return (wire_up if rank == src else buf.cpu().numpy().tobytes()), {"loss": loss, "peak_memory_bytes": int(peak)}
+
+
+def wire_ledger(r, turns, world):
+    """The bytes round r's broadcasts moved, per rank (the ledger.jsonl lines with "rank"): tensor payloads as
+    `broadcast_upload` builds them, a sender counting one copy per receiving rank; the transport's own framing
+    (gloo/NCCL headers, TCP) is not counted."""
+    entries = []
+    for k in range(world):
+        mine = [t for t in turns if t["client"] % world == k]
+        entries.append({"round": r, "rank": k, "clients": [t["client"] for t in mine],
+                        "sent": (world - 1) * sum(HEADER_BYTES + t["upload_bytes"] for t in mine),
+                        "received": sum(HEADER_BYTES + t["upload_bytes"] for t in turns if t not in mine)})
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------------
 # the rounds
 # ----------------------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = get_config(argv)
     out = Path(cfg.output_dir)
+    # checked by every rank before the group forms, so no rank can see rank 0's first checkpoint here
     if (out / "latest").exists() and not cfg.resume:
         raise InputError(f"{out} already holds a run: pass --resume to continue it or pick another --output_dir")
     if cfg.resume and not (out / "latest").exists():
@@ -764,7 +857,11 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {cfg.device}: this torch build sees no CUDA device")
-    torch.manual_seed(cfg.seed)  # a randomly initialized head is the same on every run and resume
+    rank, world, device = init_distributed(cfg, device)  # (0, 1, device) without torchrun
+    wire_device = torch.device(device if world > 1 and device.startswith("cuda") else "cpu")  # of the collectives
+    if rank != 0:  # rank 0 speaks for the run and writes every output; the others print nothing (errors aside)
+        sys.stdout = open(os.devnull, "w")
+    torch.manual_seed(cfg.seed)  # a randomly initialized head is the same on every run, rank and resume
 
     # model first: its layers decide the blocks, and the blocks decide the default number of clients
     num_labels = tasks.glue.NUM_LABELS.get(cfg.dataset, 2)
@@ -778,33 +875,39 @@ def main(argv=None):
           f"(~{nparams[cycle[0]] / 1e6:.2f}M each), head {nparams['head'] / 1e6:.3f}M, embeddings "
           f"{nparams['embeddings'] / 1e6:.1f}M ({'trained as a block' if 'embeddings' in cycle else 'frozen'}); "
           f"{num_clients} clients, download {cfg.download}"
-          + (f" with fraction {cfg.download_fraction}" if cfg.download_fraction < 1 else ""))
+          + (f" with fraction {cfg.download_fraction}" if cfg.download_fraction < 1 else "")
+          + (f"; {world} ranks (torchrun), client c on rank c % {world}, rank 0 evaluates and writes" if world > 1
+             else ""))
 
     clients, test = load_data(cfg, tokenizer, num_clients)
-    server = init_server(model, units)
+    server = init_server(model, units)  # under torchrun: every rank's replica, kept equal by the same uploads
     pretrained = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if cfg.download_fraction < 1 else None)  # the copy every client starts from
 
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     start = 0
     metrics, ledger = [], []
-    if cfg.resume:
+    if cfg.resume:  # every rank loads the checkpoint: on several machines --output_dir must be shared
         start = load_checkpoint(out, server)
         sync_model(model, server["weights"])
         # drop what a crash left after the checkpoint: those rounds run again, bit for bit
         metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["round"] <= start]
-        ledger = [t for t in read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
-        write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in ledger))
+        lines = [t for t in read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
+        ledger = [t for t in lines if "turn" in t]  # (not the per-rank lines of torchrun)
+        if rank == 0:
+            write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in lines))
         print(f"resumed from round {start}")
-    write_atomic(out / "config.json", json.dumps(vars(cfg), indent=2))
+    if rank == 0:
+        write_atomic(out / "config.json", json.dumps({k: v for k, v in vars(cfg).items()}, indent=2))
 
     def log_round(row):
         metrics.append(row)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if start == 0:
+    if start == 0 and rank == 0:
         t0 = time.time()
         row = {"round": 0, "train_loss": None, **evaluate(cfg, model, tokenizer, test, device), "upload_bytes": 0,
                "download_bytes": 0, "seconds": 0.0, "peak_memory_bytes": 0}
@@ -813,48 +916,75 @@ def main(argv=None):
         print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
               + f" (evaluation {row['seconds']:.0f}s)")
         save_checkpoint(out, server, 0)
+    saved = start  # the round of the last checkpoint written (rank 0), for the fault message
 
     progress = Progress(cfg.rounds * num_clients, start * num_clients)
-    for r in range(start + 1, cfg.rounds + 1):
-        t0 = time.time()
-        turns = []
-        for c in range(num_clients):
-            turn = (r - 1) * num_clients + c
-            block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, turn)
-            seed = derive_seed(cfg.seed, r, c)
-            # download: server -> client c, then the client brings its model up to date
-            wire_down = pack(server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed))
-            sync_model(model, unpack(wire_down), base=pretrained)
-            # the turn: train the block (and head) on the client's data, upload them
-            batches = client_batches(cfg, clients[c], tokenizer, device, seed)
-            upload, stats = client_update(model, units[block] + units["head"], batches, cfg.lr, cfg.weight_decay,
-                                          cfg.grad_accum, seed)
-            wire_up = pack(upload)
-            server_aggregate(server, c, unpack(wire_up), units)
-            row = {"round": r, "turn": turn, "turns_per_round": num_clients, "client": c, "block": block,
-                   "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
-                   "peak_memory_bytes": stats["peak_memory_bytes"]}
-            turns.append(row)
-            progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {fmt_bytes(len(wire_up))} "
-                          f"down {fmt_bytes(len(wire_down))} mem {fmt_bytes(stats['peak_memory_bytes'])}")
-        if pretrained is not None or cfg.download == "int8":
-            sync_model(model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
-        row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            row.update(evaluate(cfg, model, tokenizer, test, device))
-        row.update(upload_bytes=sum(t["upload_bytes"] for t in turns),
-                   download_bytes=sum(t["download_bytes"] for t in turns),
-                   seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
-        with open(out / "ledger.jsonl", "a") as f:
-            f.writelines(json.dumps(t) + "\n" for t in turns)
-        ledger += turns
-        log_round(row)
-        save_checkpoint(out, server, r)
-        progress.log("round {} ".format(r) + " ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
-            + f" up {fmt_bytes(row['upload_bytes'])} down {fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
-    progress.close()
-    plot_losses(out, metrics, ledger)
+    r = start
+    try:
+        for r in range(start + 1, cfg.rounds + 1):
+            t0 = time.time()
+            turns = []
+            for c in range(num_clients):
+                turn = (r - 1) * num_clients + c
+                block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, turn)
+                seed = derive_seed(cfg.seed, r, c)
+                owner = c % world  # the rank that holds client c (always 0 in one process)
+                # download: server -> client c, then the client brings its model up to date. Every rank runs
+                # server_download on its replica (it records what c now holds); only c's rank and rank 0 (for the
+                # ledger) serialise it. Under torchrun nothing carries it: c's rank builds it from its replica.
+                down = server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed)
+                wire_down = pack(down) if rank in (0, owner) else b""
+                wire_up, stats = b"", None
+                if rank == owner:
+                    sync_model(model, unpack(wire_down), base=pretrained)
+                    # the turn: train the block (and head) on the client's data, upload them
+                    batches = client_batches(cfg, clients[c], tokenizer, device, seed)
+                    upload, stats = client_update(model, units[block] + units["head"], batches, cfg.lr,
+                                                  cfg.weight_decay, cfg.grad_accum, seed)
+                    wire_up = pack(upload)
+                if world > 1:  # the upload: client c's rank -> every other rank
+                    wire_up, stats = broadcast_upload(wire_up, stats, owner, rank, wire_device)
+                upload = unpack(wire_up)
+                server_aggregate(server, c, upload, units)
+                if rank != owner:
+                    sync_model(model, upload)  # the other ranks' working copies follow the global model
+                row = {"round": r, "turn": turn, "turns_per_round": num_clients, "client": c, "block": block,
+                       "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
+                       "peak_memory_bytes": stats["peak_memory_bytes"]}
+                turns.append(row)
+                progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {fmt_bytes(len(wire_up))} "
+                              f"down {fmt_bytes(len(wire_down))} mem {fmt_bytes(stats['peak_memory_bytes'])}"
+                              + (f" (rank {owner})" if world > 1 else ""))
+            if pretrained is not None or cfg.download == "int8":
+                sync_model(model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
+            if rank != 0:
+                continue  # evaluation and outputs are rank 0's; the others wait at the next turn's broadcast
+            row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                row.update(evaluate(cfg, model, tokenizer, test, device))
+            row.update(upload_bytes=sum(t["upload_bytes"] for t in turns),
+                       download_bytes=sum(t["download_bytes"] for t in turns),
+                       seconds=round(time.time() - t0, 2),
+                       peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
+            with open(out / "ledger.jsonl", "a") as f:
+                f.writelines(json.dumps(t) + "\n" for t in turns + (wire_ledger(r, turns, world) if world > 1 else []))
+            ledger += turns
+            log_round(row)
+            save_checkpoint(out, server, r)  # the round is complete: its last broadcast reached every rank
+            saved = r
+            progress.log("round {} ".format(r) + " ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+                + f" up {fmt_bytes(row['upload_bytes'])} down {fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
+    except GroupError as e:  # a rank exited or hangs: one line, no traceback
+        why = (f"a rank did not answer within {cfg.dist_timeout:g} s" if str(e) == "timeout"
+               else str(e) if "launcher" in str(e) else "a rank exited")
+        last = (f"the last complete checkpoint is round {saved}" if rank == 0
+                else "rank 0 keeps the last complete round in its checkpoint")
+        raise GroupError(f"rank {rank}: {why} in round {r}; {last}: rerun every rank with --resume") from None
+    finally:
+        progress.close()
+    if rank == 0:
+        plot_losses(out, metrics, ledger)
     return metrics
 
 
@@ -864,6 +994,11 @@ if __name__ == "__main__":
     except (InputError, tasks.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except GroupError as e:
+        print(f"fedcybgd: {e}", file=sys.stderr, flush=True)
+        os._exit(3)  # at once: tearing down a process group that lost a rank can block
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the last complete round", file=sys.stderr)
         sys.exit(130)
+    if dist.is_initialized():
+        dist.destroy_process_group()

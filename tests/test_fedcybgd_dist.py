@@ -1,0 +1,152 @@
+"""fedcybgd.py under torchrun: two gloo ranks on CPU give the one-process run's metrics and weights bit for bit,
+and a rank that dies or hangs stops the group with one line, keeping the last complete checkpoint for --resume."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedcybgd as cy
+from test_fedcybgd import checkpoint_weights, read_metrics, tiny_argv, tiny_run_files  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "fedcybgd.py")
+TIMEOUT = 10  # --dist_timeout of the runs below, seconds
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def flags(files, out, *extra):
+    # 3 clients over 2 ranks: rank 0 holds clients 0 and 2, rank 1 client 1
+    return [*tiny_argv(files, out, "--num_clients", "3", "--device", "cpu", "--dist_timeout", str(TIMEOUT)), *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), SCRIPT, *args]
+
+
+def ledger(out):
+    return [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra", [["--download", "delta"],
+                                   ["--download", "int8", "--download_fraction", "0.5", "--switch_mode", "random"]],
+                         ids=["delta", "int8-fraction"])
+def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
+    """Same flags, 2 rounds: 1 process vs 2 gloo ranks -> the same metrics.jsonl values (all but `seconds`), the
+    same per-turn ledger, the same checkpoint weights bit for bit; the ledger adds the broadcasts' bytes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--rounds", "2", *extra)
+    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(tiny_run_files, one, *common)], env=env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p2 = subprocess.run(torchrun(2, *flags(tiny_run_files, two, *common)), env=env(), cwd=ROOT, capture_output=True,
+                        text=True, timeout=180)
+    out1, _ = p1.communicate(timeout=180)
+    assert p1.returncode == 0, out1
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert read_metrics(one) == read_metrics(two) and [m["round"] for m in read_metrics(two)] == [0, 1, 2]
+    a, b = checkpoint_weights(one), checkpoint_weights(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (one / "latest").read_text() == (two / "latest").read_text() == "ckpt-2"
+    assert p2.stdout.count("2 ranks (torchrun)") == 1  # rank 0 alone speaks
+    turns = [e for e in ledger(two) if "turn" in e]
+    assert turns == ledger(one) and [t["client"] for t in turns] == [0, 1, 2] * 2
+    for r in (1, 2):  # what crossed: each turn's float64[3] header + its upload, to the one other rank
+        wire = {e["rank"]: e for e in ledger(two) if "rank" in e and e["round"] == r}
+        up = {t["client"]: cy.HEADER_BYTES + t["upload_bytes"] for t in turns if t["round"] == r}
+        assert wire[0]["clients"] == [0, 2] and wire[1]["clients"] == [1]
+        assert wire[0]["sent"] == up[0] + up[2] == wire[1]["received"]
+        assert wire[1]["sent"] == up[1] == wire[0]["received"]
+
+
+def rank_pid(agent_pid, rank):
+    """The worker of `rank` among the launcher's children (its environment has RANK=<rank>)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process through /proc")
+@pytest.mark.parametrize("sig, why", [(signal.SIGSTOP, f"a rank did not answer within {TIMEOUT} s"),
+                                      (signal.SIGKILL, "")], ids=["hung", "killed"])
+def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, sig, why):
+    """Stop (SIGSTOP: hangs) or kill rank 1 after a trained round: rank 0 gives up, within --dist_timeout for a hung
+    rank and at once for a dead one, with one line naming the last complete checkpoint, which `latest` points at;
+    (killed case) --resume with two ranks then finishes the run."""
+    out = tmp_path / "run"
+    many = ("--rounds", "100000", "--eval_every", "100000", "--max_new_tokens", "0")  # runs until stopped
+    agent = subprocess.Popen(torchrun(2, *flags(tiny_run_files, out, *many)), env=env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "latest").exists() or (out / "latest").read_text() in ("ckpt-0", ""):  # a trained round
+            assert agent.poll() is None and time.time() < deadline, agent.stderr.read() if agent.poll() else "slow"
+            time.sleep(0.1)
+        victim = rank_pid(agent.pid, 1)
+        assert victim is not None
+        os.kill(victim, sig)
+        stopped = time.time()
+        rank0 = rank_pid(agent.pid, 0)
+        while rank0 is not None and Path(f"/proc/{rank0}").exists() and time.time() - stopped < TIMEOUT + 30:
+            try:
+                if Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # exited; the launcher has not reaped it yet
+            except OSError:
+                break
+            time.sleep(0.1)
+        waited = time.time() - stopped
+        if sig == signal.SIGSTOP:
+            os.kill(victim, signal.SIGCONT)  # a stopped process cannot act on the launcher's SIGTERM; let it
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode != 0
+    assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
+    ours = [l for l in err.splitlines() if l.startswith("fedcybgd: rank 0:")]
+    assert len(ours) == 1, err
+    assert why in ours[0] and "rerun every rank with --resume" in ours[0], ours[0]
+    if sig == signal.SIGKILL:  # gloo sees the closed connection, or torchrun's SIGTERM comes first
+        assert "a rank exited" in ours[0] or "another rank failed" in ours[0], ours[0]
+    assert 'fedcybgd.py", line' not in err  # no traceback from the ranks
+    last = int(ours[0].split("the last complete checkpoint is round ")[1].split(":")[0])
+    assert (out / "latest").read_text() == f"ckpt-{last}" and last >= 1
+    assert read_metrics(out)[-1]["round"] >= last  # a row may precede its checkpoint; --resume drops it
+    if sig == signal.SIGSTOP:
+        return  # resuming is the same either way; once is enough
+
+    # --resume restarts the whole group: two more rounds, then the run ends normally
+    more = ("--rounds", str(last + 2), "--eval_every", "100000", "--max_new_tokens", "0", "--resume")
+    done = subprocess.run(torchrun(2, *flags(tiny_run_files, out, *more)), env=env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from round {last}" in done.stdout
+    assert (out / "latest").read_text() == f"ckpt-{last + 2}"
+    assert [m["round"] for m in read_metrics(out)] == list(range(0, last + 3))
