@@ -1,4 +1,5 @@
 """fedkseed.py on tiny models: the ZO step, aggregation, Pro's probabilities, replay, the ledger, resume, errors."""
+import importlib.util
 import json
 import math
 
@@ -211,8 +212,10 @@ def test_replay_one_round_is_bit_exact_and_stale_replay_close(tiny_llama):
 def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly, tmp_path):
     out = tmp_path / "run"
     fk.main(argv(tiny_dir, dolly, out))
-    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "checkpoint.pt", "loss.png"):
+    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "checkpoint.pt"):
         assert (out / name).is_file(), name
+    # the plot is optional: written exactly when matplotlib is installed
+    assert (out / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
