@@ -1,12 +1,9 @@
 """fedcybgd.py under torchrun: two gloo ranks on CPU give the one-process run's metrics and weights bit for bit,
 and a rank that dies or hangs stops the group with one line, keeping the last complete checkpoint for --resume."""
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 
 import fedcybgd as cy
 from test_fedcybgd import checkpoint_weights, read_metrics, tiny_argv, tiny_run_files  # noqa: F401 (fixture)
+from torchrun_helpers import dist_env, lose_rank, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "fedcybgd.py")
@@ -25,21 +23,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 def flags(files, out, *extra):
     # 3 clients over 2 ranks: rank 0 holds clients 0 and 2, rank 1 client 1
     return [*tiny_argv(files, out, "--num_clients", "3", "--device", "cpu", "--dist_timeout", str(TIMEOUT)), *extra]
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), SCRIPT, *args]
 
 
 def ledger(out):
@@ -54,9 +37,9 @@ def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
     same per-turn ledger, the same checkpoint weights bit for bit; the ledger adds the broadcasts' bytes."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--rounds", "2", *extra)
-    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(tiny_run_files, one, *common)], env=env(), cwd=ROOT,
+    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(tiny_run_files, one, *common)], env=dist_env(), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    p2 = subprocess.run(torchrun(2, *flags(tiny_run_files, two, *common)), env=env(), cwd=ROOT, capture_output=True,
+    p2 = subprocess.run(torchrun(SCRIPT, 2, *flags(tiny_run_files, two, *common)), env=dist_env(), cwd=ROOT, capture_output=True,
                         text=True, timeout=180)
     out1, _ = p1.communicate(timeout=180)
     assert p1.returncode == 0, out1
@@ -76,22 +59,6 @@ def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
         assert wire[1]["sent"] == up[1] == wire[0]["received"]
 
 
-def rank_pid(agent_pid, rank):
-    """The worker of `rank` among the launcher's children (its environment has RANK=<rank>)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
-            return int(entry)
-    return None
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process through /proc")
 @pytest.mark.parametrize("sig, why", [(signal.SIGSTOP, f"a rank did not answer within {TIMEOUT} s"),
                                       (signal.SIGKILL, "")], ids=["hung", "killed"])
@@ -101,33 +68,10 @@ def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, si
     (killed case) --resume with two ranks then finishes the run."""
     out = tmp_path / "run"
     many = ("--rounds", "100000", "--eval_every", "100000", "--max_new_tokens", "0")  # runs until stopped
-    agent = subprocess.Popen(torchrun(2, *flags(tiny_run_files, out, *many)), env=env(), cwd=ROOT,
+    agent = subprocess.Popen(torchrun(SCRIPT, 2, *flags(tiny_run_files, out, *many)), env=dist_env(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "latest").exists() or (out / "latest").read_text() in ("ckpt-0", ""):  # a trained round
-            assert agent.poll() is None and time.time() < deadline, agent.stderr.read() if agent.poll() else "slow"
-            time.sleep(0.1)
-        victim = rank_pid(agent.pid, 1)
-        assert victim is not None
-        os.kill(victim, sig)
-        stopped = time.time()
-        rank0 = rank_pid(agent.pid, 0)
-        while rank0 is not None and Path(f"/proc/{rank0}").exists() and time.time() - stopped < TIMEOUT + 30:
-            try:
-                if Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break  # exited; the launcher has not reaped it yet
-            except OSError:
-                break
-            time.sleep(0.1)
-        waited = time.time() - stopped
-        if sig == signal.SIGSTOP:
-            os.kill(victim, signal.SIGCONT)  # a stopped process cannot act on the launcher's SIGTERM; let it
-        _, err = agent.communicate(timeout=60)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+    trained = lambda: (out / "latest").exists() and (out / "latest").read_text() not in ("ckpt-0", "")
+    waited, err = lose_rank(agent, trained, sig, TIMEOUT)
     assert agent.returncode != 0
     assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
     ours = [l for l in err.splitlines() if l.startswith("fedcybgd: rank 0:")]
@@ -144,7 +88,7 @@ def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, si
 
     # --resume restarts the whole group: two more rounds, then the run ends normally
     more = ("--rounds", str(last + 2), "--eval_every", "100000", "--max_new_tokens", "0", "--resume")
-    done = subprocess.run(torchrun(2, *flags(tiny_run_files, out, *more)), env=env(), cwd=ROOT, capture_output=True,
+    done = subprocess.run(torchrun(SCRIPT, 2, *flags(tiny_run_files, out, *more)), env=dist_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from round {last}" in done.stdout

@@ -1,12 +1,9 @@
 """fedkseed.py under torchrun: two gloo ranks on CPU give the one-process run's metrics and weights bit for bit,
 and a rank that hangs stops the group with one line, keeping the last complete checkpoint for --resume."""
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 import fedkseed as fk
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from test_fedkseed import write_dolly
+from torchrun_helpers import dist_env, lose_rank, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "fedkseed.py")
@@ -42,21 +40,6 @@ def flags(files, out, *extra):
             "--bias_sampling", "--dist_timeout", str(TIMEOUT), *extra]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), SCRIPT, *args]
-
-
 def metrics(out):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -71,10 +54,10 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     `seconds`), the same weights bit for bit, the same server state; the ledger adds the collectives' bytes."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--rounds", "3", "--eval_every", "1")
-    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(files, one, *common)], env=env(), cwd=ROOT,
+    p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(files, one, *common)], env=dist_env(), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    p2 = subprocess.run(torchrun(2, *flags(files, two, *common)), env=env(), cwd=ROOT, capture_output=True, text=True,
-                        timeout=180)
+    p2 = subprocess.run(torchrun(SCRIPT, 2, *flags(files, two, *common)), env=dist_env(), cwd=ROOT, capture_output=True,
+                        text=True, timeout=180)
     out1, _ = p1.communicate(timeout=180)
     assert p1.returncode == 0, out1
     assert p2.returncode == 0, p2.stdout + p2.stderr
@@ -107,22 +90,6 @@ def checkpoint_initial(files):
     return [p.detach() for p in model.parameters() if p.requires_grad]
 
 
-def rank_pid(agent_pid, rank):
-    """The worker of `rank` among the launcher's children (its environment has RANK=<rank>)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
-            return int(entry)
-    return None
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process through /proc")
 @pytest.mark.parametrize("sig, why", [(signal.SIGSTOP, f"a rank did not answer within {TIMEOUT} s"),
                                       (signal.SIGKILL, "a rank exited")], ids=["hung", "killed"])
@@ -132,33 +99,9 @@ def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
     in checkpoint.pt and metrics.jsonl; (hung case) --resume with two ranks then finishes the run."""
     out = tmp_path / "run"
     many = ("--rounds", "100000", "--eval_every", "100000", "--rouge_samples", "0")  # runs until stopped
-    agent = subprocess.Popen(torchrun(2, *flags(files, out, *many)), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoint.pt").exists():  # the first complete round
-            assert agent.poll() is None and time.time() < deadline, agent.stderr.read() if agent.poll() else "slow"
-            time.sleep(0.1)
-        victim = rank_pid(agent.pid, 1)
-        assert victim is not None
-        os.kill(victim, sig)
-        stopped = time.time()
-        rank0 = rank_pid(agent.pid, 0)
-        while rank0 is not None and Path(f"/proc/{rank0}").exists() and time.time() - stopped < TIMEOUT + 30:
-            try:
-                if Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break  # exited; the launcher has not reaped it yet
-            except OSError:
-                break
-            time.sleep(0.1)
-        waited = time.time() - stopped
-        if sig == signal.SIGSTOP:
-            os.kill(victim, signal.SIGCONT)  # a stopped process cannot act on the launcher's SIGTERM; let it
-        _, err = agent.communicate(timeout=60)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+    agent = subprocess.Popen(torchrun(SCRIPT, 2, *flags(files, out, *many)), env=dist_env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    waited, err = lose_rank(agent, lambda: (out / "checkpoint.pt").exists(), sig, TIMEOUT)
     assert agent.returncode != 0
     assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
     ours = [l for l in err.splitlines() if l.startswith("fedkseed: rank 0:")]
@@ -173,7 +116,7 @@ def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
 
     # --resume restarts the whole group: two more rounds, then the run ends normally
     more = ("--rounds", str(last + 2), "--eval_every", "100000", "--rouge_samples", "0", "--resume")
-    done = subprocess.run(torchrun(2, *flags(files, out, *more)), env=env(), cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run(torchrun(SCRIPT, 2, *flags(files, out, *more)), env=dist_env(), cwd=ROOT, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from {out / 'checkpoint.pt'} after round {last}" in done.stdout
