@@ -7,10 +7,15 @@ Install without build isolation so the torch already installed is the one built 
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
-import torch
+try:
+    import torch
+except ImportError:  # an isolated build (pip without --no-build-isolation) cannot see the installed torch
+    sys.exit("fedfull: torch is not importable in this build environment. Install torch first, then build "
+             "against it without isolation: pip install --no-build-isolation -e .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 here = os.path.dirname(os.path.abspath(__file__))
