@@ -176,10 +176,11 @@ def check_config(cfg):
         raise InputError(f"--eval_every must be >= 1 (got {cfg.eval_every})")
     if (cfg.local_steps is not None and cfg.local_steps < 1) or (cfg.local_epochs is not None and cfg.local_epochs <= 0):
         raise InputError("--local_steps must be >= 1 and --local_epochs > 0")
-    if not cfg.lr > 0:
-        raise InputError(f"--lr must be > 0 (got {cfg.lr})")
-    if not cfg.dist_timeout > 0:
-        raise InputError(f"--dist_timeout must be > 0 seconds (got {cfg.dist_timeout})")
+    for name in ("lr", "dist_timeout"):  # nan fails every comparison, inf passes "> 0": test finiteness too
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise InputError(f"--{name} must be a finite number > 0 (got {getattr(cfg, name)})")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise InputError(f"--weight_decay must be a finite number >= 0, 0 for none (got {cfg.weight_decay})")
     if not 0 < cfg.download_fraction <= 1:
         raise InputError(f"--download_fraction must be in (0, 1] (got {cfg.download_fraction})")
     if cfg.download_fraction < 1 and cfg.download == "delta":
@@ -698,16 +699,25 @@ def save_checkpoint(out, server, round_):
 
 
 def load_checkpoint(out, server):
+    """Restore the server state from the checkpoint `latest` names -> its round. A truncated or foreign
+    checkpoint (unreadable files, missing or misshapen tensors, missing state) is an InputError."""
     from safetensors.torch import load_file
     ckpt = out / (out / "latest").read_text().strip()
-    weights = load_file(ckpt / "weights.safetensors")
+    try:
+        weights = load_file(ckpt / "weights.safetensors")
+        state = json.loads((ckpt / "state.json").read_text())
+        version, seen, round_ = state["version"], {int(c): s for c, s in state["seen"].items()}, int(state["round"])
+        bad = [n for n, t in server["weights"].items() if n not in weights or weights[n].shape != t.shape]
+    except Exception as e:  # noqa: BLE001  safetensors, json and the file system raise many types
+        raise InputError(f"--resume: {ckpt} cannot be read ({type(e).__name__}): it is truncated or not a "
+                         "fedcybgd checkpoint") from None
+    if bad or set(version) != set(server["version"]):
+        raise InputError(f"--resume: {ckpt} does not fit this model ({len(bad)} tensors missing or misshapen)")
     with torch.no_grad():
         for n, t in server["weights"].items():
             t.copy_(weights[n])
-    state = json.loads((ckpt / "state.json").read_text())
-    server["version"] = state["version"]
-    server["seen"] = {int(c): s for c, s in state["seen"].items()}
-    return state["round"]
+    server["version"], server["seen"] = version, seen
+    return round_
 
 
 def plot_losses(out, metrics, ledger):
@@ -770,16 +780,26 @@ class GroupError(Exception):
     """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
 
 
-def init_distributed(cfg, device):
-    """-> (rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL
-    on CUDA (each rank on GPU LOCAL_RANK when the device is plain 'cuda'). Without torchrun: (0, 1, device)."""
+def rank_and_device(device):
+    """-> (rank, world size, device) from torchrun's environment; with a plain 'cuda', each rank takes GPU
+    LOCAL_RANK. Without torchrun: (0, 1, device). Nothing is joined yet: see `join_group`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return int(os.environ.get("RANK", "0")), world, device
+
+
+def join_group(cfg, world, device):
+    """Under torchrun, join the process group: gloo on CPU, NCCL on CUDA. Called only once the model and tokenizer
+    are loaded: loading them with transformers while a group exists keeps a reference to it, so that
+    `destroy_process_group()` at the end cannot free gloo's worker threads, and tearing them down during
+    interpreter exit could abort the process ("terminate called without an active exception")."""
+    if world <= 1:
+        return
     backend = "gloo"
     if device.startswith("cuda"):
-        if device == "cuda":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)
         backend = "nccl"
     # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
@@ -790,10 +810,9 @@ def init_distributed(cfg, device):
                          f"{cfg.dist_timeout:g} s (check the launch command on every machine)") from None
 
     def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
-        raise GroupError("stopped by the launcher (another rank failed)")
+        raise GroupError("stopped by the launcher: a rank exited (or the launcher itself was stopped)")
 
     signal.signal(signal.SIGTERM, stopped_by_launcher)
-    return dist.get_rank(), world, device
 
 
 def collective(fn, *a, **kw):
@@ -850,14 +869,17 @@ def main(argv=None):
     if cfg.resume and not (out / "latest").exists():
         raise InputError(f"--resume: no checkpoint in {out}")
     if cfg.resume:
-        old = json.loads((out / "config.json").read_text())
+        try:
+            old = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError):
+            raise InputError(f"--resume: {out / 'config.json'} is missing or not JSON: not a fedcybgd run") from None
         diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(cfg, k, None)]
         if diff:
             raise InputError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {cfg.device}: this torch build sees no CUDA device")
-    rank, world, device = init_distributed(cfg, device)  # (0, 1, device) without torchrun
+    rank, world, device = rank_and_device(device)  # (0, 1, device) without torchrun; the group forms below
     wire_device = torch.device(device if world > 1 and device.startswith("cuda") else "cpu")  # of the collectives
     if rank != 0:  # rank 0 speaks for the run and writes every output; the others print nothing (errors aside)
         sys.stdout = open(os.devnull, "w")
@@ -866,6 +888,7 @@ def main(argv=None):
     # model first: its layers decide the blocks, and the blocks decide the default number of clients
     num_labels = tasks.glue.NUM_LABELS.get(cfg.dataset, 2)
     model, tokenizer = load_model(cfg.model, cfg.task, num_labels, cfg.dtype, device)
+    join_group(cfg, world, device)  # after loading: see join_group
     model.requires_grad_(False).eval()
     cycle, units = find_blocks(model, cfg.train_embeddings)
     num_clients = cfg.num_clients or len(cycle)
@@ -985,6 +1008,11 @@ def main(argv=None):
         progress.close()
     if rank == 0:
         plot_losses(out, metrics, ledger)
+        sync_model(model, server["weights"])  # the exact global model (a lossy download may have differed)
+        progress.log(f"wrote {tasks.export_model(model, tokenizer, out / 'model')} (save_pretrained: config, "
+                     "weights, tokenizer)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return metrics
 
 
@@ -1000,5 +1028,3 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the last complete round", file=sys.stderr)
         sys.exit(130)
-    if dist.is_initialized():
-        dist.destroy_process_group()

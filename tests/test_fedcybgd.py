@@ -1,6 +1,7 @@
 """FedCyBGD: blocks, one client turn, the download/upload messages and their bytes, resume, a tiny run."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,3 +352,78 @@ def test_glue_and_squad_runs_log_their_metrics(task, tmp_path):
                        "--output_dir", str(tmp_path / "out")])
     assert [m["round"] for m in metrics] == [0, 1] and keys <= set(metrics[0]) and keys <= set(metrics[1])
     assert metrics[1]["upload_bytes"] > 0 and math.isfinite(metrics[1]["train_loss"])
+    # the exported model loads with the Auto class that fits the task
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    auto = AutoModelForSequenceClassification if task == "glue" else AutoModelForQuestionAnswering
+    exported = auto.from_pretrained(tmp_path / "out" / "model")
+    weights = checkpoint_weights(tmp_path / "out")
+    assert all(torch.equal(p, weights[n]) for n, p in exported.named_parameters())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),
+    (["--lr", "inf"], "--lr must be a finite number > 0 (got inf)"),
+    (["--lr", "0"], "--lr must be a finite number > 0 (got 0.0)"),
+    (["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0"),
+    (["--weight_decay=-0.1"], "--weight_decay must be a finite number >= 0"),
+])
+def test_non_finite_or_negative_numbers_are_refused(argv, message):
+    with pytest.raises(cy.InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cy.get_config(argv)
+
+
+def run_script(argv):
+    r = subprocess.run([sys.executable, str(ROOT / "fedcybgd.py"), *argv], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return r.returncode, r.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty data file", "has no records"),
+    ("GLUE folder without dev.tsv", "dev.tsv not found"),
+    ("truncated checkpoint", "cannot be read"),
+    ("foreign checkpoint", "cannot be read"),
+])
+def test_bad_files_are_one_line_with_exit_code_2(tiny_run_files, tmp_path, case, words):
+    out = tmp_path / "run"
+    if case == "empty data file":
+        (tmp_path / "empty.jsonl").write_text("")
+        argv = tiny_argv(tiny_run_files, out, "--data_path", str(tmp_path / "empty.jsonl"))
+    elif case == "GLUE folder without dev.tsv":
+        (tmp_path / "MRPC").mkdir()
+        (tmp_path / "MRPC" / "train.tsv").write_bytes((ROOT / "tests/fixtures/glue/MRPC/train.tsv").read_bytes())
+        argv = tiny_argv(tiny_run_files, out, "--task", "glue", "--dataset", "mrpc", "--data_path",
+                         str(tmp_path / "MRPC"))
+    else:
+        cy.main(tiny_argv(tiny_run_files, out, "--rounds", "1", "--max_new_tokens", "0"))
+        ckpt = out / (out / "latest").read_text()
+        if case == "truncated checkpoint":
+            w = ckpt / "weights.safetensors"
+            w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        else:
+            (ckpt / "state.json").write_text('{"something": "else"}')
+        argv = tiny_argv(tiny_run_files, out, "--rounds", "2", "--max_new_tokens", "0", "--resume")
+    code, err = run_script(argv)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_run_files, tmp_path):
+    """<output_dir>/model/ loads with AutoModelForCausalLM + AutoTokenizer and holds the checkpoint's weights;
+    --resume of a finished run writes it again without training."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    flags = ("--rounds", "1", "--max_new_tokens", "0")
+    cy.main(tiny_argv(tiny_run_files, out, *flags))
+    weights = checkpoint_weights(out)
+    exported = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[n], weights[n]) for n in weights)
+    assert AutoTokenizer.from_pretrained(out / "model")("ab")["input_ids"]
+    rows = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "model")
+    cy.main(tiny_argv(tiny_run_files, out, *flags, "--resume"))
+    again = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    assert all(torch.equal(again[n], weights[n]) for n in weights)
+    assert (out / "metrics.jsonl").read_text() == rows

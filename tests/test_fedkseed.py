@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -284,3 +285,68 @@ def test_resume_with_other_config_is_one_line(tiny_dir, dolly, tmp_path, capsys)
         fk.main(argv(tiny_dir, dolly, out, "--rounds", "2", "--resume", "--lr", "2e-3"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "lr=0.001" in err[0] and "lr=0.002" in err[0]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--lr=-1e-3"], "--lr -0.001: must be"),
+    (["--zo_eps", "inf"], "--zo_eps inf: must be a finite number > 0"),
+    (["--zo_eps", "0"], "--zo_eps 0.0: must be"),
+    (["--grad_initial", "nan"], "--grad_initial nan"),
+])
+def test_non_finite_or_non_positive_flags_are_one_line(tiny_dir, dolly, tmp_path, capsys, extra, words):
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, tmp_path / "out") + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_empty_data_file_is_one_line(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, empty, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "has no records" in err[0], err
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "cannot be read"),
+    ("foreign", "is not a fedkseed checkpoint"),
+])
+def test_truncated_or_foreign_checkpoint_is_one_line(tiny_dir, dolly, tmp_path, capsys, damage, words):
+    out = tmp_path / "run"
+    fk.main(argv(tiny_dir, dolly, out, "--rounds", "1", "--rouge_samples", "0"))
+    ckpt = out / "checkpoint.pt"
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    else:
+        torch.save({"weights": [torch.zeros(3)]}, ckpt)  # a torch file, but not ours
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, out, "--rounds", "2", "--rouge_samples", "0", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir, dolly, tmp_path):
+    """<output_dir>/model/ loads with AutoModelForCausalLM + AutoTokenizer, holds the checkpoint's weights, and
+    --resume of a finished run writes it again without training (no new metrics rows, same weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    flags = ("--rounds", "2", "--rouge_samples", "0")
+    fk.main(argv(tiny_dir, dolly, out, *flags))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(exported)[0], state["weights"]))
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok("abc")["input_ids"]
+    rows = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "model")
+    fk.main(argv(tiny_dir, dolly, out, *flags, "--resume"))
+    again = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(again)[0], state["weights"]))
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2

@@ -12,7 +12,7 @@ import torch
 import fedkseed as fk
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from test_fedkseed import write_dolly
-from torchrun_helpers import dist_env, lose_rank, torchrun
+from torchrun_helpers import dist_env, gloo_threads_left, lose_rank, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "fedkseed.py")
@@ -122,3 +122,11 @@ def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
     assert f"resumed from {out / 'checkpoint.pt'} after round {last}" in done.stdout
     assert checkpoint(out)["round"] == last + 2
     assert [r["round"] for r in metrics(out)] == list(range(0, last + 3))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_group_ends_with_no_gloo_thread_left(files, tmp_path):
+    """After main() no gloo worker thread is alive on any rank: nothing keeps the process group past
+    destroy_process_group(), so no rank can abort while the interpreter tears such threads down at exit."""
+    assert gloo_threads_left(SCRIPT, 2, tmp_path / "threads", *flags(files, tmp_path / "run", "--rounds", "1", "--rouge_samples", "0")) \
+        == {0: 0, 1: 0}

@@ -69,3 +69,14 @@ def lose_rank(agent, ready, sig, timeout):
             agent.kill()
             agent.wait()
     return waited, err
+
+
+def gloo_threads_left(script, nproc, report, *args):
+    """Run `script`'s main() under torchrun (tests/gloo_threads_probe.py) -> {rank: gloo threads alive after it}.
+    `report`: a new folder for the probe's per-rank files."""
+    Path(report).mkdir()
+    probe = str(Path(__file__).resolve().parent / "gloo_threads_probe.py")
+    cmd = torchrun(probe, nproc, str(report), Path(script).stem, *args)
+    done = subprocess.run(cmd, env=dist_env(), cwd=Path(script).parent, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {int(f.name[len("rank"):]): int(f.read_text()) for f in Path(report).iterdir()}
