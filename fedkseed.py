@@ -16,34 +16,59 @@ below), so every party, on any device, gets the very same z from the same seed.
 Why K seeds make communication tiny (FedKSeed, Qin et al., ICML 2024). Server and clients agree once on K
 candidate seeds (here drawn from the master `--seed`). Every local step draws its z from one of the K, so a
 client's whole round is a list of (seed index, g) pairs: 200 steps are 200 x (2 + 4) bytes. The server
-aggregates the pairs of the round's clients, weighted by their data sizes, into one coefficient per seed, and
-the global model moves by `sum_k a_k * z_k`. A client that was away needs only those accumulated per-seed
-coefficients since its last visit -- at most K float32, 16 KB for K = 4096 -- and replays them on its copy
-(`sync_model`): model weights never cross the network. With K = 4096 and 200 steps, up plus down stays under
-the paper's 18 kilobytes per client per round, whatever the model's size; every run's byte ledger shows it.
+aggregates the pairs of the round's clients, weighted by their data sizes, into one coefficient per seed,
+a_k(t), and adds them to its cumulative coefficients A(t) = A(t-1) + a(t) (float32[K]). The global model IS
+
+    w(t) = w0 + sum_k A_k(t) z_k        (w0: the pretrained weights; one pass, summed in float32, one rounding)
+
+the official code's own definition. Model weights never cross the network: every party holds w0 and computes
+w(t) from A(t) (`sync_model`), and since the result depends on nothing but (w0, A), the bits are the same for
+the server, for a client that synced last round and for one that missed ten. The protocol, round t:
+  1. the server sends each sampled client the entries of A(t-1) that differ from the client's record (the A it
+     last synced to), sparse (6 B per entry) or dense (4 K bytes), whichever is smaller: at most 16,385 B at
+     K = 4096 for any number of missed rounds (FedKSeed-Pro adds K bytes of seed importances);
+  2. the client overwrites those entries of its record and replays: weights <- w0 + sum_k A_k z_k. Whatever
+     its local steps did to its weights last time does not matter: the replay starts from w0;
+  3. it takes --local_steps ZO steps from there and uploads its (seed index, g) pairs: 4 + 6 x steps bytes.
+With K = 4096 and 200 steps, up plus down is at most 1,204 + 16,385 = 17,589 bytes per client per round, under
+the paper's 18 kilobytes, whatever the model's size; every run's byte ledger shows it.
+
+What a device keeps between rounds: w0 (the pretrained model it started with; in memory, or reloaded from
+disk when it syncs) and its record of A, K float32 = 16 KB. Its working weights are scratch. The price of
+syncing is compute: a replay generates the noise of every seed with A_k != 0 for every weight -- up to K
+seeds once the rounds have touched them all -- so a sync costs about K/3 ZO steps' worth of perturbation
+passes (one pass per step generates one seed's noise three times). On a CPU and at the paper's settings a
+sync can cost more than the client's local steps; `bench/bench_sync.py` measures it and the README quotes
+the figures. (Applying only the rounds a client missed, one after another, would be cheaper but path
+dependent: two clients that missed different rounds would hold different bits.)
+
+In one process, every sampled client of a round holds the same w0 and decodes the same A, so the replay is
+computed once and copied to the round's other clients (same bits by construction: the code checks the records
+match byte for byte). The simulation also compares each replay with the server's own w(t-1):
+`replay_max_abs_diff` in metrics.jsonl, 0.0 when exact; `sync_seconds` is the time a replay took, the cost a
+device pays at every sync.
 
 FedKSeed-Pro (`--bias_sampling`). Seeds are not all equally useful: the server keeps the history of the
 scalars g seen for each seed and samples seeds with probabilities that favour large |g|, computed as the
 official code does: clip every g to [-bias_loss_clip, bias_loss_clip]; per seed, the mean of |g| over its
 history (which starts with one entry `--grad_initial`); min-max normalise these K means to [0, 1]; softmax.
 The most important seed is thus at most e times as likely as the least important one. The probabilities are
-part of the download (K float32 more), so Pro's download is twice FedKSeed's.
+part of the download: the min-max normalised importances quantised to one byte each (K bytes), from which
+every client computes the softmax itself, so server and clients sample from the same distribution.
 
 One ZO step here is three passes over the weights, not MeZO's four: perturb by +eps*z, loss; by -2*eps*z,
 loss; then one fused pass by (eps - lr*g)*z restores the weights and applies the update together. A step whose
-loss is not finite is undone and recorded nowhere. The server applies a round with one `apply_seeds_` pass per
-parameter over the seeds touched, and does so by replaying the very message a client would receive, so any
-party that replays the rounds reaches the server's weights bit for bit.
+loss is not finite is undone and recorded nowhere.
 
 Across processes (`torchrun --nproc_per_node N fedkseed.py ...`, also across machines): rank 0 is the server,
-the round's sampled clients are dealt round-robin over the ranks, and every rank keeps its own copy of the
-model. Ranks exchange only the wire messages above, as uint8 tensors: the uploads go to rank 0, the round's
-coefficients (and Pro's probabilities) are broadcast, and every rank reaches the global model by replaying them
-with `sync_model` -- no weight tensor ever crosses, and every rank's weights equal rank 0's bit for bit.
+client c lives on rank c % N (its record of A stays there), and every rank keeps w0 and one working model.
+Ranks exchange only the wire messages above, as uint8 tensors: each rank receives its clients' downloads (one
+scatter), the uploads go to rank 0 (one gather). No weight tensor ever crosses; the clients' replays give the
+server's bits because they compute the same function of the same (w0, A).
 
 The script reads top to bottom: z (the kernel contract), config, model, data, messages, the ZO step,
-`client_update`, `server_aggregate` / `seed_probabilities`, `sync_model`, evaluation, across processes,
-the round loop, `main`.
+`client_update`, `server_aggregate` / `seed_importance` / `seed_probabilities`, `sync_model`, evaluation,
+across processes, the round loop, `main`.
 """
 import argparse
 import datetime
@@ -437,47 +462,53 @@ def decode_upload(msg, K):
     return n, idx, g
 
 
-def encode_download(coefs, probabilities=None):
-    """Server -> client: per-seed coefficients (float32[K], zero = untouched), dense or sparse, whichever is
-    smaller, then (Pro) the K seed probabilities as float32.
+def encode_download(A, A_client, importance=None):
+    """Server -> client: the new values of the entries of the cumulative coefficients A (float32[K]) that differ
+    from the client's record A_client (what it last synced to), then (Pro) the K seed importances as uint8.
 
-    Layout: uint8 flags (1 = sparse, 2 = probabilities follow); dense: float32[K]; sparse: uint32 count,
-    indices (uint16 for K <= 65536), float32 values.
+    Layout: uint8 flags (1 = sparse, 2 = importances follow); dense: float32[K], the whole of A; sparse:
+    uint32 count, indices (uint16 for K <= 65536), float32 values; whichever is smaller. The values are A's
+    own bits (never a difference), so the client's record becomes A exactly, after any number of missed
+    rounds: at most 1 + 4 K bytes (16,385 at K = 4096), plus K bytes for Pro.
     """
-    K = len(coefs)
-    touched = np.flatnonzero(coefs)
-    sparse_size = 4 + len(touched) * (np.dtype(index_dtype(K)).itemsize + 4)
-    flags = (1 if sparse_size < 4 * K else 0) | (2 if probabilities is not None else 0)
+    K = len(A)
+    changed = np.flatnonzero(A.view(np.uint32) != A_client.view(np.uint32))  # bitwise: exact, -0.0 included
+    sparse_size = 4 + len(changed) * (np.dtype(index_dtype(K)).itemsize + 4)
+    flags = (1 if sparse_size < 4 * K else 0) | (2 if importance is not None else 0)
     parts = [np.uint8(flags).tobytes()]
     if flags & 1:
-        parts += [np.uint32(len(touched)).tobytes(), touched.astype(index_dtype(K)).tobytes(),
-                  coefs[touched].astype(np.float32).tobytes()]
+        parts += [np.uint32(len(changed)).tobytes(), changed.astype(index_dtype(K)).tobytes(),
+                  A[changed].astype(np.float32).tobytes()]
     else:
-        parts.append(coefs.astype(np.float32).tobytes())
-    if probabilities is not None:
-        parts.append(np.asarray(probabilities, dtype=np.float32).tobytes())
+        parts.append(A.astype(np.float32).tobytes())
+    if importance is not None:
+        parts.append(np.asarray(importance, dtype=np.uint8).tobytes())
     return b"".join(parts)
 
 
-def decode_download(msg, K):
-    """-> (coefficients float32[K], probabilities float64[K] or None)."""
+def decode_download(msg, A_client):
+    """Client side: -> (its new record of A: a copy of A_client with the sent entries overwritten, float32[K];
+    the seed importances uint8[K] or None)."""
+    K = len(A_client)
     flags, pos = msg[0], 1
-    coefs = np.zeros(K, dtype=np.float32)
+    A = A_client.copy()
     if flags & 1:
         count = int(np.frombuffer(msg, np.uint32, 1, offset=pos)[0])
         pos += 4
         idx = np.frombuffer(msg, index_dtype(K), count, offset=pos)
         pos += idx.nbytes
-        coefs[idx] = np.frombuffer(msg, np.float32, count, offset=pos)
+        A[idx] = np.frombuffer(msg, np.float32, count, offset=pos)
         pos += 4 * count
     else:
-        coefs[:] = np.frombuffer(msg, np.float32, K, offset=pos)
+        A[:] = np.frombuffer(msg, np.float32, K, offset=pos)
         pos += 4 * K
-    probabilities = None
-    if flags & 2:
-        probabilities = np.frombuffer(msg, np.float32, K, offset=pos).astype(np.float64)
-        probabilities /= probabilities.sum()  # float32 on the wire; numpy wants the sum to be 1 in float64
-    return coefs, probabilities
+    importance = np.frombuffer(msg, np.uint8, K, offset=pos).copy() if flags & 2 else None
+    return A, importance
+
+
+def max_download_bytes(K, pro):
+    """The longest download: dense A plus the flag byte, plus Pro's importances."""
+    return 1 + 4 * K + (K if pro else 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -517,7 +548,7 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     """Run --local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss).
 
     The model must hold the global weights on entry (after `sync_model`); it holds the client's local
-    weights on exit. All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
+    weights on exit (scratch: the next sync starts from w0). All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
     probabilities: None (uniform seeds, FedKSeed) or float64[K] from the download (FedKSeed-Pro).
     """
     import tasks
@@ -549,10 +580,11 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
 # server: aggregate the round's pairs into per-seed coefficients; Pro's seed probabilities
 # ----------------------------------------------------------------------------------------------------
 def server_aggregate(uploads, K, lr):
-    """The round's uploads -> the global update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k.
+    """The round's uploads -> the round's update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k.
 
     a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's g on seed k); client weights by data size as
-    the official code; sums in float64 in client order, rounded once to float32 (what is sent).
+    the official code; sums in float64 in client order, rounded once to float32. The server then adds a to
+    its cumulative A in float32: A(t) = A(t-1) + a(t), which defines the global model w(t) (see `sync_model`).
     """
     decoded = [decode_upload(u, K) for u in uploads]
     sizes = np.array([n for n, _, _ in decoded], dtype=np.float64)
@@ -571,35 +603,39 @@ def update_seed_history(hist_sum, hist_count, uploads, K, clip):
         np.add.at(hist_count, idx, 1)
 
 
-def seed_probabilities(hist_sum, hist_count):
-    """Pro: mean |g| per seed -> min-max normalised to [0, 1] -> softmax (the official formula)."""
+def seed_importance(hist_sum, hist_count):
+    """Pro, server side: mean |g| per seed, min-max normalised to [0, 1] (the official formula), quantised to
+    uint8 (0..255) for the download: one byte per seed instead of a float32 probability."""
     mean = hist_sum / hist_count
     norm = (mean - mean.min()) / (mean.max() + 1e-10 - mean.min())
+    return np.round(norm * 255).astype(np.uint8)
+
+
+def seed_probabilities(importance):
+    """Pro, client side: softmax of the importances in [0, 1] (the official formula, on the quantised values),
+    float64[K]. Every client computes it from the same bytes, so all sample from the very same distribution;
+    the most important seed is at most e times as likely as the least important one."""
+    norm = importance.astype(np.float64) / 255
     e = np.exp(norm - norm.max())
     return e / e.sum()
 
 
-def sync_model(params, offsets, seeds, coefs, kind):
-    """Replay: add sum_k coefs[k] * z(seeds[k]) to the weights, one `apply_seeds_` pass per parameter over the
-    touched seeds (ascending index, fp32 sum, one rounding). The server applies each round with this very
-    function on the message it sends, so a client replaying the same message gets the same bits."""
-    touched = np.flatnonzero(coefs)
-    if len(touched) == 0:
-        return
+def sync_model(params, w0, offsets, seeds, A, kind):
+    """Replay: params <- w0 + sum_k A[k] z(seeds[k]), the global model that A defines.
+
+    One `apply_seeds_` pass per parameter over the seeds with A[k] != 0, in ascending k: the sum is taken in
+    float32 and rounded once to the weight dtype. The result depends on nothing but (w0, A), so every party
+    holding the pretrained weights and the same A -- the server, a client that synced last round, a client
+    that missed ten -- gets the same bits, and nothing the client did locally (its ZO steps moved `params`)
+    matters: the pass starts from w0. Cost: one copy of the model plus len(touched) seeds' noise per element.
+    """
+    touched = np.flatnonzero(A)
     chosen = [seeds[k] for k in touched.tolist()]
-    scales = [float(c) for c in coefs[touched]]
-    for p, off in zip(params, offsets):
-        apply_seeds_(p, chosen, scales, off, kind)
-
-
-def pending_coefficients(history, last_sync, rnd, K):
-    """What a client synced to the global model of round `last_sync` has not applied before round `rnd`:
-    the sum of the per-seed coefficients of rounds last_sync+1 .. rnd-1 (float64 sum, sent as float32).
-    One round behind (every round, in a multi-process run) this is the server's own message, hence exact;
-    further behind it matches the server's weights to float32 rounding of the summed coefficients."""
-    if last_sync >= rnd - 1:
-        return np.zeros(K, dtype=np.float32)
-    return np.sum(np.stack(history[last_sync:rnd - 1]).astype(np.float64), axis=0).astype(np.float32)
+    scales = [float(a) for a in A[touched]]  # float32 values, exact as Python floats
+    for p, p0, off in zip(params, w0, offsets):
+        p.copy_(p0)
+        if chosen:
+            apply_seeds_(p, chosen, scales, off, kind)
 
 
 def sample_clients(master_seed, rnd, num_clients, n_sampled):
@@ -636,7 +672,7 @@ def evaluate_rouge(model, tokenizer, examples, max_new_tokens):
 # ----------------------------------------------------------------------------------------------------
 # outputs: checkpoint (atomic), metrics, loss plot, progress
 # ----------------------------------------------------------------------------------------------------
-CHECKPOINT_KEYS = {"config", "round", "weights", "history", "last_sync", "hist_sum", "hist_count"}
+CHECKPOINT_KEYS = {"config", "round", "A_history", "last_sync", "hist_sum", "hist_count"}
 
 
 def save_checkpoint(path, state):
@@ -757,62 +793,80 @@ def collective(fn, *a, **kw):
                          else "a rank left the group") from None
 
 
+def owned(sampled, rank, world):
+    """The round's clients that live on `rank`: client c on rank c % world, every round, so the state a client
+    keeps between rounds (its record of A) stays on one rank."""
+    return [c for c in sampled if c % world == rank]
+
+
+def rows_per_rank(sampled, world):
+    """Rows of each rank's gather/scatter tensor: collectives need equal shapes, so the largest rank's count."""
+    return max(len(owned(sampled, r, world)) for r in range(world))
+
+
 def upload_row_bytes(K, local_steps):
-    """One client's row in `gather_uploads`: uint32 length + float64 train loss + the longest possible upload."""
-    return 4 + 8 + 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
+    """One client's row in `gather_uploads`: uint32 length, float64 train loss, float64 sync seconds, and the
+    longest possible upload."""
+    return 4 + 8 + 8 + 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
 
 
-def gather_uploads(mine, n_sampled, rank, world, K, local_steps, device):
-    """Every rank's [(upload message, mean train loss)] for its clients -> rank 0, in the round's client order.
-
-    One `dist.gather` of a uint8 tensor [rows, row_bytes] from each rank (a collective needs equal shapes, and
-    every rank can compute these from the flags): rows = ceil(n_sampled / world), the clients of rank r being
-    sampled[r::world]; row i = uint32 message length, float64 train loss (for metrics.jsonl only), the upload
-    message, zeros up to the longest possible upload (shorter only if non-finite steps were skipped). A rank
-    with one client fewer sends one row of zeros. -> list of (upload, loss) on rank 0, None elsewhere.
-    """
-    rows, width = -(-n_sampled // world), upload_row_bytes(K, local_steps)
+def gather_uploads(mine, sampled, rank, world, K, local_steps, device):
+    """Every rank's {client: (upload message, mean train loss, sync seconds)} -> rank 0, as a list in the round's
+    client order. One `dist.gather` of a uint8 tensor [rows, row_bytes] from each rank: row i holds the rank's
+    i-th client of the round (uint32 message length, the two float64 -- for metrics.jsonl only --, the message,
+    zeros up to the longest possible upload); a rank with fewer clients sends rows of zeros."""
+    rows, width = rows_per_rank(sampled, world), upload_row_bytes(K, local_steps)
     buf = np.zeros((rows, width), dtype=np.uint8)
-    for i, (msg, loss) in enumerate(mine):
-        buf[i, :12] = np.frombuffer(np.uint32(len(msg)).tobytes() + np.float64(loss).tobytes(), np.uint8)
-        buf[i, 12:12 + len(msg)] = np.frombuffer(msg, np.uint8)
+    for i, c in enumerate(owned(sampled, rank, world)):
+        msg, loss, sync_s = mine[c]
+        buf[i, :20] = np.frombuffer(np.uint32(len(msg)).tobytes() + np.float64(loss).tobytes()
+                                    + np.float64(sync_s).tobytes(), np.uint8)
+        buf[i, 20:20 + len(msg)] = np.frombuffer(msg, np.uint8)
     mine_t = torch.from_numpy(buf).to(device)
     parts = [torch.empty_like(mine_t) for _ in range(world)] if rank == 0 else None
     collective(dist.gather, mine_t, parts, dst=0)
     if rank != 0:
         return None
-    got = [None] * n_sampled
+    got = {}
     for r, part in enumerate(parts):
         part = part.cpu().numpy()
-        for i, j in enumerate(range(r, n_sampled, world)):  # row i of rank r is client j of the round
+        for i, c in enumerate(owned(sampled, r, world)):
             n = int(part[i, :4].view(np.uint32)[0])
-            got[j] = (part[i, 12:12 + n].tobytes(), float(part[i, 4:12].view(np.float64)[0]))
-    return got
+            got[c] = (part[i, 20:20 + n].tobytes(), float(part[i, 4:12].view(np.float64)[0]),
+                      float(part[i, 12:20].view(np.float64)[0]))
+    return [got[c] for c in sampled]
 
 
-def broadcast_download(msg, rank, device):
-    """Rank 0's download message (bytes) -> every rank. Two `dist.broadcast`s: the length as one int64, then the
-    message as uint8[length]; every other rank receives 8 + len(msg) bytes."""
-    length = torch.tensor([len(msg) if rank == 0 else 0], dtype=torch.int64, device=device)
-    collective(dist.broadcast, length, src=0)
+def scatter_downloads(downs, sampled, rank, world, K, pro, device):
+    """Rank 0's {client: download message} -> each client's own rank. One `dist.scatter` of uint8 tensors
+    [rows, 4 + longest download]: row i = the rank's i-th client of the round (uint32 length + message, zero
+    padded). Each rank receives only its own clients' messages. -> {client: message} for this rank's clients."""
+    rows, width = rows_per_rank(sampled, world), 4 + max_download_bytes(K, pro)
+    parts = None
     if rank == 0:
-        buf = torch.from_numpy(np.frombuffer(msg, np.uint8).copy()).to(device)
-    else:
-        buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    collective(dist.broadcast, buf, src=0)
-    return buf.cpu().numpy().tobytes()
+        parts = []
+        for r in range(world):
+            buf = np.zeros((rows, width), dtype=np.uint8)
+            for i, c in enumerate(owned(sampled, r, world)):
+                buf[i, :4] = np.frombuffer(np.uint32(len(downs[c])).tobytes(), np.uint8)
+                buf[i, 4:4 + len(downs[c])] = np.frombuffer(downs[c], np.uint8)
+            parts.append(torch.from_numpy(buf).to(device))
+    mine_t = torch.empty((rows, width), dtype=torch.uint8, device=device)
+    collective(dist.scatter, mine_t, parts, src=0)
+    mine_np = mine_t.cpu().numpy()
+    return {c: mine_np[i, 4:4 + int(mine_np[i, :4].view(np.uint32)[0])].tobytes()
+            for i, c in enumerate(owned(sampled, rank, world))}
 
 
-def wire_ledger(rnd, sampled, world, K, local_steps, down_lengths):
-    """The bytes the collectives of round `rnd` moved, per rank (what ledger.jsonl records with "rank"): tensor
-    payloads as `gather_uploads` / `broadcast_download` build them, counting rank 0's broadcast as one copy per
-    peer; the transport's own framing (gloo/NCCL headers, TCP) is not counted."""
-    rows = -(-len(sampled) // world)
-    up = rows * upload_row_bytes(K, local_steps)  # each rank's gather tensor (rank 0's own stays local)
-    down = sum(8 + n for n in down_lengths)  # each broadcast: int64 length + the message
-    entries = [{"round": rnd, "rank": 0, "clients": sampled[0::world], "sent": (world - 1) * down,
+def wire_ledger(rnd, sampled, world, K, local_steps, pro):
+    """The bytes round `rnd`'s collectives moved, per rank (what ledger.jsonl records with "rank"): tensor
+    payloads as `scatter_downloads` / `gather_uploads` build them, padding included; rank 0's own part stays
+    local. The transport's own framing (gloo/NCCL headers, TCP) is not counted."""
+    rows = rows_per_rank(sampled, world)
+    down, up = rows * (4 + max_download_bytes(K, pro)), rows * upload_row_bytes(K, local_steps)
+    entries = [{"round": rnd, "rank": 0, "clients": owned(sampled, 0, world), "sent": (world - 1) * down,
                 "received": (world - 1) * up}]
-    entries += [{"round": rnd, "rank": r, "clients": sampled[r::world], "sent": up, "received": down}
+    entries += [{"round": rnd, "rank": r, "clients": owned(sampled, r, world), "sent": up, "received": down}
                 for r in range(1, world)]
     return entries
 
@@ -842,8 +896,8 @@ def train(args):
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     join_group(args, world)  # after loading: see join_group
     device = torch.device(args.device if world > 1 and args.device.startswith("cuda") else "cpu")  # of collectives
-    params, offsets = trainable(model)
-    global_w = [p.clone() for p in params]  # the server's global weights; the model is the working copy
+    params, offsets = trainable(model)  # the working weights: a client's, while it syncs and trains
+    w0 = [p.clone() for p in params]  # the pretrained weights every party holds (read-only from here on)
     pad_id = tokenizer.pad_token_id
     data, n_sampled = load_data(args, tokenizer)
     N, K = len(data.clients), args.K
@@ -864,22 +918,20 @@ def train(args):
     print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
           f"{N} clients, {n_sampled} per round, K={K}, {args.local_steps} steps, "
           f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}"
-          + (f"; {world} ranks (torchrun), rank 0 the server" if world > 1 else ""), flush=True)
+          + (f"; {world} ranks (torchrun), rank 0 the server, client c on rank c % {world}" if world > 1 else ""),
+          flush=True)
 
-    # server state: everything the next round depends on is in the checkpoint
-    history = []  # per round: the coefficients sent (float32[K])
-    last_sync = np.zeros(N, dtype=np.int64)  # round whose global model each client last synced to
+    # server state (rank 0): A(t) for every round so far, the round each client last synced to, Pro's history.
+    # Everything the next round depends on is in the checkpoint; the global model is w0 + sum_k A_k z_k.
+    A_history = [np.zeros(K, dtype=np.float32)]  # A(0) = 0: the pretrained model
+    last_sync = np.zeros(N, dtype=np.int64)
     hist_sum = np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip, args.bias_loss_clip))))
     hist_count = np.ones(K, dtype=np.int64)
     start = 0
     metrics_path, ledger_path = out / "metrics.jsonl", out / "ledger.jsonl"
     if state is not None:
         start = state["round"]
-        if [tuple(w.shape) for w in global_w] != [tuple(w.shape) for w in state["weights"]]:
-            raise ConfigError(f"--resume: the weights in {ckpt_path} do not fit {args.model}'s parameters")
-        for w, saved in zip(global_w, state["weights"]):
-            w.copy_(saved)
-        history = [h.numpy() for h in state["history"]]
+        A_history = list(state["A_history"].numpy())
         last_sync = state["last_sync"].numpy().copy()
         hist_sum, hist_count = state["hist_sum"].numpy().copy(), state["hist_count"].numpy().copy()
         for path in (metrics_path, ledger_path) if rank == 0 else ():  # drop lines of rounds after the checkpoint
@@ -889,14 +941,22 @@ def train(args):
     elif rank == 0:
         metrics_path.write_text("")
         ledger_path.write_text("")
-
-    def set_model(weights):
-        for p, w in zip(params, weights):
-            p.copy_(w)
+    # client state, on the client's own rank: its record of A (float32[K], 16 KB at K = 4096) besides w0. A device
+    # keeps it itself; on resume the simulation takes it from the server's history, where it is by construction.
+    client_A = {c: A_history[last_sync[c]].copy() for c in range(N) if c % world == rank}
+    server_w = [p.clone() for p in w0] if rank == 0 else None  # w(t), for evaluation and the replay check
+    if rank == 0:
+        sync_model(server_w, w0, offsets, seeds, A_history[-1], kind)
 
     def log_row(row):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def evaluate_global(with_rouge):  # the server's w(t), in the working model
+        for p, w in zip(params, server_w):
+            p.copy_(w)
+        loss = evaluate_loss(model, eval_tok, pad_id)
+        return loss, (evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens) if with_rouge else None)
 
     bars = progress_bars()
     if bars:
@@ -912,94 +972,96 @@ def train(args):
     try:
         if start == 0 and rank == 0:
             t0 = time.time()
-            set_model(global_w)
-            eval_loss = evaluate_loss(model, eval_tok, pad_id)
-            rouge = evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens) if rouge_set else None
+            eval_loss, rouge = evaluate_global(bool(rouge_set))
             log_row({"round": 0, "train_loss": None, "eval_loss": eval_loss, "rougeL": rouge, "upload_bytes": None,
-                     "download_bytes": None, "seconds": time.time() - t0})
+                     "download_bytes": None, "seconds": time.time() - t0, "sync_seconds": None,
+                     "replay_max_abs_diff": None})
             log(f"round 0: held-out loss {eval_loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
         for rnd in range(start + 1, args.rounds + 1):
             t0 = time.time()
             sampled = sample_clients(args.seed, rnd, N, n_sampled)  # every rank draws the same clients
-            mine = sampled[rank::world]  # round-robin: client j of the round runs on rank j % world
-            probs = client_probs = None
-            down_lengths = []  # broadcasts of this round (torchrun only), for the ledger
-            if args.bias_sampling:  # Pro: the server's seed probabilities for this round, to every client
-                probs = seed_probabilities(hist_sum, hist_count) if rank == 0 else None
-                msg = encode_download(np.zeros(K, dtype=np.float32), probs) if rank == 0 else None
-                if world > 1:
-                    msg = broadcast_download(msg, rank, device)
-                    down_lengths.append(len(msg))
-                _, client_probs = decode_download(msg, K)
-            # the protocol's download of each sampled client, the coefficients it has not applied (+ Pro's
-            # probabilities), sized for the ledger. Its clients need not replay it here: one process resets the
-            # working copy to the global weights, and under torchrun every rank's copy replays every round (below)
-            downs = {c: len(encode_download(pending_coefficients(history, int(last_sync[c]), rnd, K), probs))
-                     for c in sampled} if rank == 0 else {}
+            mine = owned(sampled, rank, world)  # this rank's clients (all of them in one process)
+            # server: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances)
+            sent = {}
+            if rank == 0:
+                importance = seed_importance(hist_sum, hist_count) if args.bias_sampling else None
+                sent = {c: encode_download(A_history[-1], A_history[last_sync[c]], importance) for c in sampled}
             last_sync[sampled] = rnd - 1
-            results = []  # (upload message, mean train loss) of this rank's clients
+            # what this rank's clients receive: under torchrun each rank gets its own clients' messages
+            downs = scatter_downloads(sent, sampled, rank, world, K, args.bias_sampling, device) if world > 1 else sent
+            results, replays, diffs = {}, {}, []  # replays: A's bytes -> (weights, seconds), reused within the round
             if bars:
                 bars.reset(t_clients, total=len(mine))
             for j, c in enumerate(mine):
-                set_model(global_w)  # the client starts from the global weights (a copy, no per-client model)
+                # client c: apply its download to its own state (w0, its record of A), then train from there
+                client_A[c], importance_c = decode_download(downs[c], client_A[c])
+                key = client_A[c].tobytes()
+                if key not in replays:
+                    ts = time.time()
+                    sync_model(params, w0, offsets, seeds, client_A[c], kind)
+                    replays[key] = ([p.clone() for p in params] if j + 1 < len(mine) else None, time.time() - ts)
+                    if server_w is not None:  # the simulation checks the replay against the server's w(t-1)
+                        diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(params, server_w)))
+                else:  # same state (w0), same record of A: the same bits by construction, so copy the first replay
+                    for p, w in zip(params, replays[key][0]):
+                        p.copy_(w)
+                sync_s = replays[key][1]  # what this client's replay costs a device (once per distinct A here)
+                probs = seed_probabilities(importance_c) if importance_c is not None else None
                 if c not in tokenized:
                     tokenized[c] = tasks.tokenize_examples(tokenizer, data.clients[c], args.max_length, log=None)
                 if bars:
                     bars.reset(t_steps, total=args.local_steps, description=f"client {c}")
                 step_cb = (lambda s, l: bars.advance(t_steps)) if bars else None
                 tc = time.time()
-                up, loss = client_update(model, params, offsets, tokenized[c], client_probs, seeds, args, rnd, c,
-                                         pad_id, on_step=step_cb)
-                results.append((up, loss))
+                up, loss = client_update(model, params, offsets, tokenized[c], probs, seeds, args, rnd, c, pad_id,
+                                         on_step=step_cb)
+                results[c] = (up, loss, sync_s)
                 log(f"round {rnd} client {c} ({j + 1}/{len(mine)}{' on rank 0' if world > 1 else ''}): "
-                    f"{len(tokenized[c])} examples, loss {loss:.4f}, "
+                    f"{len(tokenized[c])} examples, loss {loss:.4f}, sync {sync_s:.2f} s, "
                     f"{(time.time() - tc) / args.local_steps:.2f} s/step, "
-                    f"down {downs.get(c, '-')} B, up {len(up)} B")  # (only rank 0's lines are shown)
+                    f"down {len(downs[c])} B, up {len(up)} B")  # (only rank 0's lines are shown)
                 if bars:
                     bars.advance(t_clients)
+            replays.clear()
             if world > 1:  # the uploads of every rank's clients -> rank 0, in the round's client order
-                results = gather_uploads(results, n_sampled, rank, world, K, args.local_steps, device)
-            # server: aggregate; every rank (the server included) then applies the round by replaying its message
-            ts = time.time()
-            msg = encode_download(server_aggregate([u for u, _ in results], K, args.lr)) if rank == 0 else None
-            if world > 1:
-                msg = broadcast_download(msg, rank, device)
-                down_lengths.append(len(msg))
-            coefs, _ = decode_download(msg, K)
-            sync_model(global_w, offsets, seeds, coefs, kind)
-            server_seconds = time.time() - ts
-            history.append(coefs)
+                gathered = gather_uploads(results, sampled, rank, world, K, args.local_steps, device)
+            else:
+                gathered = [results[c] for c in sampled]
             if rank != 0:
-                continue  # the rest of the round (statistics, outputs) is the server's
-            uploads, losses = [u for u, _ in results], [l for _, l in results]
+                continue  # the rest of the round (aggregation, statistics, outputs) is the server's
+            # server: aggregate the round into A, and compute the global model w(t) it defines
+            uploads, losses = [u for u, _, _ in gathered], [l for _, l, _ in gathered]
+            coefs = server_aggregate(uploads, K, args.lr)
+            A_history.append(A_history[-1] + coefs)  # float32 + float32: A(t) = A(t-1) + a(t)
+            sync_model(server_w, w0, offsets, seeds, A_history[-1], kind)
             if args.bias_sampling:
                 update_seed_history(hist_sum, hist_count, uploads, K, args.bias_loss_clip)
-            ledger = [{"round": rnd, "client": c, "down": downs[c], "up": len(u)} for c, u in zip(sampled, uploads)]
+            ledger = [{"round": rnd, "client": c, "down": len(sent[c]), "up": len(u)} for c, u in zip(sampled, uploads)]
             if world > 1:
-                ledger += wire_ledger(rnd, sampled, world, K, args.local_steps, down_lengths)
+                ledger += wire_ledger(rnd, sampled, world, K, args.local_steps, args.bias_sampling)
             with open(ledger_path, "a") as f:
                 f.writelines(json.dumps(e) + "\n" for e in ledger)
 
             eval_loss = rouge = None
             if rnd % args.eval_every == 0 or rnd == args.rounds:
-                set_model(global_w)
-                eval_loss = evaluate_loss(model, eval_tok, pad_id)
-                if rnd == args.rounds and rouge_set:
-                    rouge = evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens)
+                eval_loss, rouge = evaluate_global(rnd == args.rounds and bool(rouge_set))
             finite = [l for l in losses if math.isfinite(l)]
             row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": eval_loss,
                    "rougeL": rouge, "upload_bytes": float(np.mean([len(u) for u in uploads])),
-                   "download_bytes": float(np.mean(list(downs.values()))), "seconds": time.time() - t0,
-                   "seeds_touched": int(np.count_nonzero(coefs))}
+                   "download_bytes": float(np.mean([len(sent[c]) for c in sampled])),
+                   "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
+                   "sync_seconds": float(np.mean([s for _, _, s in gathered])),
+                   "replay_max_abs_diff": max(diffs) if world == 1 else None}
             save_checkpoint(ckpt_path, {  # only after the round is complete on every rank
-                "config": config, "round": rnd, "weights": global_w,
-                "history": [torch.from_numpy(h) for h in history], "last_sync": torch.from_numpy(last_sync),
-                "hist_sum": torch.from_numpy(hist_sum), "hist_count": torch.from_numpy(hist_count)})
+                "config": config, "round": rnd, "A_history": torch.from_numpy(np.stack(A_history)),
+                "last_sync": torch.from_numpy(last_sync), "hist_sum": torch.from_numpy(hist_sum),
+                "hist_count": torch.from_numpy(hist_count)})
             log_row(row)
             fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
             log(f"round {rnd}/{args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(eval_loss)}, "
-                f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (server update over {row['seeds_touched']} seeds "
-                f"{server_seconds:.1f} s)")
+                f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, replay "
+                f"max |diff| {'-' if row['replay_max_abs_diff'] is None else format(row['replay_max_abs_diff'], 'g')}"
+                f"; {row['seeds_touched']} seeds touched)")
             if bars:
                 bars.advance(t_rounds)
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
@@ -1015,9 +1077,10 @@ def train(args):
     finally:
         if bars:
             bars.stop()
-    set_model(global_w)  # leave the global model in `model`
     if rank != 0:
         return model, None
+    for p, w in zip(params, server_w):  # leave the global model w(T) in `model`, and export it
+        p.copy_(w)
     log(f"wrote {tasks.export_model(model, tokenizer, out / 'model')} (save_pretrained: config, weights, tokenizer)")
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
     if plot_losses(rows, out / "loss.png"):
@@ -1040,6 +1103,12 @@ def summarize(rows, ledger_path, log):
         down = float(np.mean([e["down"] for e in entries]))
         log(f"communication: mean per client per round {up:,.0f} B up + {down:,.0f} B down = {up + down:,.0f} B "
             f"(paper: under {PAPER_BYTES:,} B for K=4096, 200 steps)")
+    synced = [r for r in rows if r.get("sync_seconds") is not None]
+    if synced:
+        diffs = [r["replay_max_abs_diff"] for r in synced if r.get("replay_max_abs_diff") is not None]
+        log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client"
+            + (f"; replayed weights vs the server's: max |diff| {max(diffs):g}"
+               + (" (bit for bit)" if max(diffs) == 0 else "") if diffs else " (not checked under torchrun)"))
     ev = [r for r in rows if r["eval_loss"] is not None]
     if len(ev) > 1:
         log(f"held-out loss: round {ev[0]['round']} {ev[0]['eval_loss']:.4f} -> round {ev[-1]['round']} "

@@ -142,71 +142,92 @@ def test_pro_probabilities_by_hand():
     ups = [fk.encode_upload(5, [0, 1, 1, 3], [2.0, -4.0, 100.0, 1.0], K)]
     fk.update_seed_history(hist_sum, hist_count, ups, K, clip)
     # mean |clip(g)| over each history [initial, g...]: seed0 (0+2)/2=1, seed1 (0+4+10)/3, seed2 0, seed3 0.5
-    mean = np.array([1.0, 14 / 3, 0.0, 0.5])
-    norm = (mean - 0.0) / (14 / 3 + 1e-10 - 0.0)
-    expected = np.exp(norm) / np.exp(norm).sum()
-    probs = fk.seed_probabilities(hist_sum, hist_count)
-    np.testing.assert_allclose(probs, expected, rtol=1e-12)
+    # min-max to [0, 1]: 1/(14/3) = 0.2143, 1, 0, 0.5/(14/3) = 0.1071 -> x 255, rounded: 55, 255, 0, 27
+    importance = fk.seed_importance(hist_sum, hist_count)
+    assert importance.dtype == np.uint8 and importance.tolist() == [55, 255, 0, 27]
+    e = np.exp(np.array([55, 255, 0, 27]) / 255 - 1.0)
+    probs = fk.seed_probabilities(importance)
+    np.testing.assert_allclose(probs, e / e.sum(), rtol=1e-12)
     assert probs.argmax() == 1 and probs.max() / probs.min() <= math.e + 1e-9
     # uniform before any history: all means equal -> min-max gives zeros -> softmax uniform
-    np.testing.assert_allclose(fk.seed_probabilities(np.zeros(K), np.ones(K)), np.full(K, 0.25))
+    np.testing.assert_allclose(fk.seed_probabilities(fk.seed_importance(np.zeros(K), np.ones(K))), np.full(K, 0.25))
 
 
 # ---------------------------------------------------------------------------------------------- messages
-def test_messages_roundtrip_dense_and_sparse():
+def test_download_sends_exactly_what_the_client_lacks():
     K = 300
-    coefs = np.zeros(K, dtype=np.float32)
-    coefs[[3, 299]] = [0.5, -1.25]
-    for c, probs in [(coefs, None), (np.arange(K, dtype=np.float32) + 1, None), (coefs, np.full(K, 1 / K))]:
-        msg = fk.encode_download(c, probs)
-        back, p = fk.decode_download(msg, K)
-        np.testing.assert_array_equal(back, c)
-        assert (p is None) == (probs is None)
-    assert len(fk.encode_download(coefs)) == 1 + 4 + 2 * (2 + 4)  # sparse: flag, count, 2 x (uint16, float32)
-    assert len(fk.encode_download(np.ones(K, np.float32))) == 1 + 4 * K  # dense
+    old = np.zeros(K, dtype=np.float32)
+    new = old.copy()
+    new[[3, 299]] = [0.5, -1.25]
+    msg = fk.encode_download(new, old)
+    assert len(msg) == 1 + 4 + 2 * (2 + 4)  # sparse: flag, count, 2 x (uint16 index, float32 value)
+    back, imp = fk.decode_download(msg, old)
+    assert back.tobytes() == new.tobytes() and imp is None and not np.shares_memory(back, old)
+    assert len(fk.encode_download(new, new)) == 1 + 4  # nothing lacking: flag + count 0
+    dense = np.arange(K, dtype=np.float32) + 1
+    msg = fk.encode_download(dense, old, np.arange(K) % 256)
+    assert len(msg) == 1 + 4 * K + K  # dense A + Pro's uint8 importances
+    back, imp = fk.decode_download(msg, old)
+    assert back.tobytes() == dense.tobytes() and imp.tolist() == (np.arange(K) % 256).tolist()
+    # -0.0 differs from 0.0 in its bits: sent, so the record matches A bit for bit
+    neg = old.copy()
+    neg[7] = -0.0
+    assert fk.decode_download(fk.encode_download(neg, old), old)[0].tobytes() == neg.tobytes()
 
 
-def test_ledger_under_18_kilobytes_for_paper_setting():
-    """K = 4096, 200 local steps: the largest download (all K seeds touched) + the upload < 18,000 bytes."""
+def test_ledger_under_18_kilobytes_for_paper_setting_at_any_staleness():
+    """K = 4096, 200 local steps: the largest download (every entry of A new to the client, whatever it missed)
+    + the upload < 18,000 bytes; Pro adds one byte per seed."""
     K, steps = 4096, 200
     rng = np.random.default_rng(0)
     up = fk.encode_upload(75, rng.integers(0, K, steps), rng.normal(size=steps), K)
-    history = [rng.normal(size=K).astype(np.float32) for _ in range(5)]
-    down = fk.encode_download(fk.pending_coefficients(history, 0, 6, K))
-    assert len(up) == 4 + steps * 6 and len(down) == 1 + 4 * K
-    assert len(up) + len(down) < 18_000
+    A = rng.normal(size=K).astype(np.float32)
+    down = fk.encode_download(A, np.zeros(K, np.float32))
+    assert len(up) == 4 + steps * 6 == 1204 and len(down) == 1 + 4 * K == fk.max_download_bytes(K, False) == 16_385
+    assert len(up) + len(down) == 17_589 < 18_000
+    pro = fk.encode_download(A, np.zeros(K, np.float32), np.zeros(K, np.uint8))
+    assert len(pro) == fk.max_download_bytes(K, True) == 16_385 + 4096
 
 
 # ---------------------------------------------------------------------------------------------- replay
-def test_replay_one_round_is_bit_exact_and_stale_replay_close(tiny_llama):
-    """Clients replaying the server's messages reach the server's weights: bit for bit one round at a time,
-    to float32 rounding when several rounds are summed into one message."""
-    K, kind = 32, fk.GAUSSIAN
+@pytest.mark.parametrize("kind", [fk.GAUSSIAN, fk.RADEMACHER], ids=["gaussian", "rademacher"])
+def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(tiny_llama, tiny_tokenizer, kind):
+    """Client B trains locally in round 1, misses rounds 2-6, then syncs with one download. Its weights equal
+    weights built independently: A summed round by round in numpy, applied to the pretrained weights by the
+    pure-Python reference of z (not the compiled op the script uses), seed by seed in ascending index order."""
+    K = 32
     seeds = fk.candidate_seeds(3, K)
-    server = make_tiny_llama(tiny_llama.config.vocab_size)
-    sp, offsets = fk.trainable(server)
+    pretrained = make_tiny_llama(tiny_llama.config.vocab_size)
+    w0, offsets = fk.trainable(pretrained)
     client = make_tiny_llama(tiny_llama.config.vocab_size)
     cp, _ = fk.trainable(client)
-    stale = make_tiny_llama(tiny_llama.config.vocab_size)
-    stp, _ = fk.trainable(stale)
+    record = np.zeros(K, dtype=np.float32)  # client B's own state besides w0
+
+    class Args:
+        seed, perturbation, local_steps, batch_size, zo_eps, lr = 0, "gaussian", 2, 1, 1e-2, 1e-2
+
+    ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
+    fk.client_update(client, cp, offsets, ex, None, seeds, Args, 1, 0, tiny_tokenizer.pad_token_id)  # local steps
+    assert any(not torch.equal(a, b) for a, b in zip(cp, w0))  # B now holds its own, locally trained weights
     rng = np.random.default_rng(1)
-    history = []
-    for rnd in range(1, 4):
+    A, independent = np.zeros(K, dtype=np.float32), np.zeros(K, dtype=np.float32)
+    for rnd in range(1, 7):  # the server's rounds (B is away for 2..6)
         ups = [fk.encode_upload(int(rng.integers(1, 9)), rng.integers(0, K, 5), rng.normal(size=5), K)
                for _ in range(3)]
-        coefs, _ = fk.decode_download(fk.encode_download(fk.server_aggregate(ups, K, 1e-2)), K)
-        fk.sync_model(sp, offsets, seeds, coefs, kind)
-        history.append(coefs)
-        # the client downloads what it has not applied: this round only
-        msg = fk.encode_download(fk.pending_coefficients(history, rnd - 1, rnd + 1, K))
-        fk.sync_model(cp, offsets, seeds, fk.decode_download(msg, K)[0], kind)
-        assert all(torch.equal(a, b) for a, b in zip(sp, cp))
-    msg = fk.encode_download(fk.pending_coefficients(history, 0, 4, K))  # 3 rounds in one message
-    fk.sync_model(stp, offsets, seeds, fk.decode_download(msg, K)[0], kind)
-    for a, b in zip(sp, stp):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    initial, _ = fk.trainable(make_tiny_llama(tiny_llama.config.vocab_size))
-    assert any(not torch.equal(a, b) for a, b in zip(sp, initial))  # the rounds did move the weights
+        coefs = fk.server_aggregate(ups, K, 1e-2)
+        A = A + coefs
+        independent = np.float32(independent + coefs)
+    msg = fk.encode_download(A, record)
+    record, _ = fk.decode_download(msg, record)
+    fk.sync_model(cp, w0, offsets, seeds, record, kind)
+    touched = np.flatnonzero(independent)
+    assert len(touched) > 10
+    for p, p0, off in zip(cp, w0, offsets):
+        expected = p0.clone()
+        fk.apply_seeds_reference_(expected, [seeds[k] for k in touched], [float(independent[k]) for k in touched],
+                                  off, kind)
+        assert torch.equal(p, expected)
+    assert any(not torch.equal(a, b) for a, b in zip(cp, w0))  # the rounds did move the weights
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -225,16 +246,16 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     assert rows[1]["upload_bytes"] == 4 + 3 * 6  # 3 steps of (uint16, float32) + the data size
     ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 2 * 2 and all(e["up"] > 0 and e["down"] > 0 for e in ledger)
-    # replaying the checkpoint's per-round messages on the initial weights gives the checkpoint's weights
+    # the exported model is the global model A defines: the pretrained weights + sum_k A_k z_k
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["A_history"].shape == (3, 16) and all(r["replay_max_abs_diff"] == 0.0 for r in rows[1:])
     model, _ = fk.load_model(str(tiny_dir), "float32", "cpu")
     params, offsets = fk.trainable(model)
-    seeds = fk.candidate_seeds(42, 16)
-    for h in state["history"]:
-        fk.sync_model(params, offsets, seeds, fk.decode_download(fk.encode_download(h.numpy()), 16)[0], fk.GAUSSIAN)
-    assert all(torch.equal(p, w) for p, w in zip(params, state["weights"]))
-    assert any(not torch.equal(p, w) for p, w in zip(fk.trainable(fk.load_model(str(tiny_dir), "float32", "cpu")[0])[0],
-                                                      state["weights"]))
+    w0 = [p.clone() for p in params]
+    fk.sync_model(params, w0, offsets, fk.candidate_seeds(42, 16), state["A_history"][-1].numpy(), fk.GAUSSIAN)
+    exported, _ = fk.trainable(fk.load_model(str(out / "model"), "float32", "cpu")[0])
+    assert all(torch.equal(p, w) for p, w in zip(params, exported))
+    assert any(not torch.equal(p, w) for p, w in zip(w0, exported))
 
 
 def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
@@ -246,9 +267,10 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["round"] == b["round"] == 4
-    assert all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
-    assert all(torch.equal(x, y) for x, y in zip(a["history"], b["history"]))
+    assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["last_sync"], b["last_sync"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
+    wa, wb = (fk.trainable(fk.load_model(str(tmp_path / x / "model"), "float32", "cpu")[0])[0] for x in "ab")
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     def key(rows):
@@ -339,14 +361,52 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     flags = ("--rounds", "2", "--rouge_samples", "0")
     fk.main(argv(tiny_dir, dolly, out, *flags))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model, _ = fk.load_model(str(tiny_dir), "float32", "cpu")
+    params, offsets = fk.trainable(model)  # the global model the checkpoint's A defines
+    fk.sync_model(params, [p.clone() for p in params], offsets, fk.candidate_seeds(42, 16),
+                  state["A_history"][-1].numpy(), fk.GAUSSIAN)
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(exported)[0], state["weights"]))
+    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(exported)[0], params))
     tok = AutoTokenizer.from_pretrained(out / "model")
     assert tok("abc")["input_ids"]
     rows = (out / "metrics.jsonl").read_text()
     shutil.rmtree(out / "model")
     fk.main(argv(tiny_dir, dolly, out, *flags, "--resume"))
     again = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(again)[0], state["weights"]))
+    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(again)[0], params))
     assert (out / "metrics.jsonl").read_text() == rows
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2
+
+
+def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly(tiny_dir, dolly, tmp_path):
+    """10 rounds, 2 of 8 clients per round; the seed is chosen so that some client misses >= 5 rounds between two
+    participations. Every round's replay_max_abs_diff (clients' replayed weights vs the server's) is 0.0, that
+    client's download is its missing entries of A only (never weights, never more than 1 + 4K bytes), and
+    the server's w(T) is exported."""
+    N, n, rounds = 8, 2, 10
+
+    def longest_gap(seed):
+        seen = {}
+        gaps = []
+        for r in range(1, rounds + 1):
+            for c in fk.sample_clients(seed, r, N, n):
+                if c in seen:
+                    gaps.append((r - seen[c] - 1, c, r))
+                seen[c] = r
+        return max(gaps) if gaps else (0, None, None)
+
+    seed = next(s for s in range(100) if longest_gap(s)[0] >= 5)
+    missed, client, back = longest_gap(seed)
+    out = tmp_path / "run"
+    fk.main(argv(tiny_dir, dolly, out, "--num_clients", str(N), "-m", "0.25", "--rounds", str(rounds), "--seed",
+                 str(seed), "--eval_every", "5", "--rouge_samples", "0"))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert all(r["replay_max_abs_diff"] == 0.0 and r["sync_seconds"] >= 0 for r in rows[1:])
+    ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
+    entry = next(e for e in ledger if e["client"] == client and e["round"] == back)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    A = state["A_history"].numpy()
+    lacking = int(np.count_nonzero(A[back - 1].view(np.uint32) != A[back - missed - 2].view(np.uint32)))
+    assert missed >= 5 and lacking > 0
+    assert entry["down"] == min(1 + 4 + lacking * 6, 1 + 4 * 16)  # sparse or dense, whichever is smaller
