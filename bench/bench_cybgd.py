@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fedcybgd as cy  # noqa: E402
+import tasks  # noqa: E402
 
 
 def status_kb(field):
@@ -33,7 +34,7 @@ def status_kb(field):
 
 
 def child(args):
-    model, _ = cy.load_model(args.model, "sft", dtype=args.dtype)
+    model, _ = tasks.load_model(args.model, "sft", dtype=args.dtype)
     model.requires_grad_(False)
     cycle, units = cy.find_blocks(model)
     g = torch.Generator().manual_seed(0)
@@ -56,21 +57,21 @@ def child(args):
     else:
         named = list(model.named_parameters())
         model.requires_grad_(True)
-        opt = torch.optim.AdamW(cy.param_groups(named, 0.01), lr=1e-5)
+        opt = torch.optim.AdamW(tasks.param_groups(named, 0.01), lr=1e-5)
         model.train()
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
-            with cy.SavedActivations(model) as saved:
+            with tasks.SavedActivations(model) as saved:
                 loss = model(**batch).loss
             loss.backward()
-            grads = cy.tensor_bytes(p.grad for _, p in named)
+            grads = tasks.tensor_bytes(p.grad for _, p in named)
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
             if step == 0:
                 peak_rss = status_kb("VmHWM")
-                state = cy.tensor_bytes(t for s in opt.state.values() for t in s.values() if t.ndim > 0)
-                tensor_bytes = cy.tensor_bytes(model.parameters()) + grads + state + saved.bytes
+                state = tasks.tensor_bytes(t for s in opt.state.values() for t in s.values() if t.ndim > 0)
+                tensor_bytes = tasks.tensor_bytes(model.parameters()) + grads + state + saved.bytes
         trained = sum(p.numel() for _, p in named)
     print(json.dumps({"peak_rss": peak_rss, "rss_before": rss_before, "tensor_bytes": tensor_bytes,
                       "seconds": statistics.median(times[1:]), "trained": trained,
@@ -89,7 +90,7 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args)
-    cy.load_model(args.model, "sft")  # convert/unzip into the cache once, outside the measurements
+    tasks.load_model(args.model, "sft")  # convert/unzip into the cache once, outside the measurements
     results = {}
     for variant in ("full", "cybgd"):
         argv = [sys.executable, __file__, "--child", variant] + sys.argv[1:]

@@ -32,14 +32,22 @@ GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_p
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
              postprocess_predictions, evaluate(examples, predictions) -> {"exact_match", "f1"} (0-100)
 
+Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError
+Training:    tasks.load_task_data, local_batches, evaluate, param_groups, SavedActivations, tensor_bytes
+             (tasks/training.py: supervised plumbing of fedcybgd.py and fedavg.py)
 Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
+             tasks.write_atomic(path, text), tasks.read_jsonl(path), tasks.Progress(total, done), fmt_bytes(n)
+Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
 from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
-from .outputs import export_model
+from .models import ModelError, load_model
+from .outputs import Progress, export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
 from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_example, tokenize_examples
 from .partitions import partition, partition_summary
 from .sources import DataError
+from .training import (SavedActivations, evaluate, load_task_data, local_batches, param_groups, subsample,
+                       tensor_bytes)

@@ -1,6 +1,9 @@
-"""Run outputs the scripts share: the tuned model in Hugging Face format."""
+"""Run outputs the scripts share: the tuned model in Hugging Face format, atomic text files, jsonl, the
+safetensors wire format of tensor messages, a progress display, byte counts for people."""
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -20,3 +23,57 @@ def export_model(model, tokenizer, folder):
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def pack(message):
+    """dict name -> tensor -> bytes (what would cross the network)."""
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous().cpu() for k, v in message.items()})
+
+
+def unpack(wire):
+    from safetensors.torch import load
+    return load(wire)
+
+
+class Progress:
+    """A rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total, done):
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("turns", total=total, completed=done)
+
+    def turn(self, text):
+        if self.bar:
+            self.bar.update(self.task, advance=1, description=text)
+        else:
+            print(text, flush=True)
+
+    def log(self, text):
+        (self.bar.console.print if self.bar else print)(text)
+
+    def close(self):
+        if self.bar:
+            self.bar.stop()
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000

@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 import fedcybgd as cy
+import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +129,7 @@ def test_upload_bytes_equal_the_block_size(tiny_tokenizer):
     _, units = cy.find_blocks(model)
     train = units["layer.2"] + units["head"]
     upload, _ = cy.client_update(model, train, llama_batches(tiny_tokenizer, 1), 1e-3, 0.0, 1, seed=0)
-    wire = cy.pack(upload)
+    wire = tasks.pack(upload)
     header = 8 + int.from_bytes(wire[:8], "little")  # safetensors: u64 header length, JSON header, raw data
     params = dict(model.named_parameters())
     assert len(wire) - header == sum(params[n].numel() * 4 for n in train)
@@ -139,7 +140,7 @@ def test_weight_decay_groups_by_parameter_shape():
     model = tiny_gpt2()
     _, units = cy.find_blocks(model)
     named = [(n, p) for n, p in model.named_parameters() if n in units["layer.0"] + units["head"]]
-    decay, no_decay = cy.param_groups(named, 0.1)
+    decay, no_decay = tasks.param_groups(named, 0.1)
     names = {id(p): n for n, p in named}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert sorted(names[id(p)] for p in decay["params"]) == sorted(
@@ -155,11 +156,11 @@ def message_units(message, units):
 
 
 def run_turn(server, model, units, client, block, mode, tokenizer, fraction=1.0, base=None):
-    message = cy.unpack(cy.pack(cy.server_download(server, units, client, block, mode, fraction, seed=client)))
+    message = tasks.unpack(tasks.pack(cy.server_download(server, units, client, block, mode, fraction, seed=client)))
     cy.sync_model(model, message, base=base)
     upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tokenizer, 1, client),
                                  1e-2, 0.0, 1, seed=client)
-    cy.server_aggregate(server, client, cy.unpack(cy.pack(upload)), units)
+    cy.server_aggregate(server, client, tasks.unpack(tasks.pack(upload)), units)
     return message
 
 
@@ -197,12 +198,12 @@ def test_int8_download_keeps_own_block_exact(tiny_tokenizer):
     server = cy.init_server(model, units)
     run_turn(server, model, units, 0, "layer.0", "full", tiny_tokenizer)
     message = cy.server_download(server, units, 1, "layer.1", "int8")
-    wire = cy.pack(message)
+    wire = tasks.pack(message)
     exact = units["layer.1"] + units["head"]
     expected = sum(p.numel() * 4 if n in exact or p.ndim < 2 else p.numel() + 4 * p.shape[0]  # int8 + fp32 scales
                    for n, p in model.named_parameters())
     assert len(wire) - 8 - int.from_bytes(wire[:8], "little") == expected
-    cy.sync_model(model, cy.unpack(cy.pack(message)))
+    cy.sync_model(model, tasks.unpack(tasks.pack(message)))
     for n, p in model.named_parameters():
         exact = server["weights"][n]
         if n in units["layer.1"] + units["head"] or p.ndim < 2:

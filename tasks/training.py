@@ -1,0 +1,160 @@
+"""Supervised training plumbing fedcybgd.py and fedavg.py share: task data per client, micro-batches of a local
+round, evaluation of a global model, weight-decay groups, and the memory a training step needs.
+
+`args` is the script's parsed flags; the attributes each function reads are named in its docstring.
+
+    clients, test = tasks.load_task_data(args, tokenizer, num_clients)     # task, dataset, data_path, iid, seed,
+                                                                          # max_length, eval_samples
+    batches = tasks.local_batches(args, examples, tokenizer, device, seed)  # batch_size, grad_accum, local_steps
+                                                                          # or local_epochs, task
+    metrics = tasks.evaluate(args, model, tokenizer, test, device)         # task, dataset, max_new_tokens
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import glue, squad
+from .instruction import load_instruction_data
+from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_examples
+from .partitions import partition, partition_summary
+
+
+def load_task_data(args, tokenizer, num_clients):
+    """-> (clients: list of lists of tokenized examples, test: held-out examples as the evaluator wants)."""
+    if args.task == "sft":
+        data = load_instruction_data(args.dataset, args.data_path, num_clients=num_clients, iid=args.iid,
+                                     seed=args.seed, tokenizer=tokenizer, max_length=args.max_length)
+        print(data.summary)
+        clients = [tokenize_examples(tokenizer, c, args.max_length, log=None) for c in data.clients]
+        cut, total = sum(t["truncated"] for c in clients for t in c), sum(len(c) for c in clients)
+        print(f"{cut} of {total} training examples longer than --max_length {args.max_length} were truncated")
+        test = subsample(data.test, args.eval_samples, args.seed)
+        for e, t in zip(test, tokenize_examples(tokenizer, test, args.max_length, log=None)):
+            e["tokens"] = t
+        return clients, test
+    if args.task == "glue":
+        train, dev = glue.load(args.dataset, args.data_path)
+        labels = [e["label"] for e in train]
+        strat = labels if glue.NUM_LABELS[args.dataset] > 1 else [0] * len(train)  # stsb: no classes
+        parts = partition(strat, num_clients, args.iid, args.seed, min_size=min(10, len(train) // num_clients))
+        print(f"{args.dataset}: {len(train)} train, {len(dev)} dev\n" + partition_summary(parts, strat))
+        enc = lambda es: [dict(tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=args.max_length),
+                               labels=e["label"]) for e in es]
+        return [enc([train[i] for i in part]) for part in parts], enc(subsample(dev, args.eval_samples, args.seed))
+    train, dev = squad.load(args.data_path)
+    parts = partition([0] * len(train), num_clients, "iid", args.seed, min_size=1)
+    stride = min(128, args.max_length // 4)  # overlap of the windows a long context is cut into
+    clients = [squad.prepare_train_features([train[i] for i in part], tokenizer, args.max_length, stride)
+               for part in parts]
+    dev = subsample(dev, args.eval_samples, args.seed)
+    return clients, (dev, squad.prepare_eval_features(dev, tokenizer, args.max_length, stride))
+
+
+def subsample(examples, n, seed):
+    if n == 0 or n >= len(examples):
+        return list(examples)
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n]
+    return [examples[i] for i in sorted(idx.tolist())]
+
+
+def make_batch(task, items, tokenizer, device):
+    """Tokenized examples -> dict of tensors the model takes (labels included)."""
+    if task == "sft":
+        b = collate(items, tokenizer.pad_token_id)
+    elif task == "glue":
+        b = tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in items], return_tensors="pt")
+        b = dict(b)
+        dtype = torch.float if isinstance(items[0]["labels"], float) else torch.long
+        b["labels"] = torch.tensor([e["labels"] for e in items], dtype=dtype)
+    else:
+        b = {k: torch.tensor([e[k] for e in items]) for k in items[0] if k not in ("example_id", "offset_mapping")}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def local_batches(args, examples, tokenizer, device, seed):
+    """The micro-batches of one turn: reshuffled passes over the client's data, seeded by (seed, round, client)."""
+    per_step = args.batch_size * args.grad_accum
+    steps = args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < steps * per_step:
+        order += torch.randperm(len(examples), generator=g).tolist()
+    order = order[:steps * per_step]
+    return [make_batch(args.task, [examples[i] for i in order[k:k + args.batch_size]], tokenizer, device)
+            for k in range(0, len(order), args.batch_size)]
+
+
+@torch.no_grad()
+def evaluate(args, model, tokenizer, test, device):
+    model.eval()
+    if args.task == "sft":
+        total, count = 0.0, 0
+        for k in range(0, len(test), 4):
+            b = make_batch("sft", [e["tokens"] for e in test[k:k + 4]], tokenizer, device)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
+            targets = b["labels"][:, 1:]  # token t predicts token t+1
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += (targets != IGNORE_INDEX).sum().item()
+        out = {"eval_loss": total / max(count, 1)}
+        if args.max_new_tokens > 0:
+            # prompt as it was tokenized for the loss (long contexts cut from the left to --max_length)
+            prompts = [tokenizer.decode([i for i, l in zip(e["tokens"]["input_ids"], e["tokens"]["labels"])
+                                         if l == IGNORE_INDEX], skip_special_tokens=True) for e in test]
+            preds = generate(model, tokenizer, prompts, args.max_new_tokens)
+            out["rougeL"] = rouge_l(preds, [e["target"] for e in test])
+        return out
+    if args.task == "glue":
+        total, preds = 0.0, []
+        for k in range(0, len(test), 64):
+            out = model(**make_batch("glue", test[k:k + 64], tokenizer, device))
+            total += out.loss.item() * len(test[k:k + 64])
+            logits = out.logits.float()
+            preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
+        metrics = glue.compute_metrics(args.dataset, preds, [e["labels"] for e in test])
+        return {"eval_loss": total / len(test), **metrics}
+    examples, features = test
+    starts, ends = [], []
+    for k in range(0, len(features), 32):
+        out = model(**{n: v for n, v in make_batch("squad", features[k:k + 32], tokenizer, device).items()})
+        starts += out.start_logits.float().cpu().tolist()
+        ends += out.end_logits.float().cpu().tolist()
+    preds = squad.postprocess_predictions(examples, features, starts, ends)
+    return squad.evaluate(examples, preds)
+
+
+def param_groups(named, weight_decay):
+    """Weight decay by parameter shape: matrices decay; ndim < 2 (biases, norm weights) do not."""
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves for backward (deduplicated by storage, parameters excluded):
+    the activation part of a step's memory, measured the same way on CPU and GPU."""
+
+    def __init__(self, model):
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip and s.data_ptr() not in self.seen:
+            self.seen.add(s.data_ptr())
+            self.bytes += s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.seen, self.bytes = set(), 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
