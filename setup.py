@@ -52,7 +52,7 @@ setup(
     name="fedfull",
     version="0.1.0",
     description="Federated full-parameter tuning of LLMs: FedKSeed and FedCyBGD, with fused seed-based kernels",
-    py_modules=["fedkseed", "fedcybgd"],
+    py_modules=["fedkseed", "fedcybgd", "fedavg"],
     packages=["tasks"],
     python_requires=">=3.10",
     ext_modules=ext_modules,
