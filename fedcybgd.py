@@ -103,15 +103,20 @@ def get_config(argv=None):
     p.add_argument("--num_clients", type=int, default=0,
                    help="number of clients; 0 = one client per block of the cycle")
     p.add_argument("--rounds", type=int, default=2, help="full cycles: in a round every client takes one turn")
-    p.add_argument("--switch_mode", choices=("ascending", "descending", "random"), default="ascending",
-                   help="order in which the turns of the cycle visit the blocks (random: a fresh permutation "
-                        "for every sweep over the blocks)")
+    p.add_argument("--switch_mode", choices=("ascending", "descending", "permutation", "random"),
+                   default="ascending", help="which block a turn trains: ascending/descending over the cycle; "
+                   "permutation: a fresh random order for every sweep over the blocks; random: the official mode, "
+                   "each client draws its own blocks independently (see block_of_turn)")
     p.add_argument("--local_steps", type=int, default=None,
                    help="optimizer steps per client turn (default 8 unless --local_epochs is given)")
     p.add_argument("--local_epochs", type=float, default=None,
                    help="passes over the client's data per turn instead of --local_steps")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant "
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (the peak, with --lr_scheduler) "
                    "(default: 1e-4 sft, 2e-4 glue, 5e-5 squad)")
+    p.add_argument("--lr_scheduler", choices=("constant", "cosine"), default="constant",
+                   help="learning rate over the whole run, carried from turn to turn: constant, or a cosine from "
+                        "--lr to 0 at the last step of the last round")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps at the start of the run")
     p.add_argument("--weight_decay", type=float, default=0.01,
                    help="AdamW weight decay, applied to parameters with ndim >= 2 only")
     p.add_argument("--batch_size", type=int, default=None, help="examples per micro-batch "
@@ -171,6 +176,8 @@ def check_config(cfg):
     for name in ("num_clients", "eval_samples", "max_new_tokens"):
         if getattr(cfg, name) < 0:
             raise InputError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.warmup_steps < 0:
+        raise InputError(f"--warmup_steps must be >= 0 (got {cfg.warmup_steps})")
     if cfg.eval_every < 1:
         raise InputError(f"--eval_every must be >= 1 (got {cfg.eval_every})")
     if (cfg.local_steps is not None and cfg.local_steps < 1) or (cfg.local_epochs is not None and cfg.local_epochs <= 0):
@@ -245,15 +252,39 @@ def find_blocks(model, train_embeddings=False):
     return cycle, units
 
 
-def block_of_turn(cycle, switch_mode, seed, turn):
-    """The unit trained at global turn index t = round * num_clients + client (a pure function of t)."""
+def block_of_turn(cycle, switch_mode, seed, rnd, client, num_clients):
+    """The unit client `client` trains in round `rnd` (from 1): a pure function of these numbers, so resume and
+    every rank agree. With turn index t = (rnd - 1) * num_clients + client and L = len(cycle):
+      ascending    cycle[t mod L]        (every block visited even with fewer clients than blocks)
+      descending   cycle[L-1 - t mod L]
+      permutation  a fresh random permutation of the cycle for every sweep of L turns
+      random       the official code's mode: each client draws its own blocks, without replacement over its
+                   rounds (a fresh permutation per client for every L rounds), independently of the others:
+                   two clients may train the same block in one round, and a block may go untrained
+    """
     L = len(cycle)
+    turn = (rnd - 1) * num_clients + client
     if switch_mode == "ascending":
         return cycle[turn % L]
     if switch_mode == "descending":
         return cycle[L - 1 - turn % L]
-    sweep = torch.Generator().manual_seed(derive_seed(seed, "sweep", turn // L))  # random: permute per sweep
-    return cycle[torch.randperm(L, generator=sweep)[turn % L].item()]
+    if switch_mode == "permutation":
+        sweep = torch.Generator().manual_seed(derive_seed(seed, "sweep", turn // L))
+        return cycle[torch.randperm(L, generator=sweep)[turn % L].item()]
+    own = torch.Generator().manual_seed(derive_seed(seed, "client-blocks", client, (rnd - 1) // L))
+    return cycle[torch.randperm(L, generator=own)[(rnd - 1) % L].item()]
+
+
+def learning_rate(args, step, total_steps):
+    """The learning rate of optimizer step `step` (0-based, counted over the whole run: the schedule is carried
+    from turn to turn, as the official code carries its scheduler from client to client) of `total_steps`:
+    linear warmup over --warmup_steps, then constant, or a cosine from --lr down to 0 at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_scheduler == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def derive_seed(*parts):
@@ -291,19 +322,27 @@ def init_server(model, units):
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
         "version": {u: 0 for u in units},  # bumped every time an upload changes the unit
         "seen": {},                         # client -> {unit: version it holds}; missing = 0 (pretrained)
+        "lossy": {},                        # client -> [units it holds only as an int8 copy]
     }
 
 
 def server_download(server, units, client, block, mode, fraction=1.0, seed=0):
     """The message the server sends client `client` before it trains `block`: dict name -> tensor.
 
-    full  every tensor;  delta  the units whose version differs from what the client holds;
-    int8  every tensor, frozen ones with ndim >= 2 as name+".q8" (int8) and name+".scale" (fp32);
-    fraction < 1: of the units that differ from pretrained, the client's block, the head and a seeded random
-    ceil(fraction * n) of the n others; the client takes everything else from its pretrained copy.
-    The client's own block and the head are always exact: it trains them and uploads them back.
+    full   every tensor, every turn (the naive baseline);
+    delta  the units whose version differs from what the client holds, exact;
+    int8   the same units as delta, but every matrix (ndim >= 2) of a unit the client will not train goes as
+           name+".q8" (int8) and name+".scale" (fp32 per row); the client's own block and the head are sent
+           exact when it lacks them exactly (also when it holds them only as int8). A unit the client holds
+           at its current version is never sent again, so frozen units (the embeddings, when not trained)
+           never travel and a tied LM head stays exact;
+    fraction < 1 (full or int8): of the units that differ from pretrained, the client's block, the head and a
+           seeded random ceil(fraction * n) of the n others; the client takes everything else from its
+           pretrained copy.
+    The server records what the client holds afterwards (version per unit, and which units only as int8).
     """
     version, seen = server["version"], server["seen"].get(client, {})
+    lossy = set(server["lossy"].get(client, ()))
     own = {block, "head"}
     if fraction < 1:  # the official random dropping, against the pretrained copy every client has
         changed = [u for u in units if version[u] > 0 and u not in own]
@@ -311,22 +350,50 @@ def server_download(server, units, client, block, mode, fraction=1.0, seed=0):
         keep = math.ceil(len(changed) * fraction)
         kept = [changed[i] for i in sorted(torch.randperm(len(changed), generator=g)[:keep].tolist())]
         send = [u for u in units if (u in own and version[u] > 0) or u in kept]
-    elif mode == "delta":
-        send = [u for u in units if version[u] != seen.get(u, 0)]
-    else:
+    elif mode == "full":
         send = list(units)
-    message = {}
+    else:  # delta, int8: only what the client lacks
+        send = [u for u in units if version[u] != seen.get(u, 0) or (u in own and u in lossy)]
+    message, quantised = {}, set()
     for u in send:
         for n in units[u]:
             w = server["weights"][n]
             if mode == "int8" and u not in own and w.ndim >= 2:  # 1-D tensors (norms, biases) are tiny: exact
                 message[n + ".q8"], message[n + ".scale"] = quantize_int8(w)
+                quantised.add(u)
             else:
                 message[n] = w
-    # what the client holds afterwards: what was sent; under delta the rest was already current; under
-    # fraction < 1 the rest is pretrained (version 0)
-    server["seen"][client] = {u: version[u] if u in send or mode == "delta" else 0 for u in units}
+    # what the client holds afterwards: what was sent; the rest it already held at the current version, except
+    # under fraction < 1, where the rest is pretrained (version 0, exact)
+    server["seen"][client] = {u: version[u] if u in send or fraction >= 1 else 0 for u in units}
+    server["lossy"][client] = sorted(quantised | {u for u in lossy if u not in send and fraction >= 1})
     return message
+
+
+def sent_units(message, units):
+    """The units a download carries, in cycle order; ':int8' marks those sent quantised (for the ledger)."""
+    return [u + (":int8" if any(n + ".q8" in message for n in names) else "") for u, names in units.items()
+            if any(n in message or n + ".q8" in message for n in names)]
+
+
+def held_weights(server, units, client, base=None):
+    """What client `client` holds of every tensor, after `server_download` recorded its download: the simulation
+    rebuilds it from the server's record instead of keeping a model per client. Pretrained (`base`) for units
+    it holds at version 0, a dequantised int8 copy of the current weights for units it holds only as int8,
+    the current weights otherwise. The download's tensors then overwrite these (`sync_model(model, message,
+    base=held_weights(...))`)."""
+    seen, lossy = server["seen"].get(client, {}), set(server["lossy"].get(client, ()))
+    held = {}
+    for u, names in units.items():
+        for n in names:
+            w = server["weights"][n]
+            if seen.get(u, 0) == 0 and base is not None:
+                held[n] = base[n]
+            elif u in lossy and w.ndim >= 2:
+                held[n] = dequantize_int8(*quantize_int8(w), w.shape, w.dtype)
+            else:
+                held[n] = w
+    return held
 
 
 def sync_model(model, message, base=None):
@@ -360,10 +427,11 @@ def server_aggregate(server, client, upload, units):
 # ----------------------------------------------------------------------------------------------------
 # client side: one turn = AdamW on one block (plus head) for local_steps steps, then upload that block
 # ----------------------------------------------------------------------------------------------------
-def client_update(model, train_names, batches, lr, weight_decay, grad_accum, seed):
+def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, seed):
     """One client turn. Only `train_names` (the client's block and the head) require grad.
 
     batches: list of local_steps * grad_accum micro-batches (dicts of tensors on the model's device).
+    lrs: the learning rate of each optimizer step (len(batches) // grad_accum of them; see `learning_rate`).
     Optimizer state lifetime: the AdamW moments (and the fp32 masters) are created here and freed when
     the turn ends; nothing of them crosses the wire or survives to the client's next turn, when it will
     usually train another block. With bf16/fp16 weights AdamW runs on fp32 master copies of the block,
@@ -378,7 +446,7 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
     low_precision = any(p.dtype != torch.float32 for _, p in trained)
     # masters [same shapes, fp32]: the tensors AdamW updates; with fp32 weights they are the weights themselves
     masters = [(n, p.detach().float().clone()) if low_precision else (n, p) for n, p in trained]
-    opt = torch.optim.AdamW(tasks.param_groups(masters, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(tasks.param_groups(masters, weight_decay), lr=lrs[0], betas=(0.9, 0.999), eps=1e-8)
     model.train()
     losses, peak_activations = [], 0
     for step in range(len(batches) // grad_accum):
@@ -392,6 +460,8 @@ def client_update(model, train_names, batches, lr, weight_decay, grad_accum, see
             for (_, m), (_, p) in zip(masters, trained):
                 m.grad, p.grad = p.grad.float(), None
         grad_bytes = tasks.tensor_bytes(m.grad for _, m in masters)
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]
         opt.step()
         opt.zero_grad(set_to_none=True)
         if low_precision:
@@ -432,7 +502,8 @@ def save_checkpoint(out, server, round_):
     tmp.mkdir()
     save_file({n: t.contiguous() for n, t in server["weights"].items()}, tmp / "weights.safetensors")
     (tmp / "state.json").write_text(json.dumps({"round": round_, "version": server["version"],
-                                                "seen": {str(c): s for c, s in server["seen"].items()}}))
+                                                "seen": {str(c): s for c, s in server["seen"].items()},
+                                                "lossy": {str(c): s for c, s in server["lossy"].items()}}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     tasks.write_atomic(out / "latest", final.name)
@@ -450,6 +521,7 @@ def load_checkpoint(out, server):
         weights = load_file(ckpt / "weights.safetensors")
         state = json.loads((ckpt / "state.json").read_text())
         version, seen, round_ = state["version"], {int(c): s for c, s in state["seen"].items()}, int(state["round"])
+        lossy = {int(c): s for c, s in state["lossy"].items()}
         bad = [n for n, t in server["weights"].items() if n not in weights or weights[n].shape != t.shape]
     except Exception as e:  # noqa: BLE001  safetensors, json and the file system raise many types
         raise InputError(f"--resume: {ckpt} cannot be read ({type(e).__name__}): it is truncated or not a "
@@ -459,7 +531,7 @@ def load_checkpoint(out, server):
     with torch.no_grad():
         for n, t in server["weights"].items():
             t.copy_(weights[n])
-    server["version"], server["seen"] = version, seen
+    server["version"], server["seen"], server["lossy"] = version, seen, lossy
     return round_
 
 
@@ -584,6 +656,8 @@ def main(argv=None):
         except (OSError, ValueError):
             raise InputError(f"--resume: {out / 'config.json'} is missing or not JSON: not a fedcybgd run") from None
         diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(cfg, k, None)]
+        if cfg.lr_scheduler == "cosine" and old.get("rounds") != cfg.rounds:
+            diff.append("rounds (the cosine schedule spans the whole run)")
         if diff:
             raise InputError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -651,6 +725,12 @@ def main(argv=None):
         save_checkpoint(out, server, 0)
     saved = start  # the round of the last checkpoint written (rank 0), for the fault message
 
+    # optimizer steps of each client's turn (the same every round), and of the whole run, for the schedule
+    per_step = cfg.batch_size * cfg.grad_accum
+    turn_steps = [cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(examples) / per_step))
+                  for examples in clients]
+    steps_per_round = sum(turn_steps)
+    total_steps = cfg.rounds * steps_per_round
     progress = tasks.Progress(cfg.rounds * num_clients, start * num_clients)
     r = start
     try:
@@ -659,7 +739,7 @@ def main(argv=None):
             turns = []
             for c in range(num_clients):
                 turn = (r - 1) * num_clients + c
-                block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, turn)
+                block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, r, c, num_clients)
                 seed = derive_seed(cfg.seed, r, c)
                 owner = c % world  # the rank that holds client c (always 0 in one process)
                 # download: server -> client c, then the client brings its model up to date. Every rank runs
@@ -668,11 +748,13 @@ def main(argv=None):
                 down = server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed)
                 wire_down = tasks.pack(down) if rank in (0, owner) else b""
                 wire_up, stats = b"", None
+                first = (r - 1) * steps_per_round + sum(turn_steps[:c])  # the schedule's steps before this turn
+                lrs = [learning_rate(cfg, first + k, total_steps) for k in range(turn_steps[c])]
                 if rank == owner:
-                    sync_model(model, tasks.unpack(wire_down), base=pretrained)
+                    sync_model(model, tasks.unpack(wire_down), base=held_weights(server, units, c, pretrained))
                     # the turn: train the block (and head) on the client's data, upload them
                     batches = tasks.local_batches(cfg, clients[c], tokenizer, device, seed)
-                    upload, stats = client_update(model, units[block] + units["head"], batches, cfg.lr,
+                    upload, stats = client_update(model, units[block] + units["head"], batches, lrs,
                                                   cfg.weight_decay, cfg.grad_accum, seed)
                     wire_up = tasks.pack(upload)
                 if world > 1:  # the upload: client c's rank -> every other rank
@@ -682,6 +764,8 @@ def main(argv=None):
                 if rank != owner:
                     sync_model(model, upload)  # the other ranks' working copies follow the global model
                 row = {"round": r, "turn": turn, "turns_per_round": num_clients, "client": c, "block": block,
+                       "lr_first": lrs[0], "lr_last": lrs[-1],
+                       "download_units": sent_units(down, units),
                        "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
                        "peak_memory_bytes": stats["peak_memory_bytes"]}
                 turns.append(row)

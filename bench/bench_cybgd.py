@@ -49,7 +49,7 @@ def child(args):
         names = units[args.block] + units["head"]
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
-            _, stats = cy.client_update(model, names, [batch], 1e-5, 0.01, 1, seed=step)
+            _, stats = cy.client_update(model, names, [batch], [1e-5], 0.01, 1, seed=step)
             times.append(time.perf_counter() - t0)
             if step == 0:
                 peak_rss, tensor_bytes = status_kb("VmHWM"), stats["peak_memory_bytes"]

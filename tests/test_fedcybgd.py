@@ -80,15 +80,66 @@ def test_no_layer_stack_is_a_clear_error():
         cy.find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-@pytest.mark.parametrize("mode,n_clients", [("ascending", 3), ("ascending", 2), ("descending", 5), ("random", 3)])
+@pytest.mark.parametrize("mode,n_clients", [("ascending", 3), ("ascending", 2), ("descending", 5),
+                                            ("permutation", 3)])
 def test_every_sweep_visits_every_block(mode, n_clients):
     cycle = [f"layer.{i}" for i in range(4)]
-    turns = [cy.block_of_turn(cycle, mode, 7, t) for t in range(8)]
+    turns = [cy.block_of_turn(cycle, mode, 7, t // n_clients + 1, t % n_clients, n_clients) for t in range(8)]
     assert sorted(turns[:4]) == cycle and sorted(turns[4:]) == cycle  # blocks visited even with fewer clients
     if mode == "ascending":
         assert turns[:4] == cycle
     if mode == "descending":
         assert turns[:4] == cycle[::-1]
+
+
+def test_random_mode_is_the_official_independent_draw():
+    """random: each client draws its own blocks without replacement over its rounds (a permutation per client for
+    every L rounds), independently of the others, so two clients can train the same block in one round."""
+    cycle = [f"layer.{i}" for i in range(6)]
+    n, L = 4, len(cycle)
+    draws = {c: [cy.block_of_turn(cycle, "random", 11, r, c, n) for r in range(1, 2 * L + 1)] for c in range(n)}
+    for c in range(n):
+        assert sorted(draws[c][:L]) == cycle and sorted(draws[c][L:]) == cycle  # without replacement per L rounds
+        expected = [cycle[i] for w in range(2) for i in torch.randperm(
+            L, generator=torch.Generator().manual_seed(cy.derive_seed(11, "client-blocks", c, w))).tolist()]
+        assert draws[c] == expected  # the definition, spelled out
+    assert any(len({draws[c][r] for c in range(n)}) < n for r in range(2 * L))  # a shared block in some round
+    assert draws == {c: [cy.block_of_turn(cycle, "random", 11, r, c, n) for r in range(1, 2 * L + 1)]
+                     for c in range(n)}  # reproducible
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_is_the_formula(schedule):
+    class Args:
+        lr, warmup_steps, lr_scheduler = 1e-3, 4, schedule
+
+    total = 24
+    for step in range(total):
+        if step < 4:
+            expected = 1e-3 * (step + 1) / 4
+        elif schedule == "constant":
+            expected = 1e-3
+        else:
+            expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 4) / 20))
+        assert cy.learning_rate(Args, step, total) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+
+def test_cosine_schedule_is_carried_across_turns(tiny_run_files, tmp_path):
+    """The lr of a turn's first step continues from the previous turn: a run's turns, taken in order, step through
+    one cosine from --lr at the first step to ~0 at the last."""
+    out = tmp_path / "run"
+    cy.main(tiny_argv(tiny_run_files, out, "--rounds", "2", "--lr_scheduler", "cosine", "--max_new_tokens", "0"))
+    turns = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
+    total = 2 * 2 * 3  # rounds x clients x local steps
+
+    class Args:
+        lr, warmup_steps, lr_scheduler = 3e-3, 0, "cosine"
+
+    for k, t in enumerate(turns):  # turn k runs steps 3k .. 3k + 2 of the one schedule
+        assert (t["lr_first"], t["lr_last"]) == (cy.learning_rate(Args, 3 * k, total),
+                                                 cy.learning_rate(Args, 3 * k + 2, total))
+    lrs = [turns[0]["lr_first"], turns[-1]["lr_last"]]
+    assert lrs[0] == 3e-3 and lrs[-1] < 3e-3 * 0.02
 
 
 # ---------------------------------------------------------------------------------------------- a client turn
@@ -108,7 +159,7 @@ def test_client_turn_changes_only_its_block_and_head(tiny_tokenizer, dtype, bloc
     cycle, units = cy.find_blocks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = units[block] + units["head"]
-    upload, stats = cy.client_update(model, train, llama_batches(tiny_tokenizer, 4), 1e-2, 0.1, 2, seed=1)
+    upload, stats = cy.client_update(model, train, llama_batches(tiny_tokenizer, 4), [1e-2] * 2, 0.1, 2, seed=1)
     after = dict(model.named_parameters())
     for n in before:
         if n in train:
@@ -128,7 +179,7 @@ def test_upload_bytes_equal_the_block_size(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer), layers=3).requires_grad_(False)
     _, units = cy.find_blocks(model)
     train = units["layer.2"] + units["head"]
-    upload, _ = cy.client_update(model, train, llama_batches(tiny_tokenizer, 1), 1e-3, 0.0, 1, seed=0)
+    upload, _ = cy.client_update(model, train, llama_batches(tiny_tokenizer, 1), [1e-3], 0.0, 1, seed=0)
     wire = tasks.pack(upload)
     header = 8 + int.from_bytes(wire[:8], "little")  # safetensors: u64 header length, JSON header, raw data
     params = dict(model.named_parameters())
@@ -159,7 +210,7 @@ def run_turn(server, model, units, client, block, mode, tokenizer, fraction=1.0,
     message = tasks.unpack(tasks.pack(cy.server_download(server, units, client, block, mode, fraction, seed=client)))
     cy.sync_model(model, message, base=base)
     upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tokenizer, 1, client),
-                                 1e-2, 0.0, 1, seed=client)
+                                 [1e-2], 0.0, 1, seed=client)
     cy.server_aggregate(server, client, tasks.unpack(tasks.pack(upload)), units)
     return message
 
@@ -192,26 +243,55 @@ def test_int8_quantisation_error_bound():
     assert torch.equal(scale, w.abs().amax(1) / 127)
 
 
-def test_int8_download_keeps_own_block_exact(tiny_tokenizer):
+def test_int8_sends_only_what_the_client_lacks_and_its_own_block_exact(tiny_tokenizer):
+    """int8 = delta's units, matrices of blocks the client will not train quantised: a unit the client holds at its
+    current version is never re-sent, except its own block when it holds that only as int8."""
     model = make_tiny_llama(len(tiny_tokenizer), layers=3).requires_grad_(False)
     _, units = cy.find_blocks(model)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
     server = cy.init_server(model, units)
-    run_turn(server, model, units, 0, "layer.0", "full", tiny_tokenizer)
-    message = cy.server_download(server, units, 1, "layer.1", "int8")
-    wire = tasks.pack(message)
-    exact = units["layer.1"] + units["head"]
-    expected = sum(p.numel() * 4 if n in exact or p.ndim < 2 else p.numel() + 4 * p.shape[0]  # int8 + fp32 scales
-                   for n, p in model.named_parameters())
-    assert len(wire) - 8 - int.from_bytes(wire[:8], "little") == expected
-    cy.sync_model(model, tasks.unpack(tasks.pack(message)))
-    for n, p in model.named_parameters():
-        exact = server["weights"][n]
-        if n in units["layer.1"] + units["head"] or p.ndim < 2:
-            assert torch.equal(p, exact) and n in message
-        else:
-            scale = exact.abs().reshape(exact.shape[0], -1).amax(1) / 127
-            err = (p - exact).abs().reshape(exact.shape[0], -1)
-            assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5)) and n + ".q8" in message
+
+    def turn(client, block):
+        message = cy.server_download(server, units, client, block, "int8")
+        cy.sync_model(model, tasks.unpack(tasks.pack(message)), base=cy.held_weights(server, units, client, pretrained))
+        upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tiny_tokenizer, 1, client),
+                                     [1e-2], 0.0, 1, seed=client)
+        cy.server_aggregate(server, client, upload, units)
+        return cy.sent_units(message, units)
+
+    assert turn(0, "layer.0") == []  # nothing has changed yet: the pretrained model is held by everyone
+    assert turn(1, "layer.1") == ["layer.0:int8", "head"]  # what client 0 changed; the head is trained: exact
+    assert turn(0, "layer.1") == ["layer.1", "head"]  # its own layer.0 is current; layer.1 is its block now
+    # client 1 now trains layer.0, which it holds only as int8: resent exact although unchanged since;
+    # layer.1 (client 0 changed it) comes as int8; the frozen embeddings never travel
+    message = cy.server_download(server, units, 1, "layer.0", "int8")
+    assert cy.sent_units(message, units) == ["layer.0", "layer.1:int8", "head"]
+    cy.sync_model(model, tasks.unpack(tasks.pack(message)), base=cy.held_weights(server, units, 1, pretrained))
+    for u, names in units.items():
+        for n in names:
+            p, w = dict(model.named_parameters())[n], server["weights"][n]
+            if u == "layer.1" and w.ndim >= 2:  # held as int8: within half a step of the row's scale
+                scale = w.abs().reshape(w.shape[0], -1).amax(1) / 127
+                err = (p - w).abs().reshape(w.shape[0], -1)
+                assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5)) and not torch.equal(p, w)
+            else:
+                assert torch.equal(p, w), n  # own block, head, norms, untouched layer.2, embeddings: exact
+
+
+def test_int8_run_never_sends_a_frozen_tensor(tiny_run_files, tmp_path):
+    """From the ledger of a whole run: the frozen embeddings (here also the tied LM head) never travel, a client's
+    own block never comes quantised, and a round's int8 downloads are smaller than delta's."""
+    bytes_ = {}
+    for mode in ("delta", "int8"):
+        out = tmp_path / mode
+        cy.main(tiny_argv(tiny_run_files, out, "--rounds", "2", "--download", mode, "--max_new_tokens", "0"))
+        turns = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
+        assert all(not u.startswith("embeddings") for t in turns for u in t["download_units"])
+        assert all(t["block"] + ":int8" not in t["download_units"] for t in turns)
+        bytes_[mode] = sum(t["download_bytes"] for t in turns if t["round"] == 2)
+        if mode == "int8":
+            assert any(u.endswith(":int8") for t in turns for u in t["download_units"])
+    assert bytes_["int8"] < bytes_["delta"]
 
 
 def test_download_fraction_drops_blocks_to_pretrained(tiny_tokenizer):
