@@ -91,7 +91,7 @@ def parse_args(argv=None):
     a("--eval_every", type=int, default=1, help="evaluate every this many rounds (and at round 0 and the end)")
     a("--eval_samples", type=int, default=None, help="held-out examples evaluated; 0 = all (default: 50 sft, "
       "all glue)")
-    a("--max_new_tokens", type=int, default=64, help="sft: tokens generated for Rouge-L; 0 = no Rouge-L")
+    a("--max_new_tokens", type=int, default=128, help="sft: tokens generated for Rouge-L (greedy); 0 = no Rouge-L")
     a("--seed", type=int, default=42, help="all randomness derives from (seed, round, client)")
     a("--output_dir", default="out/fedavg", help="config.json, metrics.jsonl, ledger.jsonl, checkpoint, loss.png, "
       "model/")
@@ -371,7 +371,9 @@ def train(args):
             if rnd % args.eval_every == 0 or rnd == args.rounds:
                 row.update(tasks.evaluate(args, model, tokenizer, test, device))
             row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
-                       download_bytes=float(np.mean([t["down"] for t in turns])), seconds=round(time.time() - t0, 2),
+                       download_bytes=float(np.mean([t["down"] for t in turns])),
+                       upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
+                       seconds=round(time.time() - t0, 2),
                        peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
             with open(ledger_path, "a") as f:
                 f.writelines(json.dumps(t) + "\n" for t in turns)

@@ -138,7 +138,8 @@ def get_config(argv=None):
                    "(also before training, as round 0, and after the last round)")
     p.add_argument("--eval_samples", type=int, default=None, help="held-out examples evaluated; 0 = all "
                    "(default: 50 sft, all glue, 200 squad)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="sft: tokens generated for Rouge-L")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="sft: tokens generated for Rouge-L (greedy, as "
+                   "in fedkseed.py and fedavg.py); 0 = no Rouge-L")
     p.add_argument("--seed", type=int, default=42, help="all randomness derives from (seed, round, client)")
     p.add_argument("--output_dir", default="out/fedcybgd", help="config.json, metrics.jsonl, ledger.jsonl, "
                    "checkpoints, loss.png")
@@ -716,8 +717,8 @@ def main(argv=None):
 
     if start == 0 and rank == 0:
         t0 = time.time()
-        row = {"round": 0, "train_loss": None, **tasks.evaluate(cfg, model, tokenizer, test, device), "upload_bytes": 0,
-               "download_bytes": 0, "seconds": 0.0, "peak_memory_bytes": 0}
+        row = {"round": 0, "train_loss": None, **tasks.evaluate(cfg, model, tokenizer, test, device),
+               "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
         row["seconds"] = round(time.time() - t0, 2)
         log_round(row)
         print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
@@ -779,8 +780,10 @@ def main(argv=None):
             row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
             if r % cfg.eval_every == 0 or r == cfg.rounds:
                 row.update(tasks.evaluate(cfg, model, tokenizer, test, device))
-            row.update(upload_bytes=sum(t["upload_bytes"] for t in turns),
-                       download_bytes=sum(t["download_bytes"] for t in turns),
+            row.update(upload_bytes=sum(t["upload_bytes"] for t in turns) / len(turns),  # mean per client turn
+                       download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
+                       upload_bytes_total=sum(t["upload_bytes"] for t in turns),
+                       download_bytes_total=sum(t["download_bytes"] for t in turns),
                        seconds=round(time.time() - t0, 2),
                        peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
             with open(out / "ledger.jsonl", "a") as f:

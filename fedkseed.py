@@ -643,30 +643,9 @@ def sample_clients(master_seed, rnd, num_clients, n_sampled):
 
 
 # ----------------------------------------------------------------------------------------------------
-# evaluation: held-out loss (mean over examples of the mean target-token loss) and Rouge-L
+# evaluation: tasks.heldout_loss (token-weighted mean target-token loss) and tasks.heldout_rouge_l (greedy
+# generations), the same definitions in every script
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_loss(model, tokenized, pad_id, batch_size=4):
-    import tasks
-
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(tokenized), batch_size):
-        batch = {k: v.to(device) for k, v in tasks.collate(tokenized[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]  # position t predicts token t+1: [B, T-1]
-        tok_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, T-1]
-        mask = (labels != -100).float()
-        total += (tok_loss.sum(1) / mask.sum(1).clamp(min=1)).sum().item()
-    return total / max(1, len(tokenized))
-
-
-def evaluate_rouge(model, tokenizer, examples, max_new_tokens):
-    import tasks
-
-    preds = tasks.generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens)
-    return tasks.rouge_l(preds, [e["target"] for e in examples])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -906,6 +885,7 @@ def train(args):
     eval_tok = tasks.tokenize_examples(tokenizer, eval_set, args.max_length)
     rouge_set = eval_set if args.rouge_samples is None else held_out(data.test, args.rouge_samples, args.seed)
     rouge_set = rouge_set if args.rouge_samples != 0 else []
+    rouge_tok = tasks.tokenize_examples(tokenizer, rouge_set, args.max_length, log=None)
     tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
 
     total = sum(p.numel() for p in params)
@@ -955,8 +935,9 @@ def train(args):
     def evaluate_global(with_rouge):  # the server's w(t), in the working model
         for p, w in zip(params, server_w):
             p.copy_(w)
-        loss = evaluate_loss(model, eval_tok, pad_id)
-        return loss, (evaluate_rouge(model, tokenizer, rouge_set, args.max_new_tokens) if with_rouge else None)
+        loss = tasks.heldout_loss(model, eval_tok, pad_id)
+        return loss, (tasks.heldout_rouge_l(model, tokenizer, rouge_tok, [e["target"] for e in rouge_set],
+                                            args.max_new_tokens) if with_rouge else None)
 
     bars = progress_bars()
     if bars:
@@ -1049,6 +1030,8 @@ def train(args):
             row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": eval_loss,
                    "rougeL": rouge, "upload_bytes": float(np.mean([len(u) for u in uploads])),
                    "download_bytes": float(np.mean([len(sent[c]) for c in sampled])),
+                   "upload_bytes_total": sum(len(u) for u in uploads),
+                   "download_bytes_total": sum(len(sent[c]) for c in sampled),
                    "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
                    "sync_seconds": float(np.mean([s for _, _, s in gathered])),
                    "replay_max_abs_diff": max(diffs) if world == 1 else None}

@@ -24,6 +24,8 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
         -> {"input_ids", "attention_mask", "labels"}: LongTensor [B, T], right padding, labels -100 there
     texts = tasks.generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8)   # greedy, new text only
     score = tasks.rouge_l(predictions, references)   # mean per-sample Rouge-L F in [0, 1], 0 for empty
+    loss = tasks.heldout_loss(model, tokenized, pad_token_id)    # token-weighted mean target-token loss
+    score = tasks.heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens)   # what all scripts report
 
 Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
              tasks.partition_summary(parts, labels) -> str
@@ -46,7 +48,8 @@ from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
 from .outputs import Progress, export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
-from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_example, tokenize_examples
+from .lm import (IGNORE_INDEX, collate, generate, heldout_loss, heldout_rouge_l, rouge_l, tokenize_example,
+                 tokenize_examples)
 from .partitions import partition, partition_summary
 from .sources import DataError
 from .training import (SavedActivations, evaluate, load_task_data, local_batches, param_groups, subsample,

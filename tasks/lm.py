@@ -97,3 +97,28 @@ def rouge_l(predictions, references):
         for pred, ref in zip(predictions, references)
     ]
     return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenized, pad_token_id, batch_size=4):
+    """The held-out loss every script reports: the token-weighted mean cross-entropy of the targets (response +
+    EOS) over the whole set, i.e. the sum of all target tokens' losses / the number of target tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for k in range(0, len(tokenized), batch_size):
+        b = {key: v.to(device) for key, v in collate(tokenized[k:k + batch_size], pad_token_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
+        targets = b["labels"][:, 1:]  # token t predicts token t+1
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += (targets != IGNORE_INDEX).sum().item()
+    return total / max(count, 1)
+
+
+def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens):
+    """The Rouge-L every script reports: greedy generation of up to max_new_tokens from each prompt as it was
+    tokenized for the loss (a long context cut from the left to max_length), scored by `rouge_l`."""
+    prompts = [tokenizer.decode([i for i, l in zip(t["input_ids"], t["labels"]) if l == IGNORE_INDEX],
+                                skip_special_tokens=True) for t in tokenized]
+    return rouge_l(generate(model, tokenizer, prompts, max_new_tokens), targets)
+

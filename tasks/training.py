@@ -12,11 +12,10 @@ round, evaluation of a global model, weight-decay groups, and the memory a train
 import math
 
 import torch
-import torch.nn.functional as F
 
 from . import glue, squad
 from .instruction import load_instruction_data
-from .lm import IGNORE_INDEX, collate, generate, rouge_l, tokenize_examples
+from .lm import collate, heldout_loss, heldout_rouge_l, tokenize_examples
 from .partitions import partition, partition_summary
 
 
@@ -88,22 +87,12 @@ def local_batches(args, examples, tokenizer, device, seed):
 @torch.no_grad()
 def evaluate(args, model, tokenizer, test, device):
     model.eval()
-    if args.task == "sft":
-        total, count = 0.0, 0
-        for k in range(0, len(test), 4):
-            b = make_batch("sft", [e["tokens"] for e in test[k:k + 4]], tokenizer, device)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
-            targets = b["labels"][:, 1:]  # token t predicts token t+1
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += (targets != IGNORE_INDEX).sum().item()
-        out = {"eval_loss": total / max(count, 1)}
+    if args.task == "sft":  # the same definitions as fedkseed.py: token-weighted loss, Rouge-L of greedy generations
+        tokenized = [e["tokens"] for e in test]
+        out = {"eval_loss": heldout_loss(model, tokenized, tokenizer.pad_token_id)}
         if args.max_new_tokens > 0:
-            # prompt as it was tokenized for the loss (long contexts cut from the left to --max_length)
-            prompts = [tokenizer.decode([i for i, l in zip(e["tokens"]["input_ids"], e["tokens"]["labels"])
-                                         if l == IGNORE_INDEX], skip_special_tokens=True) for e in test]
-            preds = generate(model, tokenizer, prompts, args.max_new_tokens)
-            out["rougeL"] = rouge_l(preds, [e["target"] for e in test])
+            out["rougeL"] = heldout_rouge_l(model, tokenizer, tokenized, [e["target"] for e in test],
+                                            args.max_new_tokens)
         return out
     if args.task == "glue":
         total, preds = 0.0, []
