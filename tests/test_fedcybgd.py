@@ -200,6 +200,32 @@ def test_weight_decay_groups_by_parameter_shape():
     assert len(decay["params"]) + len(no_decay["params"]) == len(named)
 
 
+def test_logit_adjusted_loss_is_cross_entropy_of_logits_plus_the_clients_log_prior(tiny_tokenizer):
+    """--logit_adjust: the turn's loss is CE(logits + log p_client, labels), p_client the client's add-one smoothed
+    label frequencies; checked against a hand computation at lr 0 (the weights do not move)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval().requires_grad_(False)
+    _, units = cy.find_blocks(model)
+    examples = [dict(tiny_tokenizer(f"ab {i}"), labels=int(i == 0)) for i in range(9)]  # 8 x label 0, 1 x label 1
+    prior = cy.label_log_prior(examples, 2)
+    assert torch.allclose(prior, torch.tensor([9 / 11, 2 / 11]).log())  # (8 + 1, 1 + 1) / (9 + 2)
+    batch = tasks.training.make_batch("glue", examples, tiny_tokenizer, "cpu")
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    by_hand = torch.nn.functional.cross_entropy(logits + prior, batch["labels"]).item()
+    plain = torch.nn.functional.cross_entropy(logits, batch["labels"]).item()
+    _, stats = cy.client_update(model, units["layer.0"] + units["head"], [batch], [0.0], 0.0, 1, 0, units["head"], 1.0,
+                                prior)
+    assert stats["loss"] == pytest.approx(by_hand, rel=1e-6) and abs(by_hand - plain) > 1e-3
+    _, stats = cy.client_update(model, units["layer.0"] + units["head"], [batch], [0.0], 0.0, 1, 0)
+    assert stats["loss"] == pytest.approx(plain, rel=1e-6)
+
+
 # -------------------------------------------------------------------------------------- the download messages
 def message_units(message, units):
     return sorted({u for u, names in units.items() for n in names
