@@ -284,36 +284,70 @@ FF_AVX512 static inline void philox16_avx512(const KeySchedule& ks, uint64_t bas
   x[2] = pack_lo32_avx512(a2, b2); x[3] = pack_lo32_avx512(a3, b3);
 }
 
+// z of 16 counters from ctr: z[l] lane j = z of element 4 (ctr + j) + l (the generator's counter-major order)
+FF_AVX512 static inline void gaussian16_avx512(const KeySchedule& ks, uint64_t ctr, __m512 z[4]) {
+  __m512i x[4];
+  philox16_avx512(ks, ctr, x);
+  for (int h = 0; h < 2; ++h) {
+    __m512 r = _mm512_sqrt_ps(mtlu_avx512(x[2 * h]));
+    __m512 cs, sn;
+    sincos_avx512(x[2 * h + 1], &cs, &sn);
+    z[2 * h] = _mm512_mul_ps(r, cs);
+    z[2 * h + 1] = _mm512_mul_ps(r, sn);
+  }
+}
+
+// counter-major z[l][j] -> element order o[4 j + l], 64 floats: within 128-bit lanes first, then the 4x4 of
+// 128-bit lanes. Moves values only, so it changes no bits.
+FF_AVX512 static inline void to_element_order_avx512(const __m512 z[4], float* o) {
+  __m512 t0 = _mm512_unpacklo_ps(z[0], z[1]), t1 = _mm512_unpackhi_ps(z[0], z[1]);
+  __m512 t2 = _mm512_unpacklo_ps(z[2], z[3]), t3 = _mm512_unpackhi_ps(z[2], z[3]);
+  __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));  // counters 4k
+  __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));  // 4k + 1
+  __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 4k + 2
+  __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 4k + 3
+  __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u2, u3, 0x44);
+  __m512 v2 = _mm512_shuffle_f32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
+  _mm512_store_ps(o + 0, _mm512_shuffle_f32x4(v0, v1, 0x88));
+  _mm512_store_ps(o + 16, _mm512_shuffle_f32x4(v0, v1, 0xDD));
+  _mm512_store_ps(o + 32, _mm512_shuffle_f32x4(v2, v3, 0x88));
+  _mm512_store_ps(o + 48, _mm512_shuffle_f32x4(v2, v3, 0xDD));
+}
+
 FF_AVX512 static void gaussian_block_avx512(uint64_t seed, uint64_t ctr0, float* out, const char* pf) {
   const KeySchedule ks(seed);
   for (int64_t c = 0; c < kBlockCounters; c += 16) {
     if (pf) {   // 16 counters = 64 floats = 4 cache lines
       for (int l = 0; l < 4; ++l) _mm_prefetch(pf + 16 * c + 64 * l, _MM_HINT_T0);
     }
-    __m512i x[4];
-    philox16_avx512(ks, ctr0 + c, x);
     __m512 z[4];
-    for (int h = 0; h < 2; ++h) {
-      __m512 r = _mm512_sqrt_ps(mtlu_avx512(x[2 * h]));
-      __m512 cs, sn;
-      sincos_avx512(x[2 * h + 1], &cs, &sn);
-      z[2 * h] = _mm512_mul_ps(r, cs);
-      z[2 * h + 1] = _mm512_mul_ps(r, sn);
+    gaussian16_avx512(ks, ctr0 + c, z);
+    to_element_order_avx512(z, out + 4 * c);
+  }
+}
+
+// apply_seeds_'s Gaussian step for one seed: acc += s * z over a whole block, with acc kept in the generator's
+// counter-major order (acc[4 c + 16 l + j] belongs to element 4 (c + j) + l), so z never goes through a buffer
+// or a transpose. Each element gets acc + s * z, the same two roundings as acc_axpy, in the same seed order.
+FF_AVX512 static void gaussian_acc_block_avx512(uint64_t seed, uint64_t ctr0, float* acc, float s) {
+  const KeySchedule ks(seed);
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t c = 0; c < kBlockCounters; c += 16) {
+    __m512 z[4];
+    gaussian16_avx512(ks, ctr0 + c, z);
+    for (int l = 0; l < 4; ++l) {
+      float* a = acc + 4 * c + 16 * l;
+      _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_mul_ps(sv, z[l])));
     }
-    // transpose z[l][c] -> out[4c + l]: within 128-bit lanes first, then the 4x4 of 128-bit lanes
-    __m512 t0 = _mm512_unpacklo_ps(z[0], z[1]), t1 = _mm512_unpackhi_ps(z[0], z[1]);
-    __m512 t2 = _mm512_unpacklo_ps(z[2], z[3]), t3 = _mm512_unpackhi_ps(z[2], z[3]);
-    __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));  // counters 4k
-    __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));  // 4k + 1
-    __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 4k + 2
-    __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 4k + 3
-    __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u2, u3, 0x44);
-    __m512 v2 = _mm512_shuffle_f32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
-    float* o = out + 4 * c;
-    _mm512_store_ps(o + 0, _mm512_shuffle_f32x4(v0, v1, 0x88));
-    _mm512_store_ps(o + 16, _mm512_shuffle_f32x4(v0, v1, 0xDD));
-    _mm512_store_ps(o + 32, _mm512_shuffle_f32x4(v2, v3, 0x88));
-    _mm512_store_ps(o + 48, _mm512_shuffle_f32x4(v2, v3, 0xDD));
+  }
+}
+
+// a block accumulated by gaussian_acc_block_avx512 -> element order
+FF_AVX512 static void gaussian_acc_order_avx512(const float* acc, float* out) {
+  for (int64_t c = 0; c < kBlockCounters; c += 16) {
+    __m512 z[4];
+    for (int l = 0; l < 4; ++l) z[l] = _mm512_load_ps(acc + 4 * c + 16 * l);
+    to_element_order_avx512(z, out + 4 * c);
   }
 }
 
@@ -421,11 +455,14 @@ struct Kernels {
   void (*acc)(float*, const float*, float, int64_t);
   void (*add)(T*, const float*, int64_t);
   void (*rad_block)(T*, const uint32_t*, float);
+  // AVX-512 only (nullptr elsewhere): apply_seeds_'s Gaussian accumulation without a z buffer, and its reorder
+  void (*gauss_acc)(uint64_t, uint64_t, float*, float) = nullptr;
+  void (*gauss_acc_order)(const float*, float*) = nullptr;
   static Kernels pick() {
 #if FEDFULL_X86
     int l = g_level.load();
     if (l >= 2) return {gaussian_block_avx512, expand_avx512, axpy_round_avx512<T>, acc_avx512, add_round_avx512<T>,
-                       rad_block_avx512<T>};
+                       rad_block_avx512<T>, gaussian_acc_block_avx512, gaussian_acc_order_avx512};
     if (l == 1) return {gaussian_block_avx2, expand_avx2, axpy_round_avx2<T>, acc_avx2, add_round_avx2<T>, rad_block_avx2<T>};
 #endif
     return {gaussian_block_scalar, expand_scalar, axpy_round_scalar<T>, acc_scalar, add_round_scalar<T>,
@@ -466,6 +503,13 @@ void apply_seeds_cpu_typed(T* p, const std::vector<uint64_t>& seeds, const std::
     alignas(64) float acc[kBlock];
     alignas(64) uint32_t words[kBlock / 32];
     int64_t m = j1 - j0;
+    if (kind == kGaussian && k.gauss_acc) {   // AVX-512: accumulate in the generator's order, reorder once
+      std::memset(zbuf, 0, sizeof(zbuf));
+      for (size_t s = 0; s < seeds.size(); ++s) k.gauss_acc(seeds[s], (uint64_t)b0 / 4, zbuf, scales[s]);
+      k.gauss_acc_order(zbuf, acc);
+      k.add(p + j0, acc + zoff, m);
+      return;
+    }
     std::memset(acc, 0, sizeof(float) * m);
     for (size_t s = 0; s < seeds.size(); ++s) {   // sum in fp32, in seed order
       k.z(seeds[s], b0, kind, zbuf, words, s + 1 == seeds.size() ? p + j0 : nullptr);
