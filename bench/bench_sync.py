@@ -18,13 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fedkseed as fk  # noqa: E402
+from bench_zo_step import timed  # noqa: E402
 
 
 @torch.no_grad()
@@ -40,12 +40,6 @@ def official_style_sync(params, w0, seeds, coefs, kind):
             else:
                 z = torch.randint(0, 2, p.data.size(), dtype=p.data.dtype) * 2 - 1
             p.data = p.data + a * z
-
-
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main():

@@ -76,8 +76,9 @@ def minilm_folder():
 
 
 def hub_reachable(timeout=3.0):
+    """Can the Hugging Face hub be reached? (Offline, transformers would retry for a minute before failing.)"""
     import socket
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
