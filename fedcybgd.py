@@ -768,7 +768,8 @@ def main(argv=None):
                "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
         row["seconds"] = round(time.time() - t0, 2)
         log_round(row)
-        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                    if isinstance(v, float) and k != "seconds" and "bytes" not in k)
               + f" (evaluation {row['seconds']:.0f}s)")
         save_checkpoint(out, server, 0)
     saved = start  # the round of the last checkpoint written (rank 0), for the fault message
@@ -842,7 +843,7 @@ def main(argv=None):
             save_checkpoint(out, server, r)  # the round is complete: its last broadcast reached every rank
             saved = r
             progress.log("round {} ".format(r) + " ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds" and "bytes" not in k)
                 + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
         why = (f"a rank did not answer within {cfg.dist_timeout:g} s" if str(e) == "timeout"

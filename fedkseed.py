@@ -381,12 +381,6 @@ def load_data(args, tokenizer):
     return data, n_sampled
 
 
-def held_out(test, n, seed):
-    """A fixed subset of n held-out examples (all when n == 0), the same for every round and run."""
-    order = np.random.default_rng([seed, 3]).permutation(len(test))
-    return [test[i] for i in (order if n == 0 else order[:n])]
-
-
 # ----------------------------------------------------------------------------------------------------
 # messages: exactly the bytes that would cross the network; the ledger counts len(bytes)
 # ----------------------------------------------------------------------------------------------------
@@ -835,9 +829,9 @@ def train(args):
     data, n_sampled = load_data(args, tokenizer)
     N, K = len(data.clients), args.K
     seeds = candidate_seeds(args.seed, K)
-    eval_set = held_out(data.test, args.eval_samples, args.seed)
+    eval_set = tasks.subsample(data.test, args.eval_samples, args.seed)  # the same examples as the other scripts
     eval_tok = tasks.tokenize_examples(tokenizer, eval_set, args.max_length)
-    rouge_set = eval_set if args.rouge_samples is None else held_out(data.test, args.rouge_samples, args.seed)
+    rouge_set = eval_set if args.rouge_samples is None else tasks.subsample(data.test, args.rouge_samples, args.seed)
     rouge_set = rouge_set if args.rouge_samples != 0 else []
     rouge_tok = tasks.tokenize_examples(tokenizer, rouge_set, args.max_length, log=None)
     tokenized = {}  # client -> tokenized examples, built the first time the client is sampled

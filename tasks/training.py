@@ -51,6 +51,8 @@ def load_task_data(args, tokenizer, num_clients):
 
 
 def subsample(examples, n, seed):
+    """A fixed subset of n held-out examples (all when n == 0), in their original order: for a given seed the
+    same examples in every script, round and run, so evaluations are comparable."""
     if n == 0 or n >= len(examples):
         return list(examples)
     idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n]
