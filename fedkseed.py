@@ -38,8 +38,8 @@ disk when it syncs) and its record of A, K float32 = 16 KB. Its working weights 
 syncing is compute: a replay generates the noise of every seed with A_k != 0 for every weight -- up to K
 seeds once the rounds have touched them all -- so a sync costs about K/3 ZO steps' worth of perturbation
 passes (one pass per step generates one seed's noise three times). On a CPU and at the paper's settings a
-sync can cost more than the client's local steps; `bench/bench_sync.py` measures it and the README quotes
-the figures. (Applying only the rounds a client missed, one after another, would be cheaper but path
+sync can cost more than the client's local steps (the README's "Cost of a sync" has measured figures).
+(Applying only the rounds a client missed, one after another, would be cheaper but path
 dependent: two clients that missed different rounds would hold different bits.)
 
 In one process, every sampled client of a round holds the same w0 and decodes the same A, so the replay is
@@ -96,7 +96,7 @@ import torch.distributed as dist
 #               made of IEEE + - * / and sqrt only, so every device rounds them identically;
 #   rademacher: one bit per element: counter i // 128, word (i // 32) % 4, bit i % 32 -> -1 if set else +1.
 # The functions below are the readable definition. csrc/ (C++ with AVX-512/AVX2/scalar paths, and CUDA)
-# computes the same float32 bits fast; tests/test_kernels.py checks they agree bit for bit.
+# computes the same float32 bits fast, checked bit for bit against these functions.
 GAUSSIAN, RADEMACHER = 0, 1
 _M32 = 0xFFFFFFFF
 
