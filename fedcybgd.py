@@ -37,11 +37,12 @@ that is the global model itself. The evaluation always uses the server's exact w
 
 Label skew. Clients take turns, so under a label-skewed split each turn pulls the shared task head towards
 its own labels, and a run can end predicting the last client's label (measured on MRPC, Dirichlet-0.5 over
-6 clients: 31.6% accuracy, the minority class, after each of 3 rounds; README). `--logit_adjust` (glue) adds
-the log of the client's own label frequencies to the logits of its training loss (logit adjustment), so a
-client does not teach the head its label prior, only what separates the labels; `--lr_scheduler cosine`
-with `--warmup_steps` is the official schedule, carried from turn to turn over the whole run, and
-`--head_lr_scale` slows the head alone.
+6 clients: 31.6% accuracy, the minority class, after each of 3 rounds; README). No remedy here fixes that
+yet. `--logit_adjust` (glue) adds the log of the client's own label frequencies to the logits of its training
+loss (logit adjustment), and `--head_lr_scale` slows the head alone; both are candidates under measurement:
+on that split neither kept the run off the minority class (a client with one label keeps widening its margin
+after the prior shift). `--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from
+turn to turn over the whole run.
 
 Across processes (`torchrun --nproc_per_node N fedcybgd.py ...`, also across machines): client c lives on
 rank c % N, and every rank keeps its own model plus a replica of the server state. On client c's turn only
@@ -138,7 +139,7 @@ def get_config(argv=None):
                    help="the task head (trained on every turn) learns at this times --lr")
     p.add_argument("--logit_adjust", action="store_true",
                    help="glue classification: each client adds the log of its own label frequencies to the logits "
-                        "of its training loss, so label-skewed clients do not drag the shared head to their label")
+                        "of its training loss (logit adjustment; measured not to prevent the label-skew collapse yet)")
     p.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps at the start of the run")
     p.add_argument("--weight_decay", type=float, default=0.01,
                    help="AdamW weight decay, applied to parameters with ndim >= 2 only")
