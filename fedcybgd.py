@@ -802,7 +802,11 @@ def main(argv=None):
                 first = (r - 1) * steps_per_round + sum(turn_steps[:c])  # the schedule's steps before this turn
                 lrs = [learning_rate(cfg, first + k, total_steps) for k in range(turn_steps[c])]
                 if rank == owner:
-                    sync_model(model, tasks.unpack(wire_down), base=held_weights(server, units, c, pretrained))
+                    # lossless modes: the working model already holds the global weights (every turn's upload is
+                    # applied on every rank), so only the lossy modes rebuild the client's own copy first
+                    lossy = cfg.download == "int8" or pretrained is not None
+                    sync_model(model, tasks.unpack(wire_down),
+                               base=held_weights(server, units, c, pretrained) if lossy else None)
                     # the turn: train the block (and head) on the client's data, upload them
                     batches = tasks.local_batches(cfg, clients[c], tokenizer, device, seed)
                     upload, stats = client_update(model, units[block] + units["head"], batches, lrs, cfg.weight_decay,
