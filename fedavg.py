@@ -25,21 +25,22 @@ the gradients and optimizer state of what it trains, and the activations autogra
 In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of the
 global trainable weights. torchrun is not supported: under it the script stops with one line.
 
-The script reads top to bottom: config, model, wire, client (`client_update`), server (`server_aggregate`,
-`sync_model`), outputs, the round loop (`train`), `main`.
+The script reads top to bottom: config, model, client (`client_update`), server (`server_aggregate`,
+`sync_model`), checkpoints, `setup`, `log_round`, the round loop (`train`), `main`. Progress bars, the run's
+files and the one-line errors are tasks/run.py's.
 """
 import argparse
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import tasks
+from tasks import ConfigError, sample_clients, sampled_per_round
 
 # ----------------------------------------------------------------------------------------------------
 # config: per-task defaults run out of the box on a CPU; None = the task's default
@@ -54,10 +55,6 @@ DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS}
 TRAJECTORY = ("task", "dataset", "data_path", "model", "method", "num_clients", "m", "local_steps", "optimizer", "lr",
               "weight_decay", "batch_size", "max_length", "iid", "lora_r", "lora_alpha", "lora_targets", "seed",
               "dtype")
-
-
-class ConfigError(Exception):
-    """A user-caused problem with a flag, the model or a checkpoint: printed as one line, exit code 2."""
 
 
 def parse_args(argv=None):
@@ -100,11 +97,9 @@ def parse_args(argv=None):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weight dtype")
     args = p.parse_args(argv)
-    for k, v in TASK_DEFAULTS[args.task].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.lr is None:
-        args.lr = LORA_LR[args.task] if args.method == "lora" else TASK_DEFAULTS[args.task]["lr"]
+    if args.lr is None and args.method == "lora":  # before the task defaults, which hold full fine-tuning's lr
+        args.lr = LORA_LR[args.task]
+    tasks.fill_task_defaults(args, TASK_DEFAULTS, DATASETS)
     args.grad_accum, args.local_epochs = 1, None  # what tasks.local_batches reads: plain steps here
     check_config(args)
     return args
@@ -112,35 +107,12 @@ def parse_args(argv=None):
 
 def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
-    if args.dataset not in DATASETS[args.task]:
-        raise ConfigError(f"--dataset {args.dataset} is not a {args.task} dataset: choose one of "
-                          f"{', '.join(DATASETS[args.task])}")
-    for name in ("rounds", "num_clients", "local_steps", "batch_size", "max_length", "eval_every", "lora_r"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} {getattr(args, name)}: must be at least 1")
-    for name in ("eval_samples", "max_new_tokens"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} {getattr(args, name)}: must be >= 0")
-    for name in ("lr", "lora_alpha"):  # nan fails every comparison, inf passes "> 0": test finiteness too
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number > 0")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ConfigError(f"--weight_decay {args.weight_decay}: must be a finite number >= 0 (0 = none)")
-    if not 0.0 < args.m <= 1.0:
-        raise ConfigError(f"-m {args.m}: the client sampling ratio must be in (0, 1]")
-    if sampled_per_round(args.num_clients, args.m) < 1:
-        raise ConfigError(f"-m {args.m} x --num_clients {args.num_clients} samples no client per round: "
-                          f"use -m >= {1 / args.num_clients:g}")
-    if args.data_path and not Path(args.data_path).exists():
-        raise ConfigError(f"--data_path {args.data_path} not found")
-
-
-def sampled_per_round(num_clients, m):
-    return int(num_clients * m + 1e-9)  # int(N*m), without 200*0.29 -> 57.99 -> 57
-
-
-def sample_clients(seed, rnd, num_clients, n_sampled):
-    return sorted(np.random.default_rng([seed, 1, rnd]).choice(num_clients, n_sampled, replace=False).tolist())
+    tasks.check_at_least(args, ("rounds", "num_clients", "local_steps", "batch_size", "max_length", "eval_every",
+                                "lora_r"), 1)
+    tasks.check_at_least(args, ("eval_samples", "max_new_tokens"), 0)
+    tasks.check_finite(args, ("lr", "lora_alpha"), 0)
+    tasks.check_finite(args, ("weight_decay",), 0, strict=False, note=" (0 = none)")
+    tasks.check_sampling(args.m, args.num_clients, args.data_path)
 
 
 def derive_seed(*parts):
@@ -239,10 +211,8 @@ def sync_model(model, message):
 def save_checkpoint(path, global_w, round_, config):
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: t.contiguous() for n, t in global_w.items()}, str(tmp),
-              metadata={"round": str(round_), "config": json.dumps(config)})
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    tasks.save_atomic(path, lambda tmp: save_file({n: t.contiguous() for n, t in global_w.items()}, str(tmp),
+                                                  metadata={"round": str(round_), "config": json.dumps(config)}))
 
 
 def load_checkpoint(path, global_w, config):
@@ -271,136 +241,111 @@ def load_checkpoint(path, global_w, config):
     return round_
 
 
-def plot_losses(rows, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, style in (("train_loss", "train loss (sampled clients)", "o-"),
-                              ("eval_loss", "held-out loss (global model)", "s-")):
-        points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=11)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------------------------------------------
 # the round loop
 # ----------------------------------------------------------------------------------------------------
-def train(args):
+def setup(args):
+    """Everything the rounds need, in one namespace: model and the names it trains, the server's global weights,
+    data, the run's files and the progress display."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("fedavg.py runs in one process; torchrun is not supported (run it without torchrun)")
-    out = Path(args.output_dir)
-    config = dict(vars(args))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ckpt_path = out / "checkpoint.safetensors"
-    if ckpt_path.exists() and not args.resume:
-        raise ConfigError(f"{out} already holds a run: pass --resume to continue it or pick another --output_dir")
-    model, tokenizer, names = build_model(args, device)
-    params = dict(model.named_parameters())
-    global_w = {n: params[n].detach().clone() for n in names}  # the server's copy of what is averaged
-    start = load_checkpoint(ckpt_path, global_w, config) if args.resume else 0
-
+    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)))
+    run.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    run.ckpt_path = run.out / "checkpoint.safetensors"
+    if run.ckpt_path.exists() and not args.resume:
+        raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it or pick another --output_dir")
+    run.model, run.tokenizer, run.names = build_model(args, run.device)
+    params = dict(run.model.named_parameters())
+    run.global_w = {n: params[n].detach().clone() for n in run.names}  # the server's copy of what is averaged
+    run.start = load_checkpoint(run.ckpt_path, run.global_w, run.config) if args.resume else 0
     N = args.num_clients
-    n_sampled = sampled_per_round(N, args.m)
-    clients, test = tasks.load_task_data(args, tokenizer, N)
-    method = "FedIT (LoRA)" if args.method == "lora" else ("centralized fine-tuning" if N == 1 else "FedAvg (full)")
-    trainable = sum(params[n].numel() for n in names)
-    print(f"{method}: {args.model}, {trainable / 1e6:.2f}M of {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
-          f"parameters trained and sent; {N} clients, {n_sampled} per round, {args.local_steps} {args.optimizer} "
+    run.n_sampled = sampled_per_round(N, args.m)
+    run.clients, run.test = tasks.load_task_data(args, run.tokenizer, N)
+    run.method = "FedIT (LoRA)" if args.method == "lora" else ("centralized fine-tuning" if N == 1 else "FedAvg (full)")
+    trainable = sum(params[n].numel() for n in run.names)
+    print(f"{run.method}: {args.model}, {trainable / 1e6:.2f}M of {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
+          f"parameters trained and sent; {N} clients, {run.n_sampled} per round, {args.local_steps} {args.optimizer} "
           f"steps each, lr {args.lr:g}", flush=True)
-
-    out.mkdir(parents=True, exist_ok=True)
-    tasks.write_atomic(out / "config.json", json.dumps({**config, "trainable_params": trainable}, indent=2))
-    metrics_path, ledger_path = out / "metrics.jsonl", out / "ledger.jsonl"
-    metrics = [m for m in tasks.read_jsonl(metrics_path) if m["round"] <= start] if args.resume else []
-    ledger = [e for e in tasks.read_jsonl(ledger_path) if e["round"] <= start] if args.resume else []
-    tasks.write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))  # drop rounds after the checkpoint
-    tasks.write_atomic(ledger_path, "".join(json.dumps(e) + "\n" for e in ledger))
-
-    def log_row(row):
-        metrics.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    if start == 0:
+    run.files = tasks.RunFiles(run.out)
+    run.files.start({**run.config, "trainable_params": trainable}, resumed_round=run.start if args.resume else None)
+    if run.start == 0:
         t0 = time.time()
-        log_row({"round": 0, "train_loss": None, **tasks.evaluate(args, model, tokenizer, test, device),
-                 "upload_bytes": None, "download_bytes": None, "seconds": round(time.time() - t0, 2),
-                 "peak_memory_bytes": None})
-        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in metrics[-1].items()
+        run.files.metric({"round": 0, "train_loss": None,
+                          **tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device),
+                          "upload_bytes": None, "download_bytes": None, "seconds": round(time.time() - t0, 2),
+                          "peak_memory_bytes": None})
+        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in run.files.metrics[-1].items()
                                     if isinstance(v, float) and k != "seconds"), flush=True)
     else:
-        sync_model(model, global_w)
-        print(f"resumed from {ckpt_path} after round {start}")
+        sync_model(run.model, run.global_w)
+        print(f"resumed from {run.ckpt_path} after round {run.start}")
+    run.progress = tasks.Progress(turns=(args.rounds * run.n_sampled, run.start * run.n_sampled))
+    return run
 
-    progress = tasks.Progress((args.rounds - start) * n_sampled, 0)
+
+def log_round(run, rnd, t0, turns):
+    """End of round: evaluate the global model (in `model`), write the round's ledger lines, checkpoint and metrics
+    row (a crash between them redoes the round), print its line."""
+    args = run.args
+    row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in turns]))}
+    if rnd % args.eval_every == 0 or rnd == args.rounds:
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device))
+    row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
+               download_bytes=float(np.mean([t["down"] for t in turns])),
+               upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
+               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
+    run.files.ledger(turns)
+    save_checkpoint(run.ckpt_path, run.global_w, rnd, run.config)
+    run.files.metric(row)
+    run.progress.log(f"round {rnd} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                if isinstance(v, float) and k not in ("seconds", "upload_bytes",
+                                                                                      "download_bytes"))
+                     + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])}"
+                     f" per client, {row['seconds']:.0f}s")
+
+
+def train(args):
+    """The rounds (FedAvg): each sampled client starts from the global weights, trains, uploads what it trained;
+    the server averages the uploads, weighted by data size."""
+    run = setup(args)
+    model, progress = run.model, run.progress
     try:
-        for rnd in range(start + 1, args.rounds + 1):
+        for rnd in range(run.start + 1, args.rounds + 1):
             t0 = time.time()
-            sampled = sample_clients(args.seed, rnd, N, n_sampled)
-            wire_down = tasks.pack(global_w)  # the same download for every client of the round
+            sampled = sample_clients(args.seed, rnd, args.num_clients, run.n_sampled)
+            wire_down = tasks.pack(run.global_w)  # 1. the same download for every client of the round
             uploads, sizes, turns = [], [], []
             for c in sampled:
+                # 2. client c: start from the global weights, take --local_steps steps, upload what it trained
                 seed = derive_seed(args.seed, rnd, c)
-                sync_model(model, tasks.unpack(wire_down))  # the client starts from the global weights
-                batches = tasks.local_batches(args, clients[c], tokenizer, device, seed)
-                upload, stats = client_update(model, names, batches, args, seed)
+                sync_model(model, tasks.unpack(wire_down))
+                batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
+                upload, stats = client_update(model, run.names, batches, args, seed)
                 wire_up = tasks.pack(upload)
                 uploads.append(tasks.unpack(wire_up))
-                sizes.append(len(clients[c]))
+                sizes.append(len(run.clients[c]))
                 turns.append({"round": rnd, "client": c, "loss": stats["loss"], "up": len(wire_up),
                               "down": len(wire_down), "peak_memory_bytes": stats["peak_memory_bytes"]})
-                progress.turn(f"round {rnd} client {c}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
-                              f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
-            global_w = server_aggregate(uploads, sizes)
-            sync_model(model, global_w)  # evaluate (and export) the global model
-            row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in turns]))}
-            if rnd % args.eval_every == 0 or rnd == args.rounds:
-                row.update(tasks.evaluate(args, model, tokenizer, test, device))
-            row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
-                       download_bytes=float(np.mean([t["down"] for t in turns])),
-                       upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
-                       seconds=round(time.time() - t0, 2),
-                       peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
-            with open(ledger_path, "a") as f:
-                f.writelines(json.dumps(t) + "\n" for t in turns)
-            save_checkpoint(ckpt_path, global_w, rnd, config)
-            log_row(row)
-            progress.log(f"round {rnd} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                    if isinstance(v, float) and k not in ("seconds", "upload_bytes",
-                                                                                          "download_bytes"))
-                         + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])}"
-                         f" per client, {row['seconds']:.0f}s")
+                progress.log(f"round {rnd} client {c}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
+                             f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
+                progress.advance("turns")
+            # 3. server: the data-size-weighted average; evaluate it, write the round
+            run.global_w = server_aggregate(uploads, sizes)
+            sync_model(model, run.global_w)
+            log_round(run, rnd, t0, turns)
     finally:
         progress.close()
-    if plot_losses(metrics, out / "loss.png", method):
-        print(f"wrote {out / 'loss.png'}")
+    if run.files.plot(run.method):
+        print(f"wrote {run.out / 'loss.png'}")
     # the tuned model in Hugging Face format; FedIT's adapters are merged into the base weights first
     export = model.merge_and_unload() if args.method == "lora" else model
-    print(f"wrote {tasks.export_model(export, tokenizer, out / 'model')} (save_pretrained: config, weights, "
+    print(f"wrote {tasks.export_model(export, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
           f"tokenizer{', LoRA merged' if args.method == 'lora' else ''})")
-    return metrics
+    return run.files.metrics
 
 
 def main(argv=None):
-    try:
-        return train(parse_args(argv))
-    except (ConfigError, tasks.DataError, tasks.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return tasks.run_cli("fedavg", lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

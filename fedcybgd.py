@@ -29,6 +29,13 @@ direction, next to the memory the turn needed. The loop below is written as plai
 and outputs are exactly those messages (server_download -> sync_model -> client_update ->
 server_aggregate), so the same functions run in one process or on many.
 
+The script reads top to bottom: config, blocks (`find_blocks`, `block_of_turn`), the schedule, the wire (int8),
+the server (`server_download`, `held_weights`, `sync_model`, `server_aggregate`), the client (`client_update`),
+checkpoints, `setup`, a client's turn (`client_turn`), the server's round end (`evaluate_round`), then `main`:
+the round loop on one screen. One process or torchrun ranks sit behind `tasks.Transport` (`from_client` runs a
+turn where the client lives and brings its upload to every rank), so the loop has no rank branches; the
+progress bars, the run's files and the one-line errors are tasks/run.py's.
+
 In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of the
 exact global weights, and a record of what each client holds (version per block, and which blocks only as
 int8). Before a turn the simulation rebuilds the client's copy from that record (`held_weights`: the current
@@ -78,22 +85,21 @@ Where this script differs from the official code (github.com/L3030/FedCyBGD, bui
     trains centrally, use the same federated loop here.
 """
 import argparse
-import datetime
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import tasks
+from tasks import ConfigError, GroupError
 
 # ----------------------------------------------------------------------------------------------------
 # config: defaults run out of the box on a CPU; per-task defaults fill whatever is left as None
@@ -107,7 +113,7 @@ TASK_DEFAULTS = {
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)}
 
 
-def get_config(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FedCyBGD: clients train one transformer block each, in a cycle.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=("sft", "glue", "squad"), default="sft",
@@ -175,56 +181,48 @@ def get_config(argv=None):
                    help="with torchrun: seconds a rank waits for the others at a collective (a turn's upload "
                         "broadcast) before the whole run stops with one error line; it must exceed rank 0's "
                         "evaluation time")
-    cfg = p.parse_args(argv)
-    for k, v in TASK_DEFAULTS[cfg.task].items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    check_config(cfg)
-    return cfg
+    args = p.parse_args(argv)
+    tasks.fill_task_defaults(args, TASK_DEFAULTS, DATASETS)
+    check_config(args)
+    return args
 
 
-class InputError(Exception):
-    """A mistake in the user's input: printed as one line, exit code 2."""
-
-
-def check_config(cfg):
-    if cfg.dataset not in DATASETS[cfg.task]:
-        raise InputError(f"--dataset {cfg.dataset} is not a {cfg.task} dataset: choose one of "
-                         f"{', '.join(DATASETS[cfg.task])}")
-    if cfg.local_steps is not None and cfg.local_epochs is not None:
-        raise InputError("give --local_steps or --local_epochs, not both")
-    if cfg.local_steps is None and cfg.local_epochs is None:
-        cfg.local_steps = 8
+def check_config(args):
+    """Impossible flag values -> ConfigError (one line)."""
+    if args.local_steps is not None and args.local_epochs is not None:
+        raise ConfigError("give --local_steps or --local_epochs, not both")
+    if args.local_steps is None and args.local_epochs is None:
+        args.local_steps = 8
     for name in ("rounds", "batch_size", "grad_accum", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1 (got {getattr(args, name)})")
     for name in ("num_clients", "eval_samples", "max_new_tokens"):
-        if getattr(cfg, name) < 0:
-            raise InputError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
-    if not (math.isfinite(cfg.head_lr_scale) and cfg.head_lr_scale >= 0):
-        raise InputError(f"--head_lr_scale must be a finite number >= 0 (got {cfg.head_lr_scale})")
-    if cfg.logit_adjust and (cfg.task != "glue" or tasks.glue.NUM_LABELS.get(cfg.dataset, 2) < 2):
-        raise InputError("--logit_adjust needs a classification task (--task glue, not stsb)")
-    if cfg.warmup_steps < 0:
-        raise InputError(f"--warmup_steps must be >= 0 (got {cfg.warmup_steps})")
-    if cfg.eval_every < 1:
-        raise InputError(f"--eval_every must be >= 1 (got {cfg.eval_every})")
-    if (cfg.local_steps is not None and cfg.local_steps < 1) or (cfg.local_epochs is not None and cfg.local_epochs <= 0):
-        raise InputError("--local_steps must be >= 1 and --local_epochs > 0")
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if not (math.isfinite(args.head_lr_scale) and args.head_lr_scale >= 0):
+        raise ConfigError(f"--head_lr_scale must be a finite number >= 0 (got {args.head_lr_scale})")
+    if args.logit_adjust and (args.task != "glue" or tasks.glue.NUM_LABELS.get(args.dataset, 2) < 2):
+        raise ConfigError("--logit_adjust needs a classification task (--task glue, not stsb)")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"--warmup_steps must be >= 0 (got {args.warmup_steps})")
+    if args.eval_every < 1:
+        raise ConfigError(f"--eval_every must be >= 1 (got {args.eval_every})")
+    if (args.local_steps is not None and args.local_steps < 1) or (args.local_epochs is not None and args.local_epochs <= 0):
+        raise ConfigError("--local_steps must be >= 1 and --local_epochs > 0")
     for name in ("lr", "dist_timeout"):  # nan fails every comparison, inf passes "> 0": test finiteness too
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise InputError(f"--{name} must be a finite number > 0 (got {getattr(cfg, name)})")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise InputError(f"--weight_decay must be a finite number >= 0, 0 for none (got {cfg.weight_decay})")
-    if not 0 < cfg.download_fraction <= 1:
-        raise InputError(f"--download_fraction must be in (0, 1] (got {cfg.download_fraction})")
-    if cfg.download_fraction < 1 and cfg.download == "delta":
-        raise InputError("--download_fraction < 1 drops blocks against the pretrained model: use it with "
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ConfigError(f"--{name} must be a finite number > 0 (got {getattr(args, name)})")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight_decay must be a finite number >= 0, 0 for none (got {args.weight_decay})")
+    if not 0 < args.download_fraction <= 1:
+        raise ConfigError(f"--download_fraction must be in (0, 1] (got {args.download_fraction})")
+    if args.download_fraction < 1 and args.download == "delta":
+        raise ConfigError("--download_fraction < 1 drops blocks against the pretrained model: use it with "
                          "--download full or int8, not delta")
-    if cfg.data_path and not Path(cfg.data_path).exists():
-        raise InputError(f"--data_path {cfg.data_path} not found")
-    if cfg.iid != "iid" and not (cfg.iid.startswith("dir") and _is_float(cfg.iid[3:]) and float(cfg.iid[3:]) > 0):
-        raise InputError(f"--iid must be 'iid' or 'dirALPHA' with ALPHA > 0, e.g. dir0.5 (got {cfg.iid})")
+    if args.data_path and not Path(args.data_path).exists():
+        raise ConfigError(f"--data_path {args.data_path} not found")
+    if args.iid != "iid" and not (args.iid.startswith("dir") and _is_float(args.iid[3:]) and float(args.iid[3:]) > 0):
+        raise ConfigError(f"--iid must be 'iid' or 'dirALPHA' with ALPHA > 0, e.g. dir0.5 (got {args.iid})")
 
 
 def _is_float(s):
@@ -262,7 +260,7 @@ def find_blocks(model, train_embeddings=False):
             if size > best_size:
                 best, best_size = name, size
     if best is None:
-        raise InputError(f"{type(model).__name__}: no nn.ModuleList of identical layers found, so no blocks")
+        raise ConfigError(f"{type(model).__name__}: no nn.ModuleList of identical layers found, so no blocks")
     layer_of = {}
     for i, layer in enumerate(model.get_submodule(best)):
         for n, _ in layer.named_parameters():
@@ -538,9 +536,11 @@ def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, se
 # evaluation of the global model
 # ----------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------
-# outputs: atomic checkpoints, metrics lines, progress, plot
+# outputs: atomic checkpoints of the server state
 # ----------------------------------------------------------------------------------------------------
 RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir", "dist_timeout")  # may change across a resume
+HEADER_BYTES = 24  # float64 [length, turn loss, peak memory] the transport sends before each upload broadcast
+TURN_STATS = ("loss", "peak_memory_bytes")  # a turn's statistics that travel with its upload (for the metrics)
 
 
 def save_checkpoint(out, server, round_):
@@ -563,7 +563,7 @@ def save_checkpoint(out, server, round_):
 
 def load_checkpoint(out, server):
     """Restore the server state from the checkpoint `latest` names -> its round. A truncated or foreign
-    checkpoint (unreadable files, missing or misshapen tensors, missing state) is an InputError."""
+    checkpoint (unreadable files, missing or misshapen tensors, missing state) is a ConfigError."""
     from safetensors.torch import load_file
     ckpt = out / (out / "latest").read_text().strip()
     try:
@@ -573,10 +573,10 @@ def load_checkpoint(out, server):
         lossy = {int(c): s for c, s in state["lossy"].items()}
         bad = [n for n, t in server["weights"].items() if n not in weights or weights[n].shape != t.shape]
     except Exception as e:  # noqa: BLE001  safetensors, json and the file system raise many types
-        raise InputError(f"--resume: {ckpt} cannot be read ({type(e).__name__}): it is truncated or not a "
-                         "fedcybgd checkpoint") from None
+        raise ConfigError(f"--resume: {ckpt} cannot be read ({type(e).__name__}): it is truncated or not a "
+                          "fedcybgd checkpoint") from None
     if bad or set(version) != set(server["version"]):
-        raise InputError(f"--resume: {ckpt} does not fit this model ({len(bad)} tensors missing or misshapen)")
+        raise ConfigError(f"--resume: {ckpt} does not fit this model ({len(bad)} tensors missing or misshapen)")
     with torch.no_grad():
         for n, t in server["weights"].items():
             t.copy_(weights[n])
@@ -584,299 +584,193 @@ def load_checkpoint(out, server):
     return round_
 
 
-def plot_losses(out, metrics, ledger):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def check_resume(args, out):
+    """Checked by every rank before the group forms, so no rank can see rank 0's first checkpoint here."""
+    if (out / "latest").exists() and not args.resume:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it or pick another --output_dir")
+    if not args.resume:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([(t["turn"] + 1) / t["turns_per_round"] for t in ledger], [t["loss"] for t in ledger], ".", ms=3,
-            alpha=0.5, label="train loss (client turns)")
-    ev = [m for m in metrics if m.get("eval_loss") is not None]
-    ax.plot([m["round"] for m in ev], [m["eval_loss"] for m in ev], "o-", label="held-out loss")
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------
-# across processes: torchrun ranks; a turn's upload is the only thing that crosses, as a uint8 tensor
-# ----------------------------------------------------------------------------------------------------
-class GroupError(Exception):
-    """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
-
-
-def rank_and_device(device):
-    """-> (rank, world size, device) from torchrun's environment; with a plain 'cuda', each rank takes GPU
-    LOCAL_RANK. Without torchrun: (0, 1, device). Nothing is joined yet: see `join_group`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return int(os.environ.get("RANK", "0")), world, device
-
-
-def join_group(cfg, world, device):
-    """Under torchrun, join the process group: gloo on CPU, NCCL on CUDA. Called only once the model and tokenizer
-    are loaded: loading them with transformers while a group exists keeps a reference to it, so that
-    `destroy_process_group()` at the end cannot free gloo's worker threads, and tearing them down during
-    interpreter exit could abort the process ("terminate called without an active exception")."""
-    if world <= 1:
-        return
-    backend = "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
+    if not (out / "latest").exists():
+        raise ConfigError(f"--resume: no checkpoint in {out}")
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    except RuntimeError:
-        raise GroupError(f"rank {os.environ.get('RANK', '?')}: the process group did not form within "
-                         f"{cfg.dist_timeout:g} s (check the launch command on every machine)") from None
-
-    def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
-        raise GroupError("stopped by the launcher: a rank exited (or the launcher itself was stopped)")
-
-    signal.signal(signal.SIGTERM, stopped_by_launcher)
-
-
-def collective(fn, *a, **kw):
-    """Run one torch.distributed call; a lost rank (timeout or closed connection) becomes a GroupError."""
-    try:
-        return fn(*a, **kw)
-    except RuntimeError as e:  # torch.distributed.DistError and gloo/NCCL errors are RuntimeErrors
-        raise GroupError("timeout" if "timed out" in str(e).lower() or "timeout" in str(e).lower()
-                         else "a rank left the group") from None
-
-
-HEADER_BYTES = 24  # float64[3] in front of every upload broadcast: message length, turn loss, peak memory
-
-
-def broadcast_upload(wire_up, stats, src, rank, device):
-    """Client rank `src`'s upload message (bytes) and its turn statistics -> every rank. Two `dist.broadcast`s:
-    a float64[3] header (message length, mean train loss, peak memory bytes -- the last two for the metrics
-    only; float64 holds both exactly), then the message as uint8[length]. Each other rank receives
-    HEADER_BYTES + len(message) bytes. -> (message bytes, stats) on every rank."""
-    head = torch.tensor([len(wire_up), stats["loss"], stats["peak_memory_bytes"]] if rank == src else [0.0] * 3,
-                        dtype=torch.float64, device=device)
-    collective(dist.broadcast, head, src=src)
-    n, loss, peak = head.tolist()
-    if rank == src:
-        buf = torch.frombuffer(bytearray(wire_up), dtype=torch.uint8).to(device)
-    else:
-        buf = torch.empty(int(n), dtype=torch.uint8, device=device)
-    collective(dist.broadcast, buf, src=src)
-    return (wire_up if rank == src else buf.cpu().numpy().tobytes()), {"loss": loss, "peak_memory_bytes": int(peak)}
-
-
-def wire_ledger(r, turns, world):
-    """The bytes round r's broadcasts moved, per rank (the ledger.jsonl lines with "rank"): tensor payloads as
-    `broadcast_upload` builds them, a sender counting one copy per receiving rank; the transport's own framing
-    (gloo/NCCL headers, TCP) is not counted."""
-    entries = []
-    for k in range(world):
-        mine = [t for t in turns if t["client"] % world == k]
-        entries.append({"round": r, "rank": k, "clients": [t["client"] for t in mine],
-                        "sent": (world - 1) * sum(HEADER_BYTES + t["upload_bytes"] for t in mine),
-                        "received": sum(HEADER_BYTES + t["upload_bytes"] for t in turns if t not in mine)})
-    return entries
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume: {out / 'config.json'} is missing or not JSON: not a fedcybgd run") from None
+    diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(args, k, None)]
+    if args.lr_scheduler == "cosine" and old.get("rounds") != args.rounds:
+        diff.append("rounds (the cosine schedule spans the whole run)")
+    if diff:
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# the rounds
+# the run: set up, a client's turn, the server's round end, the round loop
 # ----------------------------------------------------------------------------------------------------
-def main(argv=None):
-    cfg = get_config(argv)
-    out = Path(cfg.output_dir)
-    # checked by every rank before the group forms, so no rank can see rank 0's first checkpoint here
-    if (out / "latest").exists() and not cfg.resume:
-        raise InputError(f"{out} already holds a run: pass --resume to continue it or pick another --output_dir")
-    if cfg.resume and not (out / "latest").exists():
-        raise InputError(f"--resume: no checkpoint in {out}")
-    if cfg.resume:
-        try:
-            old = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            raise InputError(f"--resume: {out / 'config.json'} is missing or not JSON: not a fedcybgd run") from None
-        diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(cfg, k, None)]
-        if cfg.lr_scheduler == "cosine" and old.get("rounds") != cfg.rounds:
-            diff.append("rounds (the cosine schedule spans the whole run)")
-        if diff:
-            raise InputError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+def setup(args):
+    """Everything the rounds need, in one namespace: model, blocks, data, the server state (every rank keeps a
+    replica), the schedule, the transport, the run's files and the progress display."""
+    run = SimpleNamespace(args=args, out=Path(args.output_dir))
+    check_resume(args, run.out)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {cfg.device}: this torch build sees no CUDA device")
-    rank, world, device = rank_and_device(device)  # (0, 1, device) without torchrun; the group forms below
-    wire_device = torch.device(device if world > 1 and device.startswith("cuda") else "cpu")  # of the collectives
-    if rank != 0:  # rank 0 speaks for the run and writes every output; the others print nothing (errors aside)
+        raise ConfigError(f"--device {args.device}: this torch build sees no CUDA device")
+    run.transport = transport = tasks.transport_from_env(device)
+    run.device = transport.device
+    if not transport.is_server:  # rank 0 speaks for the run and writes every output; the others print nothing
         sys.stdout = open(os.devnull, "w")
-    torch.manual_seed(cfg.seed)  # a randomly initialized head is the same on every run, rank and resume
+    torch.manual_seed(args.seed)  # a randomly initialized head is the same on every run, rank and resume
 
     # model first: its layers decide the blocks, and the blocks decide the default number of clients
-    num_labels = tasks.glue.NUM_LABELS.get(cfg.dataset, 2)
-    model, tokenizer = tasks.load_model(cfg.model, cfg.task, num_labels, cfg.dtype, device)
-    join_group(cfg, world, device)  # after loading: see join_group
-    model.requires_grad_(False).eval()
-    cycle, units = find_blocks(model, cfg.train_embeddings)
-    num_clients = cfg.num_clients or len(cycle)
-    params = dict(model.named_parameters())
-    nparams = {u: sum(params[n].numel() for n in names) for u, names in units.items()}
-    print(f"model {cfg.model}: {sum(nparams.values()) / 1e6:.1f}M parameters, {len(cycle)} blocks in the cycle "
-          f"(~{nparams[cycle[0]] / 1e6:.2f}M each), head {nparams['head'] / 1e6:.3f}M, embeddings "
-          f"{nparams['embeddings'] / 1e6:.1f}M ({'trained as a block' if 'embeddings' in cycle else 'frozen'}); "
-          f"{num_clients} clients, download {cfg.download}"
-          + (f" with fraction {cfg.download_fraction}" if cfg.download_fraction < 1 else "")
-          + (f"; {world} ranks (torchrun), client c on rank c % {world}, rank 0 evaluates and writes" if world > 1
-             else ""))
+    num_labels = tasks.glue.NUM_LABELS.get(args.dataset, 2)
+    run.model, run.tokenizer = tasks.load_model(args.model, args.task, num_labels, args.dtype, run.device)
+    transport.join(args.dist_timeout)  # after loading: see Ranks.join
+    run.model.requires_grad_(False).eval()
+    run.cycle, run.units = find_blocks(run.model, args.train_embeddings)
+    run.num_clients = args.num_clients or len(run.cycle)
+    params = dict(run.model.named_parameters())
+    nparams = {u: sum(params[n].numel() for n in names) for u, names in run.units.items()}
+    print(f"model {args.model}: {sum(nparams.values()) / 1e6:.1f}M parameters, {len(run.cycle)} blocks in the cycle "
+          f"(~{nparams[run.cycle[0]] / 1e6:.2f}M each), head {nparams['head'] / 1e6:.3f}M, embeddings "
+          f"{nparams['embeddings'] / 1e6:.1f}M ({'trained as a block' if 'embeddings' in run.cycle else 'frozen'}); "
+          f"{run.num_clients} clients, download {args.download}"
+          + (f" with fraction {args.download_fraction}" if args.download_fraction < 1 else "")
+          + (f"; {transport.world} ranks (torchrun), client c on rank c % {transport.world}, rank 0 evaluates and "
+             "writes" if transport.world > 1 else ""))
 
-    clients, test = tasks.load_task_data(cfg, tokenizer, num_clients)
-    server = init_server(model, units)  # under torchrun: every rank's replica, kept equal by the same uploads
-    pretrained = ({n: p.detach().clone() for n, p in model.named_parameters()}
-                  if cfg.download_fraction < 1 else None)  # the copy every client starts from
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    start = 0
-    metrics, ledger = [], []
-    if cfg.resume:  # every rank loads the checkpoint: on several machines --output_dir must be shared
-        start = load_checkpoint(out, server)
-        sync_model(model, server["weights"])
-        # drop what a crash left after the checkpoint: those rounds run again, bit for bit
-        metrics = [m for m in tasks.read_jsonl(out / "metrics.jsonl") if m["round"] <= start]
-        lines = [t for t in tasks.read_jsonl(out / "ledger.jsonl") if t["round"] <= start]
-        ledger = [t for t in lines if "turn" in t]  # (not the per-rank lines of torchrun)
-        if rank == 0:
-            tasks.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-            tasks.write_atomic(out / "ledger.jsonl", "".join(json.dumps(t) + "\n" for t in lines))
-        print(f"resumed from round {start}")
-    if rank == 0:
-        tasks.write_atomic(out / "config.json", json.dumps({k: v for k, v in vars(cfg).items()}, indent=2))
-
-    def log_round(row):
-        metrics.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    if start == 0 and rank == 0:
-        t0 = time.time()
-        row = {"round": 0, "train_loss": None, **tasks.evaluate(cfg, model, tokenizer, test, device),
-               "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
-        row["seconds"] = round(time.time() - t0, 2)
-        log_round(row)
-        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                    if isinstance(v, float) and k != "seconds" and "bytes" not in k)
-              + f" (evaluation {row['seconds']:.0f}s)")
-        save_checkpoint(out, server, 0)
-    saved = start  # the round of the last checkpoint written (rank 0), for the fault message
-
-    log_priors = [label_log_prior(examples, num_labels) for examples in clients] if cfg.logit_adjust else None
+    run.clients, run.test = tasks.load_task_data(args, run.tokenizer, run.num_clients)
+    run.server = init_server(run.model, run.units)  # under torchrun: every rank's replica, kept equal by the uploads
+    run.pretrained = ({n: p.detach().clone() for n, p in run.model.named_parameters()}
+                      if args.download_fraction < 1 else None)  # the copy every client starts from
+    run.start = 0
+    if args.resume:  # every rank loads the checkpoint: on several machines --output_dir must be shared
+        run.start = load_checkpoint(run.out, run.server)
+        sync_model(run.model, run.server["weights"])
+        print(f"resumed from round {run.start}")
+    run.saved = run.start  # the round of the last checkpoint written (rank 0), for the fault message
+    run.files = tasks.RunFiles(run.out, active=transport.is_server)
+    run.files.start(dict(vars(args)), resumed_round=run.start if args.resume else None)
+    run.log_priors = ([label_log_prior(examples, num_labels) for examples in run.clients] if args.logit_adjust
+                      else [None] * run.num_clients)
     # optimizer steps of each client's turn (the same every round), and of the whole run, for the schedule
-    per_step = cfg.batch_size * cfg.grad_accum
-    turn_steps = [cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(examples) / per_step))
-                  for examples in clients]
-    steps_per_round = sum(turn_steps)
-    total_steps = cfg.rounds * steps_per_round
-    progress = tasks.Progress(cfg.rounds * num_clients, start * num_clients)
-    r = start
+    per_step = args.batch_size * args.grad_accum
+    run.turn_steps = [args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
+                      for examples in run.clients]
+    run.progress = tasks.Progress(turns=(args.rounds * run.num_clients, run.start * run.num_clients))
+    return run
+
+
+def turn_learning_rates(run, r, c):
+    """The schedule's learning rates for the steps of client c's turn in round r (carried over the whole run)."""
+    steps_per_round = sum(run.turn_steps)
+    first = (r - 1) * steps_per_round + sum(run.turn_steps[:c])
+    return [learning_rate(run.args, first + k, run.args.rounds * steps_per_round) for k in range(run.turn_steps[c])]
+
+
+def client_turn(run, c, block, wire_down, lrs, seed):
+    """Client c's turn, on its own rank: bring its model up to date with the download, train its block (and the
+    head) on its data -> (upload message, stats). In the lossless modes the working model already holds the global
+    weights (every turn's upload is applied on every rank), so only the lossy modes rebuild the client's own copy
+    first (`held_weights`)."""
+    args = run.args
+    lossy = args.download == "int8" or run.pretrained is not None
+    sync_model(run.model, tasks.unpack(wire_down),
+               base=held_weights(run.server, run.units, c, run.pretrained) if lossy else None)
+    batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
+    upload, stats = client_update(run.model, run.units[block] + run.units["head"], batches, lrs, args.weight_decay,
+                                  args.grad_accum, seed, run.units["head"], args.head_lr_scale, run.log_priors[c])
+    return tasks.pack(upload), stats
+
+
+def evaluate_round(run, r, t0, turns):
+    """Server, end of round r: evaluate the global model, write the round's ledger lines, metrics row and
+    checkpoint (a crash between them redoes the round), print its line."""
+    args = run.args
+    row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
+    if r % args.eval_every == 0 or r == args.rounds:
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device))
+    row.update(upload_bytes=sum(t["upload_bytes"] for t in turns) / len(turns),  # mean per client turn
+               download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
+               upload_bytes_total=sum(t["upload_bytes"] for t in turns),
+               download_bytes_total=sum(t["download_bytes"] for t in turns),
+               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
+    run.files.ledger(turns + run.transport.wire_ledger(r, list(range(run.num_clients))))
+    run.files.metric(row)
+    save_checkpoint(run.out, run.server, r)  # the round is complete: its last broadcast reached every rank
+    run.saved = r
+    run.progress.log(f"round {r} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                             if isinstance(v, float) and k != "seconds" and "bytes" not in k)
+                     + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])} "
+                     f"{row['seconds']:.0f}s")
+
+
+def evaluate_round_zero(run):
+    """Server, before training: the pretrained model's metrics as round 0, and checkpoint 0."""
+    t0 = time.time()
+    row = {"round": 0, "train_loss": None, **tasks.evaluate(run.args, run.model, run.tokenizer, run.test, run.device),
+           "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
+    row["seconds"] = round(time.time() - t0, 2)
+    run.files.metric(row)
+    run.progress.log("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                           if isinstance(v, float) and k != "seconds" and "bytes" not in k)
+                     + f" (evaluation {row['seconds']:.0f}s)")
+    save_checkpoint(run.out, run.server, 0)
+
+
+def main(argv=None):
+    """The rounds (the paper's Algorithm 1): in each, the clients take turns in a cycle; a turn downloads what the
+    client lacks, trains one block on the client's data, uploads the block, and the server takes it."""
+    run = setup(parse_args(argv))
+    args, transport, progress, server, units = run.args, run.transport, run.progress, run.server, run.units
+    if run.start == 0:
+        transport.on_server(evaluate_round_zero, run)
+    r = run.start
     try:
-        for r in range(start + 1, cfg.rounds + 1):
+        for r in range(run.start + 1, args.rounds + 1):
             t0 = time.time()
             turns = []
-            for c in range(num_clients):
-                turn = (r - 1) * num_clients + c
-                block = block_of_turn(cycle, cfg.switch_mode, cfg.seed, r, c, num_clients)
-                seed = derive_seed(cfg.seed, r, c)
-                owner = c % world  # the rank that holds client c (always 0 in one process)
-                # download: server -> client c, then the client brings its model up to date. Every rank runs
-                # server_download on its replica (it records what c now holds); only c's rank and rank 0 (for the
-                # ledger) serialise it. Under torchrun nothing carries it: c's rank builds it from its replica.
-                down = server_download(server, units, c, block, cfg.download, cfg.download_fraction, seed)
-                wire_down = tasks.pack(down) if rank in (0, owner) else b""
-                wire_up, stats = b"", None
-                first = (r - 1) * steps_per_round + sum(turn_steps[:c])  # the schedule's steps before this turn
-                lrs = [learning_rate(cfg, first + k, total_steps) for k in range(turn_steps[c])]
-                if rank == owner:
-                    # lossless modes: the working model already holds the global weights (every turn's upload is
-                    # applied on every rank), so only the lossy modes rebuild the client's own copy first
-                    lossy = cfg.download == "int8" or pretrained is not None
-                    sync_model(model, tasks.unpack(wire_down),
-                               base=held_weights(server, units, c, pretrained) if lossy else None)
-                    # the turn: train the block (and head) on the client's data, upload them
-                    batches = tasks.local_batches(cfg, clients[c], tokenizer, device, seed)
-                    upload, stats = client_update(model, units[block] + units["head"], batches, lrs, cfg.weight_decay,
-                                                  cfg.grad_accum, seed, units["head"], cfg.head_lr_scale,
-                                                  log_priors[c] if cfg.logit_adjust else None)
-                    wire_up = tasks.pack(upload)
-                if world > 1:  # the upload: client c's rank -> every other rank
-                    wire_up, stats = broadcast_upload(wire_up, stats, owner, rank, wire_device)
+            for c in range(run.num_clients):
+                block = block_of_turn(run.cycle, args.switch_mode, args.seed, r, c, run.num_clients)
+                seed = derive_seed(args.seed, r, c)
+                lrs = turn_learning_rates(run, r, c)
+                # 1. download: server -> client c. Every rank runs it on its replica (which records what c now
+                #    holds); no collective carries it: c's rank builds it from its own replica.
+                down = server_download(server, units, c, block, args.download, args.download_fraction, seed)
+                wire_down = tasks.pack(down)
+                # 2. client c's turn, on its rank: sync, train the block (and head) -> the upload, on every rank
+                wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, c, block, wire_down, lrs, seed)
+                # 3. server: take the upload (every rank's replica); every working copy follows the global model
                 upload = tasks.unpack(wire_up)
                 server_aggregate(server, c, upload, units)
-                if rank != owner:
-                    sync_model(model, upload)  # the other ranks' working copies follow the global model
-                row = {"round": r, "turn": turn, "turns_per_round": num_clients, "client": c, "block": block,
-                       "lr_first": lrs[0], "lr_last": lrs[-1],
-                       "download_units": sent_units(down, units),
-                       "loss": stats["loss"], "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
-                       "peak_memory_bytes": stats["peak_memory_bytes"]}
-                turns.append(row)
-                progress.turn(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
-                              f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}"
-                              + (f" (rank {owner})" if world > 1 else ""))
-            if pretrained is not None or cfg.download == "int8":
-                sync_model(model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
-            if rank != 0:
-                continue  # evaluation and outputs are rank 0's; the others wait at the next turn's broadcast
-            row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
-            if r % cfg.eval_every == 0 or r == cfg.rounds:
-                row.update(tasks.evaluate(cfg, model, tokenizer, test, device))
-            row.update(upload_bytes=sum(t["upload_bytes"] for t in turns) / len(turns),  # mean per client turn
-                       download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
-                       upload_bytes_total=sum(t["upload_bytes"] for t in turns),
-                       download_bytes_total=sum(t["download_bytes"] for t in turns),
-                       seconds=round(time.time() - t0, 2),
-                       peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
-            with open(out / "ledger.jsonl", "a") as f:
-                f.writelines(json.dumps(t) + "\n" for t in turns + (wire_ledger(r, turns, world) if world > 1 else []))
-            ledger += turns
-            log_round(row)
-            save_checkpoint(out, server, r)  # the round is complete: its last broadcast reached every rank
-            saved = r
-            progress.log("round {} ".format(r) + " ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds" and "bytes" not in k)
-                + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])} {row['seconds']:.0f}s")
+                sync_model(run.model, upload)
+                turns.append({"round": r, "turn": (r - 1) * run.num_clients + c, "turns_per_round": run.num_clients,
+                              "client": c, "block": block, "lr_first": lrs[0], "lr_last": lrs[-1],
+                              "download_units": sent_units(down, units), "loss": stats["loss"],
+                              "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
+                              "peak_memory_bytes": int(stats["peak_memory_bytes"])})
+                progress.log(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up "
+                             f"{tasks.fmt_bytes(len(wire_up))} down {tasks.fmt_bytes(len(wire_down))} "
+                             f"mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
+                progress.advance("turns")
+            if run.pretrained is not None or args.download == "int8":
+                sync_model(run.model, server["weights"])  # lossy views: evaluate (and continue from) the exact model
+            # 4. server: evaluate the global model, write the round
+            transport.on_server(evaluate_round, run, r, t0, turns)
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
-        why = (f"a rank did not answer within {cfg.dist_timeout:g} s" if str(e) == "timeout"
-               else str(e) if "launcher" in str(e) else "a rank exited")
-        last = (f"the last complete checkpoint is round {saved}" if rank == 0
-                else "rank 0 keeps the last complete round in its checkpoint")
-        raise GroupError(f"rank {rank}: {why} in round {r}; {last}: rerun every rank with --resume") from None
+        raise transport.lost_rank(e, r, run.saved, args.dist_timeout) from None
     finally:
         progress.close()
-    if rank == 0:
-        plot_losses(out, metrics, ledger)
-        sync_model(model, server["weights"])  # the exact global model (a lossy download may have differed)
-        progress.log(f"wrote {tasks.export_model(model, tokenizer, out / 'model')} (save_pretrained: config, "
-                     "weights, tokenizer)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return metrics
+    transport.on_server(finish, run)
+    transport.close()
+    return run.files.metrics
+
+
+def finish(run):
+    """The exact global model (a lossy download may have differed) in Hugging Face format, and the loss plot."""
+    sync_model(run.model, run.server["weights"])
+    run.progress.log(f"wrote {tasks.export_model(run.model, run.tokenizer, run.out / 'model')} (save_pretrained: "
+                     "config, weights, tokenizer)")
+    run.files.plot("FedCyBGD")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, tasks.DataError, tasks.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except GroupError as e:
-        print(f"fedcybgd: {e}", file=sys.stderr, flush=True)
-        os._exit(3)  # at once: tearing down a process group that lost a rank can block
-    except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last complete round", file=sys.stderr)
-        sys.exit(130)
+    tasks.run_cli("fedcybgd", main)

@@ -67,23 +67,26 @@ scatter), the uploads go to rank 0 (one gather). No weight tensor ever crosses; 
 server's bits because they compute the same function of the same (w0, A).
 
 The script reads top to bottom: z (the kernel contract), config, model, data, messages, the ZO step,
-`client_update`, `server_aggregate` / `seed_importance` / `seed_probabilities`, `sync_model`, evaluation,
-across processes, the round loop, `main`.
+`client_update`, `server_aggregate` / `seed_importance` / `seed_probabilities`, `sync_model`, the server's side
+of a round (`server_downloads`, `server_update`, `evaluate`, `log_round`) and the client's `replay`, `setup`,
+then `train`: the round loop on one screen, in the order of the paper's algorithm. One process or torchrun ranks
+sit behind `tasks.Transport` (`scatter`, `gather`, `on_server`), so the loop has no rank branches; the progress
+bars, the run's files and the one-line errors are tasks/run.py's.
 """
 import argparse
-import datetime
-import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+import tasks
+from tasks import ConfigError, GroupError, sample_clients, sampled_per_round
 
 # ----------------------------------------------------------------------------------------------------
 # z: the perturbation, one definition everywhere
@@ -232,10 +235,6 @@ TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_s
               "perturbation", "dtype")
 
 
-class ConfigError(Exception):
-    """A user-caused problem with a flag, the model or a checkpoint: printed as one line, exit code 2."""
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FedKSeed / FedKSeed-Pro: federated full-parameter ZO tuning of a "
                                 "causal LM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -285,10 +284,6 @@ def parse_args(argv=None):
     return args
 
 
-def sampled_per_round(num_clients, m):
-    return int(num_clients * m + 1e-9)  # int(N*m) as the official code, without 200*0.29 -> 57.99 -> 57
-
-
 def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
     for name in ("lr", "zo_eps", "bias_loss_clip", "dist_timeout"):  # nan fails every comparison: test it first
@@ -314,41 +309,8 @@ def check_config(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# model: any HF causal LM; the default is converted once from the packaged GGUF
+# model: any HF causal LM (tasks.load_model; the default is converted once from the packaged GGUF)
 # ----------------------------------------------------------------------------------------------------
-def load_model(name, dtype, device):
-    """-> (model in eval mode, tokenizer). An unknown name or folder is a ConfigError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    local_only = False
-    import tasks
-
-    if name == DEFAULT_MODEL:
-        path = str(tasks.models.smollm2_folder())  # converted once from the packaged GGUF (tasks/models.py)
-    else:
-        path = name
-        looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
-        if looks_local and not os.path.isdir(name):
-            raise ConfigError(f"--model {name}: no such folder "
-                              f"(give a local model folder, a hub id or '{DEFAULT_MODEL}')")
-        local_only = not os.path.isdir(name) and not tasks.models.hub_reachable()  # offline: the local HF cache only
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=local_only)
-    except (OSError, ValueError, KeyError) as e:
-        if local_only:
-            raise ConfigError(f"--model {name}: unknown model (not a local folder, not in the Hugging Face cache, "
-                              f"and the hub is unreachable; '{DEFAULT_MODEL}' works offline)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--model {name}: cannot load a causal LM ({first})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
-
-
 def trainable(model):
     """The canonical order of the z contract -> (tensors sharing the parameters' memory, global offsets).
 
@@ -369,8 +331,6 @@ def trainable(model):
 # data: tasks/ gives lists of {"prompt", "target", "category"}; tokenized lazily, one client at a time
 # ----------------------------------------------------------------------------------------------------
 def load_data(args, tokenizer):
-    import tasks
-
     data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
                                        tokenizer=tokenizer, max_length=args.max_length)
     n_sampled = sampled_per_round(len(data.clients), args.m)
@@ -459,6 +419,11 @@ def max_download_bytes(K, pro):
     return 1 + 4 * K + (K if pro else 0)
 
 
+def max_upload_bytes(K, local_steps):
+    """The longest upload: the data size, then a seed index and a float32 g per step."""
+    return 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the ZO step: 3 fused passes over the weights, 2 forwards
 # ----------------------------------------------------------------------------------------------------
@@ -499,8 +464,6 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     weights on exit (scratch: the next sync starts from w0). All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
     probabilities: None (uniform seeds, FedKSeed) or float64[K] from the download (FedKSeed-Pro).
     """
-    import tasks
-
     K = len(seeds)
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
     device = params[0].device
@@ -586,30 +549,14 @@ def sync_model(params, w0, offsets, seeds, A, kind):
             apply_seeds_(p, chosen, scales, off, kind)
 
 
-def sample_clients(master_seed, rnd, num_clients, n_sampled):
-    return np.sort(np.random.default_rng([master_seed, 1, rnd]).choice(num_clients, n_sampled, replace=False)).tolist()
-
-
 # ----------------------------------------------------------------------------------------------------
-# evaluation: tasks.heldout_loss (token-weighted mean target-token loss) and tasks.heldout_rouge_l (greedy
-# generations), the same definitions in every script
-# ----------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------
-# outputs: checkpoint (atomic), metrics, loss plot, progress
+# the server's state and its side of a round: downloads, aggregation, evaluation, the round's outputs
 # ----------------------------------------------------------------------------------------------------
 CHECKPOINT_KEYS = {"config", "round", "A_history", "last_sync", "hist_sum", "hist_count"}
 
 
-def save_checkpoint(path, state):
-    tmp = str(path) + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
 def load_checkpoint(path, config):
-    """-> the state `save_checkpoint` wrote. A missing, truncated or foreign file, or one written with other
+    """-> the server state a checkpoint holds. A missing, truncated or foreign file, or one written with other
     trajectory flags, is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: no checkpoint at {path}")
@@ -625,399 +572,243 @@ def load_checkpoint(path, config):
         if state["config"].get(key) != config[key]:
             raise ConfigError(f"--resume: {path} was written with {key}={state['config'].get(key)!r}, "
                               f"this run has {key}={config[key]!r}; use the same flags or another --output_dir")
-    return state
+    return {"round": state["round"], "A_history": list(state["A_history"].numpy()),
+            "last_sync": state["last_sync"].numpy().copy(), "hist_sum": state["hist_sum"].numpy().copy(),
+            "hist_count": state["hist_count"].numpy().copy()}
 
 
-def plot_losses(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from matplotlib.ticker import MaxNLocator
-
-    # two panels with their own scales: ZO moves the held-out loss by far less than clients differ
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    curves = [("train_loss", "train loss (sampled clients, at w + eps z)", "o-", "C0"),
-              ("eval_loss", "held-out loss (global model)", "s-", "C1")]
-    for ax, (key, title, style, color) in zip(axes, curves):
-        points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, color=color)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss")
-    fig.suptitle("FedKSeed", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def save_checkpoint(path, server, config):
+    """Everything the next round depends on (kilobytes, not weights), replaced atomically."""
+    state = {"config": config, "round": len(server["A_history"]) - 1,
+             "A_history": torch.from_numpy(np.stack(server["A_history"])),
+             **{k: torch.from_numpy(server[k]) for k in ("last_sync", "hist_sum", "hist_count")}}
+    tasks.save_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def progress_bars():
-    """rich progress bars with ETA on a terminal; None (plain log lines only) otherwise."""
-    if not sys.stdout.isatty():
-        return None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn())
-
-
-# ----------------------------------------------------------------------------------------------------
-# across processes: torchrun ranks, rank 0 the server; only the wire messages cross, as uint8 tensors
-# ----------------------------------------------------------------------------------------------------
-class GroupError(Exception):
-    """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
+def server_downloads(server, sampled, pro):
+    """Server, start of round t: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's seed
+    importances). The clients are synced to round t-1 from here on."""
+    A = server["A_history"]
+    importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None
+    sent = {c: encode_download(A[-1], A[server["last_sync"][c]], importance) for c in sampled}
+    server["last_sync"][sampled] = len(A) - 1
+    return sent
 
 
-def rank_and_device(args):
-    """-> (rank, world size) from torchrun's environment, and each rank's device: with a plain `--device cuda`,
-    GPU LOCAL_RANK. Without torchrun: (0, 1). Nothing is joined yet: see `join_group`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if args.device == "cuda":
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return int(os.environ.get("RANK", "0")), world
+def server_update(server, gathered, args, seeds, w0, offsets, kind):
+    """Server, end of round t: aggregate the uploads into A(t) = A(t-1) + a(t), compute the global model w(t)
+    that A(t) defines (into server["w"]), and add the round's |g| to Pro's history. -> a(t)."""
+    uploads = [u for u, _ in gathered]
+    coefs = server_aggregate(uploads, args.K, args.lr)
+    server["A_history"].append(server["A_history"][-1] + coefs)  # float32 + float32
+    sync_model(server["w"], w0, offsets, seeds, server["A_history"][-1], kind)
+    if args.bias_sampling:
+        update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, args.bias_loss_clip)
+    return coefs
 
 
-def join_group(args, world):
-    """Under torchrun, join the process group: gloo on CPU, NCCL on CUDA. Called only once the model and tokenizer
-    are loaded: loading them with transformers while a group exists keeps a reference to it, so that
-    `destroy_process_group()` at the end cannot free gloo's worker threads, and tearing them down during
-    interpreter exit could abort the process ("terminate called without an active exception")."""
-    if world <= 1:
-        return
-    backend = "gloo"
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(args.device)
-        backend = "nccl"
-    # every collective below gives up after --dist_timeout seconds instead of waiting forever for a lost rank
-    try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
-    except RuntimeError:
-        raise GroupError(f"rank {os.environ.get('RANK', '?')}: the process group did not form within "
-                         f"{args.dist_timeout:g} s (check the launch command on every machine)") from None
-
-    def stopped_by_launcher(signum, frame):  # torchrun sends SIGTERM to the others when one rank fails
-        raise GroupError("stopped by the launcher: a rank exited (or the launcher itself was stopped)")
-
-    signal.signal(signal.SIGTERM, stopped_by_launcher)
+def replay(run, A, replays, keep=True):
+    """A client's sync: the working weights <- w0 + sum_k A_k z_k (`sync_model`) -> seconds it took. In one
+    process every client of a round holds the same w0 and decodes the same A, so the first replay is kept in
+    `replays` (keyed by A's bytes) and copied for the others: the same bits by construction. Where the server's
+    weights live in this process, the replay is compared with them (`replay_max_abs_diff`)."""
+    key = A.tobytes()
+    if key in replays:
+        for p, w in zip(run.params, replays[key][0]):
+            p.copy_(w)
+        return replays[key][1]
+    t = time.time()
+    sync_model(run.params, run.w0, run.offsets, run.seeds, A, run.kind)
+    replays[key] = ([p.clone() for p in run.params] if keep else None, time.time() - t)  # keep: more clients follow
+    if run.server is not None:
+        run.diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(run.params, run.server["w"])))
+    return replays[key][1]
 
 
-def collective(fn, *a, **kw):
-    """Run one torch.distributed call; a lost rank (timeout or closed connection) becomes a GroupError."""
-    try:
-        return fn(*a, **kw)
-    except RuntimeError as e:  # torch.distributed.DistError and gloo/NCCL errors are RuntimeErrors
-        raise GroupError("timeout" if "timed out" in str(e).lower() or "timeout" in str(e).lower()
-                         else "a rank left the group") from None
+def client_examples(run, c):
+    """Client c's tokenized examples, tokenized the first time it is sampled."""
+    if c not in run.tokenized:
+        run.tokenized[c] = tasks.tokenize_examples(run.tokenizer, run.clients[c], run.args.max_length, log=None)
+    return run.tokenized[c]
 
 
-def owned(sampled, rank, world):
-    """The round's clients that live on `rank`: client c on rank c % world, every round, so the state a client
-    keeps between rounds (its record of A) stays on one rank."""
-    return [c for c in sampled if c % world == rank]
+def evaluate(run, rnd):
+    """The server's w(t) on the held-out set, every --eval_every rounds and at the last: (token-weighted mean
+    loss, Rouge-L at the last round or None), the same definitions in every script; (None, None) otherwise."""
+    args = run.args
+    if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
+        return None, None
+    for p, w in zip(run.params, run.server["w"]):
+        p.copy_(w)
+    loss = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id)
+    with_rouge = bool(run.rouge_set) and rnd in (0, args.rounds)
+    return loss, (tasks.heldout_rouge_l(run.model, run.tokenizer, run.rouge_tok, [e["target"] for e in run.rouge_set],
+                                        args.max_new_tokens) if with_rouge else None)
 
 
-def rows_per_rank(sampled, world):
-    """Rows of each rank's gather/scatter tensor: collectives need equal shapes, so the largest rank's count."""
-    return max(len(owned(sampled, r, world)) for r in range(world))
+def log_round_zero(run):
+    t0 = time.time()
+    loss, rouge = evaluate(run, 0)
+    run.files.metric({"round": 0, "train_loss": None, "eval_loss": loss, "rougeL": rouge, "upload_bytes": None,
+                      "download_bytes": None, "seconds": time.time() - t0, "sync_seconds": None,
+                      "replay_max_abs_diff": None})
+    run.progress.log(f"round 0: held-out loss {loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
 
 
-def upload_row_bytes(K, local_steps):
-    """One client's row in `gather_uploads`: uint32 length, float64 train loss, float64 sync seconds, and the
-    longest possible upload."""
-    return 4 + 8 + 8 + 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
-
-
-def gather_uploads(mine, sampled, rank, world, K, local_steps, device):
-    """Every rank's {client: (upload message, mean train loss, sync seconds)} -> rank 0, as a list in the round's
-    client order. One `dist.gather` of a uint8 tensor [rows, row_bytes] from each rank: row i holds the rank's
-    i-th client of the round (uint32 message length, the two float64 -- for metrics.jsonl only --, the message,
-    zeros up to the longest possible upload); a rank with fewer clients sends rows of zeros."""
-    rows, width = rows_per_rank(sampled, world), upload_row_bytes(K, local_steps)
-    buf = np.zeros((rows, width), dtype=np.uint8)
-    for i, c in enumerate(owned(sampled, rank, world)):
-        msg, loss, sync_s = mine[c]
-        buf[i, :20] = np.frombuffer(np.uint32(len(msg)).tobytes() + np.float64(loss).tobytes()
-                                    + np.float64(sync_s).tobytes(), np.uint8)
-        buf[i, 20:20 + len(msg)] = np.frombuffer(msg, np.uint8)
-    mine_t = torch.from_numpy(buf).to(device)
-    parts = [torch.empty_like(mine_t) for _ in range(world)] if rank == 0 else None
-    collective(dist.gather, mine_t, parts, dst=0)
-    if rank != 0:
-        return None
-    got = {}
-    for r, part in enumerate(parts):
-        part = part.cpu().numpy()
-        for i, c in enumerate(owned(sampled, r, world)):
-            n = int(part[i, :4].view(np.uint32)[0])
-            got[c] = (part[i, 20:20 + n].tobytes(), float(part[i, 4:12].view(np.float64)[0]),
-                      float(part[i, 12:20].view(np.float64)[0]))
-    return [got[c] for c in sampled]
-
-
-def scatter_downloads(downs, sampled, rank, world, K, pro, device):
-    """Rank 0's {client: download message} -> each client's own rank. One `dist.scatter` of uint8 tensors
-    [rows, 4 + longest download]: row i = the rank's i-th client of the round (uint32 length + message, zero
-    padded). Each rank receives only its own clients' messages. -> {client: message} for this rank's clients."""
-    rows, width = rows_per_rank(sampled, world), 4 + max_download_bytes(K, pro)
-    parts = None
-    if rank == 0:
-        parts = []
-        for r in range(world):
-            buf = np.zeros((rows, width), dtype=np.uint8)
-            for i, c in enumerate(owned(sampled, r, world)):
-                buf[i, :4] = np.frombuffer(np.uint32(len(downs[c])).tobytes(), np.uint8)
-                buf[i, 4:4 + len(downs[c])] = np.frombuffer(downs[c], np.uint8)
-            parts.append(torch.from_numpy(buf).to(device))
-    mine_t = torch.empty((rows, width), dtype=torch.uint8, device=device)
-    collective(dist.scatter, mine_t, parts, src=0)
-    mine_np = mine_t.cpu().numpy()
-    return {c: mine_np[i, 4:4 + int(mine_np[i, :4].view(np.uint32)[0])].tobytes()
-            for i, c in enumerate(owned(sampled, rank, world))}
-
-
-def wire_ledger(rnd, sampled, world, K, local_steps, pro):
-    """The bytes round `rnd`'s collectives moved, per rank (what ledger.jsonl records with "rank"): tensor
-    payloads as `scatter_downloads` / `gather_uploads` build them, padding included; rank 0's own part stays
-    local. The transport's own framing (gloo/NCCL headers, TCP) is not counted."""
-    rows = rows_per_rank(sampled, world)
-    down, up = rows * (4 + max_download_bytes(K, pro)), rows * upload_row_bytes(K, local_steps)
-    entries = [{"round": rnd, "rank": 0, "clients": owned(sampled, 0, world), "sent": (world - 1) * down,
-                "received": (world - 1) * up}]
-    entries += [{"round": rnd, "rank": r, "clients": owned(sampled, r, world), "sent": up, "received": down}
-                for r in range(1, world)]
-    return entries
+def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
+    """The round's ledger lines, metrics row and checkpoint (in that order: a crash between them redoes the round),
+    and its summary line."""
+    sampled = list(sent)
+    loss, rouge = evaluation
+    run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(u)} for c, (u, _) in zip(sampled, uploads)]
+                     + run.transport.wire_ledger(rnd, sampled))
+    finite = [s["loss"] for _, s in uploads if math.isfinite(s["loss"])]
+    row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": loss, "rougeL": rouge,
+           "upload_bytes": float(np.mean([len(u) for u, _ in uploads])),
+           "download_bytes": float(np.mean([len(m) for m in sent.values()])),
+           "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
+           "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
+           "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])),
+           "replay_max_abs_diff": max(replays_checked) if replays_checked else None}
+    save_checkpoint(run.out / "checkpoint.pt", run.server, run.config)
+    run.files.metric(row)
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(loss)}, "
+                     f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, "
+                     f"replay max |diff| {'-' if row['replay_max_abs_diff'] is None else format(row['replay_max_abs_diff'], 'g')}"
+                     f"; {row['seeds_touched']} seeds touched)")
 
 
 # ----------------------------------------------------------------------------------------------------
-# the round loop
+# the run: set up, the round loop, the end
 # ----------------------------------------------------------------------------------------------------
-def train(args):
-    import tasks
-
-    out = Path(args.output_dir)
-    rank, world = rank_and_device(args)  # (0, 1) without torchrun; the process group is formed further down
-    config = {k: v for k, v in vars(args).items()}
-    kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
-    ckpt_path = out / "checkpoint.pt"
+def setup(args):
+    """Everything the rounds need, in one namespace: model and w0, data, seeds, the server's state (on the server's
+    process), each client's record of A (on its own rank), the transport, the run's files and the progress bars."""
+    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)), diffs=[])
+    run.kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
+    run.transport = transport = tasks.transport_from_env(args.device)
+    args.device = transport.device
     # fail fast, before the slow parts; under torchrun every rank loads it (a shared --output_dir, or a copy)
-    state = load_checkpoint(ckpt_path, config) if args.resume else None
-    if rank != 0:  # rank 0 speaks for the run: the other ranks print nothing (errors aside)
+    state = load_checkpoint(run.out / "checkpoint.pt", run.config) if args.resume else None
+    if not transport.is_server:  # rank 0 speaks for the run: the other ranks print nothing (errors aside)
         sys.stdout = open(os.devnull, "w")
     if args.dtype != "float32":
         print(f"warning: --dtype {args.dtype}: ZO updates lr*g*z (~1e-7) are below its resolution and mostly "
               "round away; float32 is recommended", file=sys.stderr)
     if not HAVE_COMPILED_OPS:
-        print("note: compiled ops not found (pip install --no-build-isolation -e .): "
-              "using the slow Python reference of z")
-
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    join_group(args, world)  # after loading: see join_group
-    device = torch.device(args.device if world > 1 and args.device.startswith("cuda") else "cpu")  # of collectives
-    params, offsets = trainable(model)  # the working weights: a client's, while it syncs and trains
-    w0 = [p.clone() for p in params]  # the pretrained weights every party holds (read-only from here on)
-    pad_id = tokenizer.pad_token_id
-    data, n_sampled = load_data(args, tokenizer)
-    N, K = len(data.clients), args.K
-    seeds = candidate_seeds(args.seed, K)
+        print("note: compiled ops not found (pip install --no-build-isolation -e .): using the slow Python reference of z")
+    run.model, run.tokenizer = tasks.load_model(args.model, "sft", dtype=args.dtype, device=args.device)
+    run.model.eval()
+    transport.join(args.dist_timeout)  # after loading: see Ranks.join
+    run.params, run.offsets = trainable(run.model)  # the working weights: a client's, while it syncs and trains
+    run.w0 = [p.clone() for p in run.params]  # the pretrained weights every party holds (read-only from here on)
+    run.pad_id = run.tokenizer.pad_token_id
+    data, run.n_sampled = load_data(args, run.tokenizer)
+    run.clients, N, K = data.clients, len(data.clients), args.K
+    run.seeds = candidate_seeds(args.seed, K)
     eval_set = tasks.subsample(data.test, args.eval_samples, args.seed)  # the same examples as the other scripts
-    eval_tok = tasks.tokenize_examples(tokenizer, eval_set, args.max_length)
+    run.eval_tok = tasks.tokenize_examples(run.tokenizer, eval_set, args.max_length)
     rouge_set = eval_set if args.rouge_samples is None else tasks.subsample(data.test, args.rouge_samples, args.seed)
-    rouge_set = rouge_set if args.rouge_samples != 0 else []
-    rouge_tok = tasks.tokenize_examples(tokenizer, rouge_set, args.max_length, log=None)
-    tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
-
-    total = sum(p.numel() for p in params)
-    if rank == 0:  # outputs are rank 0's job
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "config.json", "w") as f:
-            json.dump({**config, "clients": N, "sampled_per_round": n_sampled, "trainable_params": total,
-                       "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__, "ranks": world}, f, indent=2)
+    run.rouge_set = rouge_set if args.rouge_samples != 0 else []
+    run.rouge_tok = tasks.tokenize_examples(run.tokenizer, run.rouge_set, args.max_length, log=None)
+    run.tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
+    total = sum(p.numel() for p in run.params)
     print(data.summary)
     print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
-          f"{N} clients, {n_sampled} per round, K={K}, {args.local_steps} steps, "
+          f"{N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} steps, "
           f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}"
-          + (f"; {world} ranks (torchrun), rank 0 the server, client c on rank c % {world}" if world > 1 else ""),
-          flush=True)
+          + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
+             if transport.world > 1 else ""), flush=True)
 
-    # server state (rank 0): A(t) for every round so far, the round each client last synced to, Pro's history.
+    # server state: A(t) for every round so far, the round each client last synced to, Pro's history, and w(t).
     # Everything the next round depends on is in the checkpoint; the global model is w0 + sum_k A_k z_k.
-    A_history = [np.zeros(K, dtype=np.float32)]  # A(0) = 0: the pretrained model
-    last_sync = np.zeros(N, dtype=np.int64)
-    hist_sum = np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip, args.bias_loss_clip))))
-    hist_count = np.ones(K, dtype=np.int64)
-    start = 0
-    metrics_path, ledger_path = out / "metrics.jsonl", out / "ledger.jsonl"
-    if state is not None:
-        start = state["round"]
-        A_history = list(state["A_history"].numpy())
-        last_sync = state["last_sync"].numpy().copy()
-        hist_sum, hist_count = state["hist_sum"].numpy().copy(), state["hist_count"].numpy().copy()
-        for path in (metrics_path, ledger_path) if rank == 0 else ():  # drop lines of rounds after the checkpoint
-            lines = path.read_text().splitlines() if path.exists() else []
-            path.write_text("".join(l + "\n" for l in lines if json.loads(l)["round"] <= start))
-        print(f"resumed from {ckpt_path} after round {start}")
-    elif rank == 0:
-        metrics_path.write_text("")
-        ledger_path.write_text("")
+    server = state or {"round": 0, "A_history": [np.zeros(K, dtype=np.float32)],  # A(0) = 0: the pretrained model
+                       "last_sync": np.zeros(N, dtype=np.int64),
+                       "hist_sum": np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip,
+                                                                 args.bias_loss_clip)))),
+                       "hist_count": np.ones(K, dtype=np.int64)}
+    run.start = server.pop("round")
     # client state, on the client's own rank: its record of A (float32[K], 16 KB at K = 4096) besides w0. A device
     # keeps it itself; on resume the simulation takes it from the server's history, where it is by construction.
-    client_A = {c: A_history[last_sync[c]].copy() for c in range(N) if c % world == rank}
-    server_w = [p.clone() for p in w0] if rank == 0 else None  # w(t), for evaluation and the replay check
-    if rank == 0:
-        sync_model(server_w, w0, offsets, seeds, A_history[-1], kind)
+    run.client_A = {c: server["A_history"][server["last_sync"][c]].copy() for c in transport.mine(range(N))}
+    run.server = None  # on the other ranks
+    if transport.is_server:
+        run.server = server
+        server["w"] = [p.clone() for p in run.w0]  # w(t), for evaluation and the replay check
+        sync_model(server["w"], run.w0, run.offsets, run.seeds, server["A_history"][-1], run.kind)
+    run.files = tasks.RunFiles(run.out, active=transport.is_server)
+    run.files.start({**run.config, "clients": N, "sampled_per_round": run.n_sampled, "trainable_params": total,
+                     "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__, "ranks": transport.world},
+                    resumed_round=run.start if state else None)
+    if state:
+        print(f"resumed from {run.out / 'checkpoint.pt'} after round {run.start}")
+    run.progress = tasks.Progress(rounds=(args.rounds, run.start), clients=run.n_sampled, steps=args.local_steps)
+    return run
 
-    def log_row(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
-    def evaluate_global(with_rouge):  # the server's w(t), in the working model
-        for p, w in zip(params, server_w):
-            p.copy_(w)
-        loss = tasks.heldout_loss(model, eval_tok, pad_id)
-        return loss, (tasks.heldout_rouge_l(model, tokenizer, rouge_tok, [e["target"] for e in rouge_set],
-                                            args.max_new_tokens) if with_rouge else None)
-
-    bars = progress_bars()
-    if bars:
-        log = functools.partial(bars.console.print, markup=False, highlight=False)
-    else:
-        log = functools.partial(print, flush=True)
-    if bars:
-        bars.start()
-        t_rounds = bars.add_task("rounds", total=args.rounds, completed=start)
-        t_clients = bars.add_task("clients", total=n_sampled)
-        t_steps = bars.add_task("steps", total=args.local_steps)
-    rnd = start
+def train(args):
+    """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
+    client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
+    run = setup(args)
+    transport, progress = run.transport, run.progress
+    if run.start == 0:
+        transport.on_server(log_round_zero, run)  # the pretrained model
+    rnd = run.start
     try:
-        if start == 0 and rank == 0:
+        for rnd in range(run.start + 1, args.rounds + 1):
             t0 = time.time()
-            eval_loss, rouge = evaluate_global(bool(rouge_set))
-            log_row({"round": 0, "train_loss": None, "eval_loss": eval_loss, "rougeL": rouge, "upload_bytes": None,
-                     "download_bytes": None, "seconds": time.time() - t0, "sync_seconds": None,
-                     "replay_max_abs_diff": None})
-            log(f"round 0: held-out loss {eval_loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
-        for rnd in range(start + 1, args.rounds + 1):
-            t0 = time.time()
-            sampled = sample_clients(args.seed, rnd, N, n_sampled)  # every rank draws the same clients
-            mine = owned(sampled, rank, world)  # this rank's clients (all of them in one process)
-            # server: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances)
-            sent = {}
-            if rank == 0:
-                importance = seed_importance(hist_sum, hist_count) if args.bias_sampling else None
-                sent = {c: encode_download(A_history[-1], A_history[last_sync[c]], importance) for c in sampled}
-            last_sync[sampled] = rnd - 1
-            # what this rank's clients receive: under torchrun each rank gets its own clients' messages
-            downs = scatter_downloads(sent, sampled, rank, world, K, args.bias_sampling, device) if world > 1 else sent
-            results, replays, diffs = {}, {}, []  # replays: A's bytes -> (weights, seconds), reused within the round
-            if bars:
-                bars.reset(t_clients, total=len(mine))
-            for j, c in enumerate(mine):
-                # client c: apply its download to its own state (w0, its record of A), then train from there
-                client_A[c], importance_c = decode_download(downs[c], client_A[c])
-                key = client_A[c].tobytes()
-                if key not in replays:
-                    ts = time.time()
-                    sync_model(params, w0, offsets, seeds, client_A[c], kind)
-                    replays[key] = ([p.clone() for p in params] if j + 1 < len(mine) else None, time.time() - ts)
-                    if server_w is not None:  # the simulation checks the replay against the server's w(t-1)
-                        diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(params, server_w)))
-                else:  # same state (w0), same record of A: the same bits by construction, so copy the first replay
-                    for p, w in zip(params, replays[key][0]):
-                        p.copy_(w)
-                sync_s = replays[key][1]  # what this client's replay costs a device (once per distinct A here)
-                probs = seed_probabilities(importance_c) if importance_c is not None else None
-                if c not in tokenized:
-                    tokenized[c] = tasks.tokenize_examples(tokenizer, data.clients[c], args.max_length, log=None)
-                if bars:
-                    bars.reset(t_steps, total=args.local_steps, description=f"client {c}")
-                step_cb = (lambda s, l: bars.advance(t_steps)) if bars else None
+            sampled = sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
+            # 1. server -> clients: the entries of A(t-1) each client lacks; each rank receives its own clients'
+            sent = transport.on_server(server_downloads, run.server, sampled, args.bias_sampling)
+            downloads = transport.scatter(sent, sampled, max_download_bytes(args.K, args.bias_sampling))
+            results, replays, run.diffs = {}, {}, []
+            progress.reset("clients", len(transport.mine(sampled)))
+            for j, c in enumerate(transport.mine(sampled)):
+                # 2. client c: apply the download to its own state (w0, its record of A): replay to w(t-1)
+                run.client_A[c], importance = decode_download(downloads[c], run.client_A[c])
+                sync_seconds = replay(run, run.client_A[c], replays, keep=j + 1 < len(transport.mine(sampled)))
+                # 3. local ZO steps on its data (seeds drawn uniformly, or by Pro's probabilities) -> (seed, g) pairs
+                probs = seed_probabilities(importance) if importance is not None else None
+                examples = client_examples(run, c)
+                progress.reset("steps", args.local_steps, f"client {c}")
                 tc = time.time()
-                up, loss = client_update(model, params, offsets, tokenized[c], probs, seeds, args, rnd, c, pad_id,
-                                         on_step=step_cb)
-                results[c] = (up, loss, sync_s)
-                log(f"round {rnd} client {c} ({j + 1}/{len(mine)}{' on rank 0' if world > 1 else ''}): "
-                    f"{len(tokenized[c])} examples, loss {loss:.4f}, sync {sync_s:.2f} s, "
-                    f"{(time.time() - tc) / args.local_steps:.2f} s/step, "
-                    f"down {len(downs[c])} B, up {len(up)} B")  # (only rank 0's lines are shown)
-                if bars:
-                    bars.advance(t_clients)
+                up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
+                                         run.pad_id, on_step=lambda *_: progress.advance("steps"))
+                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds})
+                progress.log(f"round {rnd} client {c} ({j + 1}/{len(transport.mine(sampled))}): {len(examples)} "
+                             f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
+                             f"{(time.time() - tc) / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
+                progress.advance("clients")
             replays.clear()
-            if world > 1:  # the uploads of every rank's clients -> rank 0, in the round's client order
-                gathered = gather_uploads(results, sampled, rank, world, K, args.local_steps, device)
-            else:
-                gathered = [results[c] for c in sampled]
-            if rank != 0:
-                continue  # the rest of the round (aggregation, statistics, outputs) is the server's
-            # server: aggregate the round into A, and compute the global model w(t) it defines
-            uploads, losses = [u for u, _, _ in gathered], [l for _, l, _ in gathered]
-            coefs = server_aggregate(uploads, K, args.lr)
-            A_history.append(A_history[-1] + coefs)  # float32 + float32: A(t) = A(t-1) + a(t)
-            sync_model(server_w, w0, offsets, seeds, A_history[-1], kind)
-            if args.bias_sampling:
-                update_seed_history(hist_sum, hist_count, uploads, K, args.bias_loss_clip)
-            ledger = [{"round": rnd, "client": c, "down": len(sent[c]), "up": len(u)} for c, u in zip(sampled, uploads)]
-            if world > 1:
-                ledger += wire_ledger(rnd, sampled, world, K, args.local_steps, args.bias_sampling)
-            with open(ledger_path, "a") as f:
-                f.writelines(json.dumps(e) + "\n" for e in ledger)
-
-            eval_loss = rouge = None
-            if rnd % args.eval_every == 0 or rnd == args.rounds:
-                eval_loss, rouge = evaluate_global(rnd == args.rounds and bool(rouge_set))
-            finite = [l for l in losses if math.isfinite(l)]
-            row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": eval_loss,
-                   "rougeL": rouge, "upload_bytes": float(np.mean([len(u) for u in uploads])),
-                   "download_bytes": float(np.mean([len(sent[c]) for c in sampled])),
-                   "upload_bytes_total": sum(len(u) for u in uploads),
-                   "download_bytes_total": sum(len(sent[c]) for c in sampled),
-                   "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
-                   "sync_seconds": float(np.mean([s for _, _, s in gathered])),
-                   "replay_max_abs_diff": max(diffs) if world == 1 else None}
-            save_checkpoint(ckpt_path, {  # only after the round is complete on every rank
-                "config": config, "round": rnd, "A_history": torch.from_numpy(np.stack(A_history)),
-                "last_sync": torch.from_numpy(last_sync), "hist_sum": torch.from_numpy(hist_sum),
-                "hist_count": torch.from_numpy(hist_count)})
-            log_row(row)
-            fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-            log(f"round {rnd}/{args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(eval_loss)}, "
-                f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, replay "
-                f"max |diff| {'-' if row['replay_max_abs_diff'] is None else format(row['replay_max_abs_diff'], 'g')}"
-                f"; {row['seeds_touched']} seeds touched)")
-            if bars:
-                bars.advance(t_rounds)
+            # 4. clients -> server: the uploads, in the round's client order
+            uploads = transport.gather(results, sampled, max_upload_bytes(args.K, args.local_steps),
+                                       ("loss", "sync_seconds"))
+            # 5. server: A(t) = A(t-1) + a(t) and the model w(t) it defines; evaluate it; write the round
+            coefs = transport.on_server(server_update, run.server, uploads, args, run.seeds, run.w0, run.offsets,
+                                        run.kind)
+            evaluation = transport.on_server(evaluate, run, rnd)
+            transport.on_server(log_round, run, rnd, t0, sent, uploads, coefs, evaluation, run.diffs)
+            progress.advance("rounds")
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
-        why = (f"a rank did not answer within {args.dist_timeout:g} s" if str(e) == "timeout"
-               else str(e) if "launcher" in str(e) else "a rank exited")
-        if rank != 0:
-            last = "rank 0 keeps the last complete round in its checkpoint: rerun every rank with --resume"
-        elif rnd > 1:
-            last = f"the last complete checkpoint is round {rnd - 1}: rerun every rank with --resume"
-        else:
-            last = "no round was completed: rerun"
-        raise GroupError(f"rank {rank}: {why} in round {rnd}; {last}") from None
+        raise transport.lost_rank(e, rnd, rnd - 1 if rnd > 1 else None, args.dist_timeout) from None
     finally:
-        if bars:
-            bars.stop()
-    if rank != 0:
-        return model, None
-    for p, w in zip(params, server_w):  # leave the global model w(T) in `model`, and export it
+        progress.close()
+    transport.on_server(finish, run)
+    transport.close()
+    return run.model, run.files.metrics
+
+
+def finish(run):
+    """Leave the global model w(T) in `model`, export it, plot the losses, print the summary."""
+    for p, w in zip(run.params, run.server["w"]):
         p.copy_(w)
-    log(f"wrote {tasks.export_model(model, tokenizer, out / 'model')} (save_pretrained: config, weights, tokenizer)")
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-    if plot_losses(rows, out / "loss.png"):
-        log(f"wrote {out / 'loss.png'}")
-    summarize(rows, ledger_path, log)
-    return model, rows
+    log = run.progress.log
+    log(f"wrote {tasks.export_model(run.model, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
+        "tokenizer)")
+    if run.files.plot("FedKSeed-Pro" if run.args.bias_sampling else "FedKSeed"):
+        log(f"wrote {run.out / 'loss.png'}")
+    summarize(run.files.metrics, run.files.ledger_path, log)
 
 
 def summarize(rows, ledger_path, log):
@@ -1050,19 +841,7 @@ def summarize(rows, ledger_path, log):
 
 
 def main(argv=None):
-    import tasks
-
-    try:
-        args = parse_args(argv)
-        train(args)
-    except (ConfigError, tasks.DataError, tasks.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except GroupError as e:
-        print(f"fedkseed: {e}", file=sys.stderr, flush=True)
-        os._exit(3)  # at once: tearing down a process group that lost a rank can block
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    tasks.run_cli("fedkseed", lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ w = w0 + sum_k A_k z_k over the S seeds with A_k != 0.
             noise of every seed generated on the fly, summed in float32, rounded once).
   official: per seed, `torch.manual_seed(seed)`, then per parameter `z = torch.normal(...)` and an out-of-place
             `p.data = p.data + a * z` (Rademacher: `torch.randint(0, 2, ...) * 2 - 1` in place of normal).
-Both paths cost time proportional to S (each seed's noise is generated for every weight), so by default each is
-timed on a measured number of seeds (--measure, medians of --repeats runs, the two paths interleaved) and the
-time per seed is scaled to S; the table says which. With --full every S is timed in full.
+Both paths cost a fixed part (the copy of w0) plus time proportional to S. By default the project's path is timed
+in full at every S up to --full_max (1024), the official style at two small seed counts (--measure), and a time not
+measured in full is read off the straight line through a path's two largest timed S; the table says which.
+Medians of --repeats runs, the two paths interleaved. With --full every S is timed in full, both paths.
 The script ends with the line `sync speedup at S=1024: N.NNx` (Gaussian).
 """
 import argparse
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fedkseed as fk  # noqa: E402
+import tasks  # noqa: E402
 from bench_zo_step import timed  # noqa: E402
 
 
@@ -42,33 +44,47 @@ def official_style_sync(params, w0, seeds, coefs, kind):
             p.data = p.data + a * z
 
 
+def fit_line(points):
+    """Least-squares t = a + b S through (S, t) points: a is the fixed cost (the copy of w0), b the cost per seed."""
+    S = np.array([p[0] for p in points], dtype=float)
+    t = np.array([p[1] for p in points], dtype=float)
+    b, a = np.polyfit(S, t, 1)
+    return a, b
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=fk.DEFAULT_MODEL)
     ap.add_argument("--seeds", default="64,1024,4096", help="the S to report, comma-separated")
-    ap.add_argument("--measure", type=int, default=32,
-                    help="seeds each path is timed on (scaled to S); the project's path is also timed in full at "
-                         "the smallest S when that is no more than 4x this")
+    ap.add_argument("--measure", default="8,32",
+                    help="the two seed counts the official style is timed at; its time at S is the line through them")
+    ap.add_argument("--full_max", type=int, default=1024,
+                    help="the project's path is timed in full at every S up to this; larger S from the line through "
+                         "its two largest timed S")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--full", action="store_true", help="time every S in full instead of scaling")
+    ap.add_argument("--full", action="store_true", help="time every S in full, both paths (hours at S = 4096)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not fk.HAVE_COMPILED_OPS:
         sys.exit("bench_sync: the compiled ops are not built (pip install --no-build-isolation -e .)")
-    model, _ = fk.load_model(args.model, "float32", "cpu")
+    model, _ = tasks.load_model(args.model, "sft")
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
     n = sum(p.numel() for p in params)
-    sizes = [int(x) for x in args.seeds.split(",")]
+    sizes = sorted(int(x) for x in args.seeds.split(","))
+    measure = sorted(int(x) for x in args.measure.split(","))
+    full_max = max(sizes) if args.full else args.full_max
+    project_sizes = [S for S in sizes if S <= full_max] or sizes[:1]
+    official_sizes = sizes if args.full else measure
     rng = np.random.default_rng(0)
-    all_seeds = fk.candidate_seeds(0, max(sizes))
+    all_seeds = fk.candidate_seeds(0, max(sizes + measure))
     print(f"{args.model}: {n / 1e6:.1f}M float32 weights, {torch.get_num_threads()} threads, "
           f"SIMD level {torch.ops.fedfull.simd_level()}, medians of {args.repeats}")
 
     def project(S, kind):
-        A = np.zeros(max(sizes), dtype=np.float32)
+        A = np.zeros(len(all_seeds), dtype=np.float32)
         A[:S] = rng.normal(size=S).astype(np.float32) * 1e-6
         return lambda: fk.sync_model(params, w0, offsets, all_seeds, A, kind)
 
@@ -78,35 +94,37 @@ def main():
 
     speedup = {}
     for kind, name in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
-        m = min(args.measure, min(sizes))
-        per_seed = {"project": [], "official": []}
-        if not args.full:
-            for _ in range(args.repeats):  # interleaved, so drift hits both alike
-                per_seed["project"].append(timed(project(m, kind)) / m)
-                per_seed["official"].append(timed(official(m, kind)) / m)
-            med = {k: statistics.median(v) for k, v in per_seed.items()}
-        print(f"\n{name}: per seed {'(timed on %d seeds)' % m if not args.full else ''}"
-              + (f" project {med['project'] * 1e3:.1f} ms ({n / med['project'] / 1e9:.2f} G weights/s), "
-                 f"official {med['official'] * 1e3:.1f} ms ({n / med['official'] / 1e9:.2f} G weights/s)"
-                 if not args.full else ""))
+        times = {("project", S): [] for S in project_sizes} | {("official", S): [] for S in official_sizes}
+        for _ in range(args.repeats):  # interleaved, so drift hits both paths alike
+            for S in project_sizes:
+                times[("project", S)].append(timed(project(S, kind)))
+            for S in official_sizes:
+                times[("official", S)].append(timed(official(S, kind)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        line = {path: fit_line([(S, t) for (p, S), t in med.items() if p == path][-2:])
+                for path in ("project", "official")}
+        print(f"\n{name}: timed medians " + ", ".join(f"{p} S={S}: {t:.2f} s" for (p, S), t in med.items()))
+        for path, (a, b) in line.items():
+            print(f"  {path}: {b * 1e3:.1f} ms per seed ({n / b / 1e9:.2f} G weights/s) + {a:.2f} s fixed")
         print(f"{'S':>6} {'project s':>10} {'official s':>11} {'speedup':>8}  how")
         for S in sizes:
-            if args.full:
-                tp = statistics.median(timed(project(S, kind)) for _ in range(args.repeats))
-                to = statistics.median(timed(official(S, kind)) for _ in range(args.repeats))
-                how = "timed in full"
-            else:
-                tp, to = med["project"] * S, med["official"] * S
-                how = f"per-seed medians x {S}"
-                if S == min(sizes) and S <= 4 * m:  # check the scaling on the project's path at the smallest S
-                    full = statistics.median(timed(project(S, kind)) for _ in range(args.repeats))
-                    how += f" (project timed in full at S={S}: {full:.2f} s)"
-            speedup[(name, S)] = to / tp
-            print(f"{S:>6} {tp:>10.2f} {to:>11.2f} {to / tp:>7.2f}x  {how}")
+            how = []
+            t = {}
+            for path in ("project", "official"):
+                if (path, S) in med:
+                    t[path] = med[(path, S)]
+                    how.append(f"{path} timed")
+                else:
+                    a, b = line[path]
+                    t[path] = a + b * S
+                    how.append(f"{path} from its line")
+            speedup[(name, S)] = t["official"] / t["project"]
+            print(f"{S:>6} {t['project']:>10.2f} {t['official']:>11.2f} {speedup[(name, S)]:>7.2f}x  {', '.join(how)}")
     if ("rademacher", 1024) in speedup:
         print(f"\nrademacher sync speedup at S=1024: {speedup[('rademacher', 1024)]:.2f}x")
     if ("gaussian", 1024) in speedup:
         print(f"sync speedup at S=1024: {speedup[('gaussian', 1024)]:.2f}x")
+
 
 if __name__ == "__main__":
     main()

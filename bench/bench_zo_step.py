@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fedkseed as fk  # noqa: E402
+import tasks  # noqa: E402
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def main():
     if not fk.HAVE_COMPILED_OPS:
         sys.exit("the compiled ops are not built (pip install --no-build-isolation -e .): nothing fused to measure")
 
-    model, _ = fk.load_model(args.model, "float32", "cpu")
+    model, _ = tasks.load_model(args.model, "sft")
     params, offsets = fk.trainable(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_el = sum(p.numel() for p in params)

@@ -1,4 +1,4 @@
-"""tasks: the data and metrics both scripts share. Every dataset becomes plain lists of dicts.
+"""tasks: the data, metrics and run plumbing the three scripts share. Every dataset becomes plain lists of dicts.
 
 Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task sft):
 
@@ -34,11 +34,15 @@ GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_p
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
              postprocess_predictions, evaluate(examples, predictions) -> {"exact_match", "f1"} (0-100)
 
-Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError
+Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError;
+             tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
 Training:    tasks.load_task_data, local_batches, evaluate, param_groups, SavedActivations, tensor_bytes
              (tasks/training.py: supervised plumbing of fedcybgd.py and fedavg.py)
 Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
-             tasks.write_atomic(path, text), tasks.read_jsonl(path), tasks.Progress(total, done), fmt_bytes(n)
+             tasks.write_atomic(path, text), tasks.save_atomic(path, write), tasks.read_jsonl(path), fmt_bytes(n)
+Run:         (tasks/run.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
+             tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.run_cli(name, fn, *args);
+             tasks.ConfigError, tasks.GroupError; sample_clients, sampled_per_round; check_* for flags
 Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
@@ -47,10 +51,12 @@ is tried. Every problem a user can cause raises tasks.DataError with a one-line 
 from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
-from .outputs import Progress, export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
+from .outputs import export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
 from .lm import (IGNORE_INDEX, collate, generate, heldout_loss, heldout_rouge_l, rouge_l, tokenize_example,
                  tokenize_examples)
 from .partitions import partition, partition_summary
-from .sources import DataError
+from .run import (ConfigError, GroupError, Progress, Ranks, RunFiles, Transport, check_at_least, check_finite,
+                  check_sampling, fill_task_defaults, run_cli, sample_clients, sampled_per_round, save_atomic, transport_from_env)
+from .sources import DataError, hub_reachable
 from .training import (SavedActivations, evaluate, load_task_data, local_batches, param_groups, subsample,
                        tensor_bytes)

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
+from .sources import hub_reachable
+
 
 class ModelError(Exception):
     """An unknown model, a missing weights package, a model that does not fit the task: one line for the user."""
 
 
 CACHE = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull"))
+OFFLINE = ("smollm2-135m", "minilm-l6")  # the packaged models, usable without a network
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,38 +78,35 @@ def minilm_folder():
     return final
 
 
-def hub_reachable(timeout=3.0):
-    """Can the Hugging Face hub be reached? (Offline, transformers would retry for a minute before failing.)"""
-    import socket
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name, task, num_labels=2, dtype="float32", device="cpu"):
-    """-> (model, tokenizer). name: smollm2-135m, minilm-l6, or a Hugging Face id / local folder."""
+    """-> (model, tokenizer). name: smollm2-135m, minilm-l6, or a Hugging Face id / local folder. Offline, a hub id
+    is looked up in the local Hugging Face cache only (transformers would otherwise retry for a minute)."""
     import transformers
     from transformers import AutoTokenizer
     transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
     transformers.utils.logging.disable_progress_bar()
     folder = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}.get(name, lambda: name)()
-    if not Path(folder).exists() and not hub_reachable():
-        raise ModelError(f"cannot load model '{name}': not a local folder, and the Hugging Face hub is "
-                         "unreachable (offline names: smollm2-135m, minilm-l6)")
+    local_only = False
+    if not Path(folder).is_dir():
+        looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1
+        if looks_local:
+            raise ModelError(f"cannot load model '{name}': no such folder (give a local model folder, a hub id, or "
+                             f"an offline name: {', '.join(OFFLINE)})")
+        local_only = not hub_reachable()
     auto = {"sft": transformers.AutoModelForCausalLM, "glue": transformers.AutoModelForSequenceClassification,
             "squad": transformers.AutoModelForQuestionAnswering}[task]
     kwargs = {"num_labels": num_labels} if task == "glue" else {}
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = auto.from_pretrained(folder, dtype=DTYPES[dtype], **kwargs)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=local_only)
+        model = auto.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=local_only, **kwargs)
     except ImportError as e:
         raise ModelError(f"model {name}: missing package ({e})".splitlines()[0]) from None
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load model '{name}' for --task {task}: {str(e).splitlines()[0]}") from None
+        if local_only:
+            raise ModelError(f"cannot load --model {name}: not a local folder, not in the Hugging Face cache, and the "
+                             f"hub is unreachable (offline names: {', '.join(OFFLINE)})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load --model {name} for --task {task}: {first}") from None
     if tok.pad_token is None:  # GPT-2 style tokenizers have no pad token; padded positions are masked anyway
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:

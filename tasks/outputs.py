@@ -1,9 +1,8 @@
 """Run outputs the scripts share: the tuned model in Hugging Face format, atomic text files, jsonl, the
-safetensors wire format of tensor messages, a progress display, byte counts for people."""
+safetensors wire format of tensor messages, byte counts for people."""
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -44,32 +43,6 @@ def pack(message):
 def unpack(wire):
     from safetensors.torch import load
     return load(wire)
-
-
-class Progress:
-    """A rich progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, total, done):
-        self.bar = None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("turns", total=total, completed=done)
-
-    def turn(self, text):
-        if self.bar:
-            self.bar.update(self.task, advance=1, description=text)
-        else:
-            print(text, flush=True)
-
-    def log(self, text):
-        (self.bar.console.print if self.bar else print)(text)
-
-    def close(self):
-        if self.bar:
-            self.bar.stop()
 
 
 def fmt_bytes(n):

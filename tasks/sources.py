@@ -58,7 +58,7 @@ def require_fields(record, fields, where):
         raise DataError(f"{where}: record lacks field(s) {', '.join(missing)} (has: {', '.join(sorted(record))})")
 
 
-def _hub_reachable(timeout=3.0):
+def hub_reachable(timeout=3.0):
     """False when offline mode is set or the hub cannot be reached within `timeout` seconds."""
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
@@ -77,7 +77,7 @@ def load_hub(hub_name, config=None, *, missing, hint):
     missing: the local path that was looked for; hint: the expected layout and how to get it.
     """
     message = f"{missing} not found ({hint}); the hub copy '{hub_name}' is not reachable either"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise DataError(message)
     try:
         import datasets

@@ -171,3 +171,11 @@ def test_truncated_checkpoint_and_torchrun_are_one_line(files, tmp_path):
                            text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_lora_takes_its_own_default_learning_rate():
+    """--lr's help promises 1e-4 / 2e-4 for full fine-tuning and 3e-4 / 5e-4 for LoRA when --lr is not given."""
+    lrs = {(task, method): fa.parse_args(["--task", task, "--method", method]).lr
+           for task in ("sft", "glue") for method in ("full", "lora")}
+    assert lrs == {("sft", "full"): 1e-4, ("sft", "lora"): 3e-4, ("glue", "full"): 2e-4, ("glue", "lora"): 5e-4}
+    assert fa.parse_args(["--method", "lora", "--lr", "1e-3"]).lr == 1e-3

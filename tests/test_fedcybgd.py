@@ -76,7 +76,7 @@ def test_find_blocks(arch):
 
 
 def test_no_layer_stack_is_a_clear_error():
-    with pytest.raises(cy.InputError, match="no nn.ModuleList"):
+    with pytest.raises(cy.ConfigError, match="no nn.ModuleList"):
         cy.find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
@@ -411,8 +411,8 @@ def test_resume_is_bit_exact(tiny_run_files, tmp_path, extra):
     (["--rounds", "0"], "--rounds must be >= 1"),
 ])
 def test_bad_input_is_one_clear_error(argv, message):
-    with pytest.raises(cy.InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        cy.get_config(argv)
+    with pytest.raises(cy.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        cy.parse_args(argv)
 
 
 def test_bad_input_prints_one_line_without_traceback(tiny_run_files, tmp_path):
@@ -426,9 +426,9 @@ def test_bad_input_prints_one_line_without_traceback(tiny_run_files, tmp_path):
 
 def test_a_second_run_into_the_same_folder_needs_resume(tiny_run_files, tmp_path):
     cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1", "--max_new_tokens", "0"))
-    with pytest.raises(cy.InputError, match="already holds a run"):
+    with pytest.raises(cy.ConfigError, match="already holds a run"):
         cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1"))
-    with pytest.raises(cy.InputError, match="differs from the checkpoint's in lr"):
+    with pytest.raises(cy.ConfigError, match="differs from the checkpoint's in lr"):
         cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "2", "--max_new_tokens", "0",
                           "--resume", "--lr", "1e-3"))
 
@@ -475,8 +475,8 @@ def test_glue_and_squad_runs_log_their_metrics(task, tmp_path):
     (["--weight_decay=-0.1"], "--weight_decay must be a finite number >= 0"),
 ])
 def test_non_finite_or_negative_numbers_are_refused(argv, message):
-    with pytest.raises(cy.InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        cy.get_config(argv)
+    with pytest.raises(cy.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cy.parse_args(argv)
 
 
 def run_script(argv):

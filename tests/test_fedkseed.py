@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fedkseed as fk
+import tasks
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 
@@ -249,11 +250,11 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     # the exported model is the global model A defines: the pretrained weights + sum_k A_k z_k
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["A_history"].shape == (3, 16) and all(r["replay_max_abs_diff"] == 0.0 for r in rows[1:])
-    model, _ = fk.load_model(str(tiny_dir), "float32", "cpu")
+    model, _ = tasks.load_model(str(tiny_dir), "sft")
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
     fk.sync_model(params, w0, offsets, fk.candidate_seeds(42, 16), state["A_history"][-1].numpy(), fk.GAUSSIAN)
-    exported, _ = fk.trainable(fk.load_model(str(out / "model"), "float32", "cpu")[0])
+    exported, _ = fk.trainable(tasks.load_model(str(out / "model"), "sft")[0])
     assert all(torch.equal(p, w) for p, w in zip(params, exported))
     assert any(not torch.equal(p, w) for p, w in zip(w0, exported))
 
@@ -269,7 +270,7 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
     assert a["round"] == b["round"] == 4
     assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["last_sync"], b["last_sync"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
-    wa, wb = (fk.trainable(fk.load_model(str(tmp_path / x / "model"), "float32", "cpu")[0])[0] for x in "ab")
+    wa, wb = (fk.trainable(tasks.load_model(str(tmp_path / x / "model"), "sft")[0])[0] for x in "ab")
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -361,7 +362,7 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     flags = ("--rounds", "2", "--rouge_samples", "0")
     fk.main(argv(tiny_dir, dolly, out, *flags))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    model, _ = fk.load_model(str(tiny_dir), "float32", "cpu")
+    model, _ = tasks.load_model(str(tiny_dir), "sft")
     params, offsets = fk.trainable(model)  # the global model the checkpoint's A defines
     fk.sync_model(params, [p.clone() for p in params], offsets, fk.candidate_seeds(42, 16),
                   state["A_history"][-1].numpy(), fk.GAUSSIAN)
