@@ -206,7 +206,7 @@ def sync_model(model, message):
 
 
 # ----------------------------------------------------------------------------------------------------
-# outputs: an atomic checkpoint (global trainable weights + round), metrics, plot
+# checkpoints: the global trainable weights and the round, replaced atomically
 # ----------------------------------------------------------------------------------------------------
 def save_checkpoint(path, global_w, round_, config):
     from safetensors.torch import save_file
@@ -242,7 +242,7 @@ def load_checkpoint(path, global_w, config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the round loop
+# the run: set up, the round's end, the round loop
 # ----------------------------------------------------------------------------------------------------
 def setup(args):
     """Everything the rounds need, in one namespace: model and the names it trains, the server's global weights,

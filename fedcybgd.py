@@ -234,9 +234,6 @@ def _is_float(s):
 
 
 # ----------------------------------------------------------------------------------------------------
-# model: load any Hugging Face model; two packaged defaults work offline
-# ----------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------
 # blocks: one per transformer layer, found from the model's structure (no per-model name lists)
 # ----------------------------------------------------------------------------------------------------
 def _signature(module):
@@ -530,13 +527,7 @@ def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, se
 
 
 # ----------------------------------------------------------------------------------------------------
-# data: per task, lists of examples per client and a held-out list; micro-batches are built per turn
-# ----------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------
-# evaluation of the global model
-# ----------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------
-# outputs: atomic checkpoints of the server state
+# checkpoints of the server state (data, evaluation and the run's files are in tasks/)
 # ----------------------------------------------------------------------------------------------------
 RESUME_FREE = ("rounds", "eval_every", "resume", "device", "output_dir", "dist_timeout")  # may change across a resume
 HEADER_BYTES = 24  # float64 [length, turn loss, peak memory] the transport sends before each upload broadcast

@@ -257,43 +257,56 @@ struct KeySchedule {
   }
 };
 
-FF_AVX512 static inline void philox16_avx512(const KeySchedule& ks, uint64_t base, __m512i x[4]) {  // base..base+15
+// Philox of 32 counters (base .. base + 31): the counters sit in 64-bit lanes (low word, then the 32x32->64-bit
+// product's halves) through all 10 rounds, as four independent chains of 8 interleaved round by round so the
+// multiplier never waits on one chain's latency (about 15% faster than two chains). Output: xa[w] lane j = word
+// w of counter base + j, xb[w] of counter base + 16 + j.
+FF_AVX512 static inline void philox32_avx512(const KeySchedule& ks, uint64_t base, __m512i xa[4], __m512i xb[4]) {
   const __m512i M0 = _mm512_set1_epi64(kPhiloxM0), M1 = _mm512_set1_epi64(kPhiloxM1);
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i ca = _mm512_add_epi64(_mm512_set1_epi64((int64_t)base), iota);
-  __m512i cb = _mm512_add_epi64(_mm512_set1_epi64((int64_t)(base + 8)), iota);
-  // round 0 on the counter (lo, hi, 0, 0): the second product is 0
+  __m512i w0[4], w1[4], w2[4], w3[4];
   __m512i K0 = _mm512_set1_epi64(ks.k0[0]), K1 = _mm512_set1_epi64(ks.k1[0]);
-  __m512i pa0 = _mm512_mul_epu32(ca, M0), pb0 = _mm512_mul_epu32(cb, M0);
-  __m512i a0 = _mm512_xor_si512(_mm512_srli_epi64(ca, 32), K0), a1 = _mm512_setzero_si512();
-  __m512i a2 = _mm512_xor_si512(_mm512_srli_epi64(pa0, 32), K1), a3 = pa0;
-  __m512i b0 = _mm512_xor_si512(_mm512_srli_epi64(cb, 32), K0), b1 = a1;
-  __m512i b2 = _mm512_xor_si512(_mm512_srli_epi64(pb0, 32), K1), b3 = pb0;
+#pragma GCC unroll 4
+  for (int h = 0; h < 4; ++h) {  // round 0 on the counter (lo, hi, 0, 0): the second product is 0
+    __m512i c = _mm512_add_epi64(_mm512_set1_epi64((int64_t)(base + 8 * h)), iota);
+    __m512i p0 = _mm512_mul_epu32(c, M0);
+    w0[h] = _mm512_xor_si512(_mm512_srli_epi64(c, 32), K0);
+    w1[h] = _mm512_setzero_si512();
+    w2[h] = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), K1);
+    w3[h] = p0;
+  }
   for (int r = 1; r < 10; ++r) {
     K0 = _mm512_set1_epi64(ks.k0[r]); K1 = _mm512_set1_epi64(ks.k1[r]);
-    pa0 = _mm512_mul_epu32(a0, M0); __m512i pa1 = _mm512_mul_epu32(a2, M1);
-    pb0 = _mm512_mul_epu32(b0, M0); __m512i pb1 = _mm512_mul_epu32(b2, M1);
-    a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a1, K0, 0x96);   // a ^ b ^ c
-    a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a3, K1, 0x96);
-    a1 = pa1; a3 = pa0;
-    b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b1, K0, 0x96);
-    b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b3, K1, 0x96);
-    b1 = pb1; b3 = pb0;
+    __m512i p0[4], p1[4];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) { p0[h] = _mm512_mul_epu32(w0[h], M0); p1[h] = _mm512_mul_epu32(w2[h], M1); }
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      w0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1[h], 32), w1[h], K0, 0x96);   // a ^ b ^ c
+      w2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0[h], 32), w3[h], K1, 0x96);
+      w1[h] = p1[h]; w3[h] = p0[h];
+    }
   }
-  x[0] = pack_lo32_avx512(a0, b0); x[1] = pack_lo32_avx512(a1, b1);
-  x[2] = pack_lo32_avx512(a2, b2); x[3] = pack_lo32_avx512(a3, b3);
+  xa[0] = pack_lo32_avx512(w0[0], w0[1]); xa[1] = pack_lo32_avx512(w1[0], w1[1]);
+  xa[2] = pack_lo32_avx512(w2[0], w2[1]); xa[3] = pack_lo32_avx512(w3[0], w3[1]);
+  xb[0] = pack_lo32_avx512(w0[2], w0[3]); xb[1] = pack_lo32_avx512(w1[2], w1[3]);
+  xb[2] = pack_lo32_avx512(w2[2], w2[3]); xb[3] = pack_lo32_avx512(w3[2], w3[3]);
 }
 
-// z of 16 counters from ctr: z[l] lane j = z of element 4 (ctr + j) + l (the generator's counter-major order)
-FF_AVX512 static inline void gaussian16_avx512(const KeySchedule& ks, uint64_t ctr, __m512 z[4]) {
-  __m512i x[4];
-  philox16_avx512(ks, ctr, x);
-  for (int h = 0; h < 2; ++h) {
-    __m512 r = _mm512_sqrt_ps(mtlu_avx512(x[2 * h]));
-    __m512 cs, sn;
-    sincos_avx512(x[2 * h + 1], &cs, &sn);
-    z[2 * h] = _mm512_mul_ps(r, cs);
-    z[2 * h + 1] = _mm512_mul_ps(r, sn);
+// z of 32 counters from ctr: z[g][l] lane j = z of element 4 (ctr + 16 g + j) + l. The four Box-Muller pairs are
+// independent, so they are written side by side for the same reason as the Philox chains.
+FF_AVX512 static inline void gaussian32_avx512(const KeySchedule& ks, uint64_t ctr, __m512 z[2][4]) {
+  __m512i x[2][4];
+  philox32_avx512(ks, ctr, x[0], x[1]);
+  __m512 r[4], cs[4], sn[4];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) r[q] = _mm512_sqrt_ps(mtlu_avx512(x[q >> 1][2 * (q & 1)]));
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) sincos_avx512(x[q >> 1][2 * (q & 1) + 1], &cs[q], &sn[q]);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {  // q = 2 g + h: group g, Box-Muller pair h -> z[g][2 h], z[g][2 h + 1]
+    z[q >> 1][2 * (q & 1)] = _mm512_mul_ps(r[q], cs[q]);
+    z[q >> 1][2 * (q & 1) + 1] = _mm512_mul_ps(r[q], sn[q]);
   }
 }
 
@@ -316,13 +329,14 @@ FF_AVX512 static inline void to_element_order_avx512(const __m512 z[4], float* o
 
 FF_AVX512 static void gaussian_block_avx512(uint64_t seed, uint64_t ctr0, float* out, const char* pf) {
   const KeySchedule ks(seed);
-  for (int64_t c = 0; c < kBlockCounters; c += 16) {
-    if (pf) {   // 16 counters = 64 floats = 4 cache lines
-      for (int l = 0; l < 4; ++l) _mm_prefetch(pf + 16 * c + 64 * l, _MM_HINT_T0);
+  for (int64_t c = 0; c < kBlockCounters; c += 32) {
+    if (pf) {   // 32 counters = 128 floats = 8 cache lines
+      for (int l = 0; l < 8; ++l) _mm_prefetch(pf + 16 * c + 64 * l, _MM_HINT_T0);
     }
-    __m512 z[4];
-    gaussian16_avx512(ks, ctr0 + c, z);
-    to_element_order_avx512(z, out + 4 * c);
+    __m512 z[2][4];
+    gaussian32_avx512(ks, ctr0 + c, z);
+    to_element_order_avx512(z[0], out + 4 * c);
+    to_element_order_avx512(z[1], out + 4 * (c + 16));
   }
 }
 
@@ -332,13 +346,14 @@ FF_AVX512 static void gaussian_block_avx512(uint64_t seed, uint64_t ctr0, float*
 FF_AVX512 static void gaussian_acc_block_avx512(uint64_t seed, uint64_t ctr0, float* acc, float s) {
   const KeySchedule ks(seed);
   const __m512 sv = _mm512_set1_ps(s);
-  for (int64_t c = 0; c < kBlockCounters; c += 16) {
-    __m512 z[4];
-    gaussian16_avx512(ks, ctr0 + c, z);
-    for (int l = 0; l < 4; ++l) {
-      float* a = acc + 4 * c + 16 * l;
-      _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_mul_ps(sv, z[l])));
-    }
+  for (int64_t c = 0; c < kBlockCounters; c += 32) {
+    __m512 z[2][4];
+    gaussian32_avx512(ks, ctr0 + c, z);
+    for (int g = 0; g < 2; ++g)
+      for (int l = 0; l < 4; ++l) {
+        float* a = acc + 4 * (c + 16 * g) + 16 * l;
+        _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_mul_ps(sv, z[g][l])));
+      }
   }
 }
 
