@@ -54,7 +54,7 @@ DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS}
 # flags that change the weights a run produces: a checkpoint resumes only under the same values
 TRAJECTORY = ("task", "dataset", "data_path", "model", "method", "num_clients", "m", "local_steps", "optimizer", "lr",
               "weight_decay", "batch_size", "max_length", "iid", "lora_r", "lora_alpha", "lora_targets", "seed",
-              "dtype")
+              "dtype", "val_samples")
 
 
 def parse_args(argv=None):
@@ -88,6 +88,9 @@ def parse_args(argv=None):
     a("--eval_every", type=int, default=1, help="evaluate every this many rounds (and at round 0 and the end)")
     a("--eval_samples", type=int, default=None, help="held-out examples evaluated; 0 = all (default: 50 sft, "
       "all glue)")
+    a("--val_samples", type=int, default=0, help="validation examples carved from the training data before it is "
+      "split over clients (seeded: the same examples in every script), evaluated beside the test set as val_loss, "
+      "val_<metric>; choose knobs on these, not on the test set. 0 = none")
     a("--max_new_tokens", type=int, default=128, help="sft: tokens generated for Rouge-L (greedy); 0 = no Rouge-L")
     a("--seed", type=int, default=42, help="all randomness derives from (seed, round, client)")
     a("--output_dir", default="out/fedavg", help="config.json, metrics.jsonl, ledger.jsonl, checkpoint, loss.png, "
@@ -109,7 +112,7 @@ def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
     tasks.check_at_least(args, ("rounds", "num_clients", "local_steps", "batch_size", "max_length", "eval_every",
                                 "lora_r"), 1)
-    tasks.check_at_least(args, ("eval_samples", "max_new_tokens"), 0)
+    tasks.check_at_least(args, ("eval_samples", "max_new_tokens", "val_samples"), 0)
     tasks.check_finite(args, ("lr", "lora_alpha"), 0)
     tasks.check_finite(args, ("weight_decay",), 0, strict=False, note=" (0 = none)")
     tasks.check_sampling(args.m, args.num_clients, args.data_path)
@@ -260,7 +263,7 @@ def setup(args):
     run.start = load_checkpoint(run.ckpt_path, run.global_w, run.config) if args.resume else 0
     N = args.num_clients
     run.n_sampled = sampled_per_round(N, args.m)
-    run.clients, run.test = tasks.load_task_data(args, run.tokenizer, N)
+    run.clients, run.val, run.test = tasks.load_task_data(args, run.tokenizer, N)
     run.method = "FedIT (LoRA)" if args.method == "lora" else ("centralized fine-tuning" if N == 1 else "FedAvg (full)")
     trainable = sum(params[n].numel() for n in run.names)
     print(f"{run.method}: {args.model}, {trainable / 1e6:.2f}M of {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
@@ -271,7 +274,7 @@ def setup(args):
     if run.start == 0:
         t0 = time.time()
         run.files.metric({"round": 0, "train_loss": None,
-                          **tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device),
+                          **tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val),
                           "upload_bytes": None, "download_bytes": None, "seconds": round(time.time() - t0, 2),
                           "peak_memory_bytes": None})
         print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in run.files.metrics[-1].items()
@@ -289,7 +292,7 @@ def log_round(run, rnd, t0, turns):
     args = run.args
     row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in turns]))}
     if rnd % args.eval_every == 0 or rnd == args.rounds:
-        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device))
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val))
     row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
                download_bytes=float(np.mean([t["down"] for t in turns])),
                upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),

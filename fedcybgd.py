@@ -168,6 +168,9 @@ def parse_args(argv=None):
                    "(also before training, as round 0, and after the last round)")
     p.add_argument("--eval_samples", type=int, default=None, help="held-out examples evaluated; 0 = all "
                    "(default: 50 sft, all glue, 200 squad)")
+    p.add_argument("--val_samples", type=int, default=0, help="validation examples carved from the training data "
+                   "before it is split over clients (seeded: the same examples in every script), evaluated beside the "
+                   "test set as val_loss, val_<metric>; choose knobs on these, not on the test set. 0 = none")
     p.add_argument("--max_new_tokens", type=int, default=128, help="sft: tokens generated for Rouge-L (greedy, as "
                    "in fedkseed.py and fedavg.py); 0 = no Rouge-L")
     p.add_argument("--seed", type=int, default=42, help="all randomness derives from (seed, round, client)")
@@ -196,7 +199,7 @@ def check_config(args):
     for name in ("rounds", "batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("num_clients", "eval_samples", "max_new_tokens"):
+    for name in ("num_clients", "eval_samples", "max_new_tokens", "val_samples"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if not (math.isfinite(args.head_lr_scale) and args.head_lr_scale >= 0):
@@ -628,7 +631,7 @@ def setup(args):
           + (f"; {transport.world} ranks (torchrun), client c on rank c % {transport.world}, rank 0 evaluates and "
              "writes" if transport.world > 1 else ""))
 
-    run.clients, run.test = tasks.load_task_data(args, run.tokenizer, run.num_clients)
+    run.clients, run.val, run.test = tasks.load_task_data(args, run.tokenizer, run.num_clients)
     run.server = init_server(run.model, run.units)  # under torchrun: every rank's replica, kept equal by the uploads
     run.pretrained = ({n: p.detach().clone() for n, p in run.model.named_parameters()}
                       if args.download_fraction < 1 else None)  # the copy every client starts from
@@ -678,7 +681,7 @@ def evaluate_round(run, r, t0, turns):
     args = run.args
     row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
     if r % args.eval_every == 0 or r == args.rounds:
-        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device))
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val))
     row.update(upload_bytes=sum(t["upload_bytes"] for t in turns) / len(turns),  # mean per client turn
                download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
                upload_bytes_total=sum(t["upload_bytes"] for t in turns),
@@ -697,7 +700,8 @@ def evaluate_round(run, r, t0, turns):
 def evaluate_round_zero(run):
     """Server, before training: the pretrained model's metrics as round 0, and checkpoint 0."""
     t0 = time.time()
-    row = {"round": 0, "train_loss": None, **tasks.evaluate(run.args, run.model, run.tokenizer, run.test, run.device),
+    row = {"round": 0, "train_loss": None, **tasks.evaluate(run.args, run.model, run.tokenizer, run.test, run.device,
+                                                             run.val),
            "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
     row["seconds"] = round(time.time() - t0, 2)
     run.files.metric(row)

@@ -232,7 +232,7 @@ PAPER_ROUNDS = {"dolly": 60, "instruct": 40}  # rounds of the official code's pu
 # flags that change the weights a run produces: a checkpoint resumes only under the same values
 TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
               "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
-              "perturbation", "dtype")
+              "perturbation", "dtype", "val_samples")
 
 
 def parse_args(argv=None):
@@ -270,6 +270,9 @@ def parse_args(argv=None):
     a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation, before "
       "training and at the end); 0 = no Rouge-L; default: the --eval_samples subset")
     a("--max_new_tokens", type=int, default=128, help="generation length for Rouge-L")
+    a("--val_samples", type=int, default=0, help="validation examples carved from the training data before it is "
+      "split over clients (seeded: the same examples in every script), evaluated beside the held-out set as "
+      "val_loss; choose knobs on these, not on the held-out set. 0 = none")
     a("--perturbation", choices=["gaussian", "rademacher"], default="gaussian", help="distribution of z")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -301,8 +304,8 @@ def check_config(args):
         low = 0 if name == "rounds" else 1
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
-    if args.eval_samples < 0 or (args.rouge_samples is not None and args.rouge_samples < 0):
-        raise ConfigError("--eval_samples and --rouge_samples must be >= 0")
+    if args.eval_samples < 0 or args.val_samples < 0 or (args.rouge_samples is not None and args.rouge_samples < 0):
+        raise ConfigError("--eval_samples, --val_samples and --rouge_samples must be >= 0")
     if args.dataset == "dolly" and sampled_per_round(args.num_clients, args.m) < 1:
         raise ConfigError(f"-m {args.m} x --num_clients {args.num_clients} samples no client per round: "
                           f"use -m >= {1 / args.num_clients:g}")
@@ -332,7 +335,7 @@ def trainable(model):
 # ----------------------------------------------------------------------------------------------------
 def load_data(args, tokenizer):
     data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
-                                       tokenizer=tokenizer, max_length=args.max_length)
+                                       tokenizer=tokenizer, max_length=args.max_length, val_samples=args.val_samples)
     n_sampled = sampled_per_round(len(data.clients), args.m)
     if n_sampled < 1:
         raise ConfigError(f"-m {args.m} x {len(data.clients)} clients samples no client per round")
@@ -633,37 +636,43 @@ def client_examples(run, c):
 
 
 def evaluate(run, rnd):
-    """The server's w(t) on the held-out set, every --eval_every rounds and at the last: (token-weighted mean
-    loss, Rouge-L at the last round or None), the same definitions in every script; (None, None) otherwise."""
+    """The server's w(t) on the held-out set, every --eval_every rounds and at the last -> {eval_loss (token-weighted
+    mean, the same definition in every script), rougeL (at round 0 and the last round, else None), and val_loss
+    with --val_samples}; the same keys with None in the other rounds."""
     args = run.args
+    out = {"eval_loss": None, "rougeL": None, **({"val_loss": None} if run.val_tok else {})}
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
-        return None, None
+        return out
     for p, w in zip(run.params, run.server["w"]):
         p.copy_(w)
-    loss = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id)
-    with_rouge = bool(run.rouge_set) and rnd in (0, args.rounds)
-    return loss, (tasks.heldout_rouge_l(run.model, run.tokenizer, run.rouge_tok, [e["target"] for e in run.rouge_set],
-                                        args.max_new_tokens) if with_rouge else None)
+    out["eval_loss"] = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id)
+    if run.rouge_set and rnd in (0, args.rounds):
+        out["rougeL"] = tasks.heldout_rouge_l(run.model, run.tokenizer, run.rouge_tok,
+                                              [e["target"] for e in run.rouge_set], args.max_new_tokens)
+    if run.val_tok:
+        out["val_loss"] = tasks.heldout_loss(run.model, run.val_tok, run.pad_id)
+    return out
 
 
 def log_round_zero(run):
     t0 = time.time()
-    loss, rouge = evaluate(run, 0)
-    run.files.metric({"round": 0, "train_loss": None, "eval_loss": loss, "rougeL": rouge, "upload_bytes": None,
-                      "download_bytes": None, "seconds": time.time() - t0, "sync_seconds": None,
-                      "replay_max_abs_diff": None})
-    run.progress.log(f"round 0: held-out loss {loss:.4f}" + (f", Rouge-L {rouge:.4f}" if rouge is not None else ""))
+    ev = evaluate(run, 0)
+    run.files.metric({"round": 0, "train_loss": None, **ev, "upload_bytes": None, "download_bytes": None,
+                      "seconds": time.time() - t0, "sync_seconds": None, "replay_max_abs_diff": None})
+    run.progress.log(f"round 0: held-out loss {ev['eval_loss']:.4f}"
+                     + (f", Rouge-L {ev['rougeL']:.4f}" if ev["rougeL"] is not None else "")
+                     + (f", validation loss {ev['val_loss']:.4f}" if ev.get("val_loss") is not None else ""))
 
 
 def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
     """The round's ledger lines, metrics row and checkpoint (in that order: a crash between them redoes the round),
     and its summary line."""
     sampled = list(sent)
-    loss, rouge = evaluation
+    loss, rouge = evaluation["eval_loss"], evaluation["rougeL"]
     run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(u)} for c, (u, _) in zip(sampled, uploads)]
                      + run.transport.wire_ledger(rnd, sampled))
     finite = [s["loss"] for _, s in uploads if math.isfinite(s["loss"])]
-    row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, "eval_loss": loss, "rougeL": rouge,
+    row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, **evaluation,
            "upload_bytes": float(np.mean([len(u) for u, _ in uploads])),
            "download_bytes": float(np.mean([len(m) for m in sent.values()])),
            "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
@@ -674,7 +683,8 @@ def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
     run.files.metric(row)
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(loss)}, "
-                     f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, "
+                     + (f"validation loss {fmt(row['val_loss'])}, " if "val_loss" in row else "")
+                     + f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, "
                      f"replay max |diff| {'-' if row['replay_max_abs_diff'] is None else format(row['replay_max_abs_diff'], 'g')}"
                      f"; {row['seeds_touched']} seeds touched)")
 
@@ -712,6 +722,7 @@ def setup(args):
     rouge_set = eval_set if args.rouge_samples is None else tasks.subsample(data.test, args.rouge_samples, args.seed)
     run.rouge_set = rouge_set if args.rouge_samples != 0 else []
     run.rouge_tok = tasks.tokenize_examples(run.tokenizer, run.rouge_set, args.max_length, log=None)
+    run.val_tok = tasks.tokenize_examples(run.tokenizer, data.val, args.max_length, log=None)  # [] without val
     run.tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
     total = sum(p.numel() for p in run.params)
     print(data.summary)

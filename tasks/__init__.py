@@ -4,7 +4,7 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
 
     data = tasks.load_instruction_data(name, data_path=None, num_clients=200, iid="dir0.5", seed=42,
                                        test_category="summarization", test_fraction=0.01, min_size=10,
-                                       tokenizer=None, max_length=1024)
+                                       tokenizer=None, max_length=1024, val_samples=0)
         name "dolly":          test = one whole category (test_category); the other 7 categories are split
                                over num_clients by iid="iid" or label-Dirichlet "dirALPHA" (>= min_size each)
         name "instruct":       Natural Instructions: one client per training task (num_clients is ignored),
@@ -13,6 +13,7 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
         name "alpaca_gpt4_en": test = a seeded test_fraction of the records; the rest split like dolly
         data.clients  list over clients of lists of examples
         data.test     list of held-out examples
+        data.val      val_samples examples carved from the training pool before partitioning (split_validation)
         data.summary  printable text table: client sizes and label mix
         example = {"prompt": str (Alpaca-style template filled in), "target": str (no EOS), "category": str}
 
@@ -28,6 +29,7 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
     score = tasks.heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens)   # what all scripts report
 
 Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
+             tasks.split_validation(examples, n, seed) -> (rest, validation): carved before partitioning
              tasks.partition_summary(parts, labels) -> str
 GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
              compute_metrics(task, predictions, labels) -> dict; example {"text_a", "text_b" or None, "label"}
@@ -54,7 +56,7 @@ from .models import ModelError, load_model
 from .outputs import export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
 from .lm import (IGNORE_INDEX, collate, generate, heldout_loss, heldout_rouge_l, rouge_l, tokenize_example,
                  tokenize_examples)
-from .partitions import partition, partition_summary
+from .partitions import partition, partition_summary, split_validation
 from .run import (ConfigError, GroupError, Progress, Ranks, RunFiles, Transport, check_at_least, check_finite,
                   check_sampling, fill_task_defaults, run_cli, sample_clients, sampled_per_round, save_atomic, transport_from_env)
 from .sources import DataError, hub_reachable

@@ -4,12 +4,12 @@ Every record becomes an example {"prompt": str, "target": str, "category": str}:
 instruction (and its input, if any) filled into an Alpaca-style template, the target is the response
 (the tokenizer appends EOS later). The model is trained on target tokens only.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .partitions import partition, partition_summary
+from .partitions import partition, partition_summary, split_validation
 from .sources import DataError, default_path, load_hub, read_json, read_jsonl, require_fields
 
 # FedKSeed's Dolly template (Alpaca's, with "for the task request").
@@ -46,9 +46,11 @@ class InstructionData:
     clients: list  # clients[j] = list of examples held by client j
     test: list  # held-out examples
     summary: str  # printable table of client sizes and label mix
+    val: list = field(default_factory=list)  # validation examples carved from the training pool (val_samples)
 
     def __repr__(self):
-        return f"InstructionData({len(self.clients)} clients, {sum(map(len, self.clients))} train, {len(self.test)} test)"
+        return (f"InstructionData({len(self.clients)} clients, {sum(map(len, self.clients))} train, {len(self.val)} "
+                f"val, {len(self.test)} test)")
 
 
 # ---------------------------------------------------------------------------------------------- Dolly-15K
@@ -77,8 +79,9 @@ def read_dolly(data_path=None):
     return records
 
 
-def load_dolly(data_path, num_clients, iid, seed, test_category="summarization", min_size=10):
-    """FedKSeed's split: one whole category is the test set, the other 7 are partitioned over clients."""
+def load_dolly(data_path, num_clients, iid, seed, test_category="summarization", min_size=10, val_samples=0):
+    """FedKSeed's split: one whole category is the test set, the other 7 are partitioned over clients (after
+    val_samples of them are carved out for validation)."""
     records = read_dolly(data_path)
     examples = [
         make_example(r["instruction"], r["context"], r["response"], r["category"], DOLLY_TEMPLATE) for r in records
@@ -88,11 +91,13 @@ def load_dolly(data_path, num_clients, iid, seed, test_category="summarization",
         raise DataError(f"unknown Dolly test category '{test_category}': choose one of {', '.join(categories)}")
     train = [e for e in examples if e["category"] != test_category]
     test = [e for e in examples if e["category"] == test_category]
+    train, val = split_validation(train, val_samples, seed)
     labels = [e["category"] for e in train]
     parts = partition(labels, num_clients, iid, seed, min_size=min_size)
     clients = [[train[i] for i in part] for part in parts]
-    head = f"dolly: test = category '{test_category}' ({len(test)} examples), train = {len(categories) - 1} categories, {iid}"
-    return InstructionData(clients, test, head + "\n" + partition_summary(parts, labels))
+    head = (f"dolly: test = category '{test_category}' ({len(test)} examples), train = {len(categories) - 1} "
+            f"categories, {iid}" + (f", {len(val)} of them held out for validation" if val else ""))
+    return InstructionData(clients, test, head + "\n" + partition_summary(parts, labels), val)
 
 
 # --------------------------------------------------------------------------- Natural Instructions (v2 layout)
@@ -152,7 +157,7 @@ def _token_counts(tokenizer, examples, definition, max_length, margin=16):
     return counts
 
 
-def load_natural_instructions(data_path, seed, tokenizer=None, max_length=1024):
+def load_natural_instructions(data_path, seed, tokenizer=None, max_length=1024, val_samples=0):
     """One client per training task; the official sampling, with a token-length filter.
 
     Train tasks: drop instances longer than max_length, drop tasks left with < 20 instances, keep a random
@@ -193,6 +198,13 @@ def load_natural_instructions(data_path, seed, tokenizer=None, max_length=1024):
             keep = rng.choice(len(examples), max(20, int(0.02 * len(examples))), replace=False)
             examples = [examples[i] for i in keep]
         test.extend(examples)
+    if val_samples:  # carved from the pooled training instances, then each client keeps the rest of its own
+        owner = [k for k, c in enumerate(clients) for _ in c]
+        pool, val = split_validation(list(zip(owner, [e for c in clients for e in c])), val_samples, seed)
+        clients = [c for c in ([e for k, e in pool if k == j] for j in range(len(clients))) if c]
+        val = [e for _, e in val]
+    else:
+        val = []
     labels = [e["category"] for c in clients for e in c]
     parts, start = [], 0
     for c in clients:
@@ -200,9 +212,9 @@ def load_natural_instructions(data_path, seed, tokenizer=None, max_length=1024):
         start += len(c)
     head = (
         f"instruct: {len(clients)} clients (one per training task; {len(dropped)} tasks under 20 instances dropped), "
-        f"test = {len(test)} examples from {len(test_names)} tasks"
+        f"test = {len(test)} examples from {len(test_names)} tasks" + (f", {len(val)} validation" if val else "")
     )
-    return InstructionData(clients, test, head + "\n" + partition_summary(parts, labels))
+    return InstructionData(clients, test, head + "\n" + partition_summary(parts, labels), val)
 
 
 # --------------------------------------------------------------------------------------- Alpaca-format json
@@ -242,7 +254,7 @@ def read_alpaca(data_path=None):
     return records
 
 
-def load_alpaca(data_path, num_clients, iid, seed, test_fraction=0.01, min_size=10):
+def load_alpaca(data_path, num_clients, iid, seed, test_fraction=0.01, min_size=10, val_samples=0):
     """A seeded held-out slice is the test set; the rest is partitioned (dirALPHA: quantity skew only)."""
     records = read_alpaca(data_path)
     examples = [
@@ -253,21 +265,25 @@ def load_alpaca(data_path, num_clients, iid, seed, test_fraction=0.01, min_size=
     if n_test >= len(examples):
         raise DataError(f"only {len(examples)} records: too few to hold out {n_test} for testing")
     test = [examples[i] for i in order[:n_test]]
-    train = [examples[i] for i in order[n_test:]]
+    train, val = split_validation([examples[i] for i in order[n_test:]], val_samples, seed)
     labels = [e["category"] for e in train]
     parts = partition(labels, num_clients, iid, seed, min_size=min_size)
-    head = f"alpaca_gpt4_en: test = {len(test)} held-out records, {iid}"
-    return InstructionData([[train[i] for i in p] for p in parts], test, head + "\n" + partition_summary(parts, labels))
+    head = f"alpaca_gpt4_en: test = {len(test)} held-out records, {iid}" + (f", {len(val)} validation" if val else "")
+    return InstructionData([[train[i] for i in p] for p in parts], test, head + "\n" + partition_summary(parts, labels),
+                           val)
 
 
 def load_instruction_data(name, data_path=None, num_clients=200, iid="dir0.5", seed=42, *,
                           test_category="summarization", test_fraction=0.01, min_size=10,
-                          tokenizer=None, max_length=1024):
-    """name -> InstructionData(clients, test, summary). See the package docstring."""
+                          tokenizer=None, max_length=1024, val_samples=0):
+    """name -> InstructionData(clients, test, summary, val). See the package docstring."""
     if name == "dolly":
-        return load_dolly(data_path, num_clients, iid, seed, test_category=test_category, min_size=min_size)
+        return load_dolly(data_path, num_clients, iid, seed, test_category=test_category, min_size=min_size,
+                          val_samples=val_samples)
     if name == "instruct":  # num_clients is the number of training tasks
-        return load_natural_instructions(data_path, seed, tokenizer=tokenizer, max_length=max_length)
+        return load_natural_instructions(data_path, seed, tokenizer=tokenizer, max_length=max_length,
+                                         val_samples=val_samples)
     if name == "alpaca_gpt4_en":
-        return load_alpaca(data_path, num_clients, iid, seed, test_fraction=test_fraction, min_size=min_size)
+        return load_alpaca(data_path, num_clients, iid, seed, test_fraction=test_fraction, min_size=min_size,
+                           val_samples=val_samples)
     raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")

@@ -6,6 +6,7 @@
                and cut that label's examples by p; redraw everything until each client has >= min_size.
                Small ALPHA -> each client sees few labels; large ALPHA -> close to iid.
 (One client per task, for Natural Instructions, is built by its loader.)
+split_validation(examples, n, seed) carves a validation set out of the training pool before any of this.
 
 Randomness comes from one numpy Generator seeded with `seed`, so a seed gives the same split everywhere.
 """
@@ -16,6 +17,19 @@ import numpy as np
 from .sources import DataError
 
 MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum size
+
+
+def split_validation(examples, n, seed):
+    """Carve a validation set of n examples out of the training pool before it is partitioned over clients ->
+    (the pool without them, the validation examples in their original order). A seeded choice (stream 3 of
+    `seed`), so every script given the same data, seed and n holds out the same examples; n = 0 -> (pool, []).
+    Knobs are chosen on validation; the held-out test set is only reported."""
+    if n <= 0:
+        return list(examples), []
+    if n >= len(examples):
+        raise DataError(f"--val_samples {n}: the training data has only {len(examples)} examples")
+    chosen = set(np.random.default_rng([seed, 3]).choice(len(examples), n, replace=False).tolist())
+    return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
 
 
 def parse_iid(iid):

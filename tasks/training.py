@@ -3,11 +3,12 @@ round, evaluation of a global model, weight-decay groups, and the memory a train
 
 `args` is the script's parsed flags; the attributes each function reads are named in its docstring.
 
-    clients, test = tasks.load_task_data(args, tokenizer, num_clients)     # task, dataset, data_path, iid, seed,
-                                                                          # max_length, eval_samples
+    clients, val, test = tasks.load_task_data(args, tokenizer, num_clients)  # task, dataset, data_path, iid,
+                                                                     # seed, max_length, eval_samples, val_samples
     batches = tasks.local_batches(args, examples, tokenizer, device, seed)  # batch_size, grad_accum, local_steps
                                                                           # or local_epochs, task
-    metrics = tasks.evaluate(args, model, tokenizer, test, device)         # task, dataset, max_new_tokens
+    metrics = tasks.evaluate(args, model, tokenizer, test, device, val)    # task, dataset, max_new_tokens;
+                                                                          # + val_loss, val_<metric> when val given
 """
 import math
 
@@ -16,38 +17,47 @@ import torch
 from . import glue, squad
 from .instruction import load_instruction_data
 from .lm import collate, heldout_loss, heldout_rouge_l, tokenize_examples
-from .partitions import partition, partition_summary
+from .partitions import partition, partition_summary, split_validation
 
 
 def load_task_data(args, tokenizer, num_clients):
-    """-> (clients: list of lists of tokenized examples, test: held-out examples as the evaluator wants)."""
+    """-> (clients: list of lists of tokenized examples, val: validation examples as the evaluator wants them or
+    None without --val_samples, test: held-out examples as the evaluator wants them). The validation examples are
+    carved from the training pool before it is partitioned (`split_validation`); the test set is untouched."""
+    val_samples = getattr(args, "val_samples", 0)
     if args.task == "sft":
         data = load_instruction_data(args.dataset, args.data_path, num_clients=num_clients, iid=args.iid,
-                                     seed=args.seed, tokenizer=tokenizer, max_length=args.max_length)
+                                     seed=args.seed, tokenizer=tokenizer, max_length=args.max_length,
+                                     val_samples=val_samples)
         print(data.summary)
         clients = [tokenize_examples(tokenizer, c, args.max_length, log=None) for c in data.clients]
         cut, total = sum(t["truncated"] for c in clients for t in c), sum(len(c) for c in clients)
         print(f"{cut} of {total} training examples longer than --max_length {args.max_length} were truncated")
         test = subsample(data.test, args.eval_samples, args.seed)
-        for e, t in zip(test, tokenize_examples(tokenizer, test, args.max_length, log=None)):
+        for e, t in zip(test + data.val, tokenize_examples(tokenizer, test + data.val, args.max_length, log=None)):
             e["tokens"] = t
-        return clients, test
+        return clients, (data.val if val_samples else None), test
     if args.task == "glue":
         train, dev = glue.load(args.dataset, args.data_path)
+        train, val = split_validation(train, val_samples, args.seed)
         labels = [e["label"] for e in train]
         strat = labels if glue.NUM_LABELS[args.dataset] > 1 else [0] * len(train)  # stsb: no classes
         parts = partition(strat, num_clients, args.iid, args.seed, min_size=min(10, len(train) // num_clients))
-        print(f"{args.dataset}: {len(train)} train, {len(dev)} dev\n" + partition_summary(parts, strat))
+        print(f"{args.dataset}: {len(train)} train, {len(val)} validation, {len(dev)} dev\n"
+              + partition_summary(parts, strat))
         enc = lambda es: [dict(tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=args.max_length),
                                labels=e["label"]) for e in es]
-        return [enc([train[i] for i in part]) for part in parts], enc(subsample(dev, args.eval_samples, args.seed))
+        return ([enc([train[i] for i in part]) for part in parts], enc(val) if val_samples else None,
+                enc(subsample(dev, args.eval_samples, args.seed)))
     train, dev = squad.load(args.data_path)
+    train, val = split_validation(train, val_samples, args.seed)
     parts = partition([0] * len(train), num_clients, "iid", args.seed, min_size=1)
     stride = min(128, args.max_length // 4)  # overlap of the windows a long context is cut into
     clients = [squad.prepare_train_features([train[i] for i in part], tokenizer, args.max_length, stride)
                for part in parts]
     dev = subsample(dev, args.eval_samples, args.seed)
-    return clients, (dev, squad.prepare_eval_features(dev, tokenizer, args.max_length, stride))
+    val = (val, squad.prepare_eval_features(val, tokenizer, args.max_length, stride)) if val_samples else None
+    return clients, val, (dev, squad.prepare_eval_features(dev, tokenizer, args.max_length, stride))
 
 
 def subsample(examples, n, seed):
@@ -87,12 +97,23 @@ def local_batches(args, examples, tokenizer, device, seed):
 
 
 @torch.no_grad()
-def evaluate(args, model, tokenizer, test, device):
+def evaluate(args, model, tokenizer, test, device, val=None):
+    """The held-out metrics of `model` (eval_loss and the task's metrics) -> dict; with `val`, the same on the
+    validation set as val_loss and val_<metric> (no generation there: Rouge-L is a test-set number)."""
+    out = evaluate_one(args, model, tokenizer, test, device, generate=True)
+    if val is not None:
+        out.update({("val_loss" if k == "eval_loss" else f"val_{k}"): v
+                    for k, v in evaluate_one(args, model, tokenizer, val, device, generate=False).items()})
+    return out
+
+
+@torch.no_grad()
+def evaluate_one(args, model, tokenizer, test, device, generate=True):
     model.eval()
     if args.task == "sft":  # the same definitions as fedkseed.py: token-weighted loss, Rouge-L of greedy generations
         tokenized = [e["tokens"] for e in test]
         out = {"eval_loss": heldout_loss(model, tokenized, tokenizer.pad_token_id)}
-        if args.max_new_tokens > 0:
+        if generate and args.max_new_tokens > 0:
             out["rougeL"] = heldout_rouge_l(model, tokenizer, tokenized, [e["target"] for e in test],
                                             args.max_new_tokens)
         return out

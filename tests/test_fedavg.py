@@ -1,5 +1,6 @@
 """fedavg.py: FedAvg's weighted average by hand, FedIT's adapter-only messages, resume, export, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_one_round_is_the_weighted_average_of_the_clients_weights(files, tmp_pat
     fa.main(argv(files, out, "--rounds", "1"))
     args = fa.parse_args(argv(files, tmp_path / "unused", "--rounds", "1"))
     model, tok, names = fa.build_model(args, "cpu")
-    clients, _ = tasks.load_task_data(args, tok, args.num_clients)
+    clients, _, _ = tasks.load_task_data(args, tok, args.num_clients)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     trained, sizes = [], []
     for c in fa.sample_clients(args.seed, 1, args.num_clients, 2):
@@ -179,3 +180,8 @@ def test_lora_takes_its_own_default_learning_rate():
            for task in ("sft", "glue") for method in ("full", "lora")}
     assert lrs == {("sft", "full"): 1e-4, ("sft", "lora"): 3e-4, ("glue", "full"): 2e-4, ("glue", "lora"): 5e-4}
     assert fa.parse_args(["--method", "lora", "--lr", "1e-3"]).lr == 1e-3
+
+
+def test_validation_loss_is_logged(files, tmp_path):
+    rows = fa.main(argv(files, tmp_path / "out", "--rounds", "1", "--val_samples", "4", "--max_new_tokens", "0"))
+    assert [r["round"] for r in rows] == [0, 1] and all(r["val_loss"] > 0 for r in rows)

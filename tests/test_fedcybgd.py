@@ -534,3 +534,8 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_run
     again = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
     assert all(torch.equal(again[n], weights[n]) for n in weights)
     assert (out / "metrics.jsonl").read_text() == rows
+
+
+def test_validation_metrics_are_logged_beside_the_test_metrics(tiny_run_files, tmp_path):
+    metrics = cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1", "--val_samples", "4"))
+    assert all(math.isfinite(m["val_loss"]) for m in metrics) and "val_rougeL" not in metrics[0]

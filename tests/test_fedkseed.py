@@ -411,3 +411,12 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
     lacking = int(np.count_nonzero(A[back - 1].view(np.uint32) != A[back - missed - 2].view(np.uint32)))
     assert missed >= 5 and lacking > 0
     assert entry["down"] == min(1 + 4 + lacking * 6, 1 + 4 * 16)  # sparse or dense, whichever is smaller
+
+
+def test_validation_loss_is_logged_beside_the_held_out_loss(tiny_dir, dolly, tmp_path):
+    """--val_samples: rows that evaluate carry val_loss (from training-pool examples no client holds)."""
+    out = tmp_path / "val"
+    fk.main(argv(tiny_dir, dolly, out, "--val_samples", "4", "--rouge_samples", "0"))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["eval_loss"]) for r in rows)
+    assert len({r["val_loss"] for r in rows}) > 1  # it follows the model

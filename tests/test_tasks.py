@@ -480,3 +480,35 @@ def test_shared_data_loads_as_fedkseed_uses_it():
     ni = tasks.load_instruction_data("instruct", SHARED / "natural-instructions")
     assert 0 < len(ni.clients) <= 51 and {e["category"] for e in ni.test} <= set(
         (SHARED / "natural-instructions/splits/default/test_tasks.txt").read_text().split())
+
+
+# ------------------------------------------------------------------------------------------- validation split
+def test_validation_is_carved_from_training_before_partitioning(tmp_path):
+    """Dolly: the validation examples come from the training categories, are held by no client, never touch the
+    held-out category, and are the same examples for the same seed (every script calls the same loader)."""
+    from test_fedkseed import write_dolly
+    path = write_dolly(tmp_path / "dolly.jsonl", n=80)
+    plain = tasks.load_instruction_data("dolly", path, num_clients=4, iid="iid", seed=7)
+    data = tasks.load_instruction_data("dolly", path, num_clients=4, iid="iid", seed=7, val_samples=10)
+    again = tasks.load_instruction_data("dolly", path, num_clients=4, iid="iid", seed=7, val_samples=10)
+    key = lambda e: (e["prompt"], e["target"])  # noqa: E731
+    val = {key(e) for e in data.val}
+    held = {key(e) for c in data.clients for e in c}
+    assert len(data.val) == 10 and len(val) == 10 and not (val & held)
+    assert all(e["category"] != "summarization" for e in data.val) and data.test == plain.test
+    assert held | val == {key(e) for c in plain.clients for e in c}  # nothing lost: train = clients + validation
+    assert [key(e) for e in again.val] == [key(e) for e in data.val]
+    with pytest.raises(tasks.DataError, match="--val_samples 1000"):
+        tasks.load_instruction_data("dolly", path, num_clients=4, iid="iid", seed=7, val_samples=1000)
+
+
+def test_glue_validation_split_is_disjoint_from_clients_and_dev():
+    from types import SimpleNamespace
+    args = SimpleNamespace(task="glue", dataset="mrpc", data_path=str(FIX / "glue/MRPC"), iid="iid",
+                           seed=3, max_length=64, eval_samples=0, val_samples=1)
+    tok = make_tiny_tokenizer()
+    clients, val, dev = tasks.load_task_data(args, tok, 2)
+    _, none, dev_plain = tasks.load_task_data(SimpleNamespace(**{**vars(args), "val_samples": 0}), tok, 2)
+    ids = lambda es: {tuple(e["input_ids"]) for e in es}  # noqa: E731
+    assert len(val) == 1 and none is None and ids(dev) == ids(dev_plain)
+    assert not (ids(val) & ids([e for c in clients for e in c]))
