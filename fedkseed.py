@@ -210,6 +210,18 @@ def apply_seeds_reference_(p: torch.Tensor, seeds, scales, offset: int, kind: in
     flat.copy_((flat.float() + acc).to(p.dtype))
 
 
+def perturb_multi_reference_(params, seed: int, offsets, scale: float, kind: int) -> None:
+    """perturb_ over a list of tensors, each at its global offset: what one pass over a model does."""
+    for p, off in zip(params, offsets):
+        perturb_reference_(p, seed, off, scale, kind)
+
+
+def apply_seeds_multi_reference_(params, seeds, scales, offsets, kind: int) -> None:
+    """apply_seeds_ over a list of tensors, each at its global offset."""
+    for p, off in zip(params, offsets):
+        apply_seeds_reference_(p, seeds, scales, off, kind)
+
+
 # The names the algorithm below uses: the compiled ops (csrc/, built by `pip install --no-build-isolation -e .`)
 # when importable, else the reference above -- same bits, much slower (train() says so in one line).
 try:
@@ -217,9 +229,11 @@ try:
 
     HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = True, None
     noise, perturb_, apply_seeds_ = torch.ops.fedfull.noise, torch.ops.fedfull.perturb_, torch.ops.fedfull.apply_seeds_
+    perturb_multi_, apply_seeds_multi_ = torch.ops.fedfull.perturb_multi_, torch.ops.fedfull.apply_seeds_multi_
 except ImportError as err:
     HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = False, str(err)
     noise, perturb_, apply_seeds_ = z_reference, perturb_reference_, apply_seeds_reference_
+    perturb_multi_, apply_seeds_multi_ = perturb_multi_reference_, apply_seeds_multi_reference_
 # ---------------------------------------------------------------------------------------------------- end of z
 
 
@@ -441,21 +455,18 @@ def zo_step(model, params, offsets, batch, seed, eps, lr, kind):
     (None, loss) when a loss is not finite (the weights are restored, nothing recorded).
 
     w <- w + eps z;  L+ ;  w <- w - 2 eps z;  L- ;  g = (L+ - L-) / (2 eps);  w <- w + (eps - lr g) z
-    Each pass is one `perturb_` per parameter: fp32 arithmetic, one rounding to the weight dtype.
+    Each pass is one `perturb_multi_` over the parameters (`perturb_` on each): fp32 arithmetic, one rounding to the
+    weight dtype.
     """
-    for p, off in zip(params, offsets):
-        perturb_(p, seed, off, eps, kind)
+    perturb_multi_(params, seed, offsets, eps, kind)  # one call per pass over the model (one launch on CUDA)
     loss_plus = batch_loss(model, batch)
-    for p, off in zip(params, offsets):
-        perturb_(p, seed, off, -2.0 * eps, kind)
+    perturb_multi_(params, seed, offsets, -2.0 * eps, kind)
     loss_minus = batch_loss(model, batch)
     if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-        for p, off in zip(params, offsets):
-            perturb_(p, seed, off, eps, kind)
+        perturb_multi_(params, seed, offsets, eps, kind)
         return None, loss_plus
     g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps)))  # what the client uploads, as float32
-    for p, off in zip(params, offsets):
-        perturb_(p, seed, off, eps - lr * g, kind)
+    perturb_multi_(params, seed, offsets, eps - lr * g, kind)
     return g, loss_plus
 
 
@@ -537,8 +548,9 @@ def seed_probabilities(importance):
 def sync_model(params, w0, offsets, seeds, A, kind):
     """Replay: params <- w0 + sum_k A[k] z(seeds[k]), the global model that A defines.
 
-    One `apply_seeds_` pass per parameter over the seeds with A[k] != 0, in ascending k: the sum is taken in
-    float32 and rounded once to the weight dtype. The result depends on nothing but (w0, A), so every party
+    One `apply_seeds_` pass per parameter (one `apply_seeds_multi_` call) over the seeds with A[k] != 0, in
+    ascending k: the sum is taken in float32 and rounded once to the weight dtype. The result depends on nothing
+    but (w0, A), so every party
     holding the pretrained weights and the same A -- the server, a client that synced last round, a client
     that missed ten -- gets the same bits, and nothing the client did locally (its ZO steps moved `params`)
     matters: the pass starts from w0. Cost: one copy of the model plus len(touched) seeds' noise per element.
@@ -546,10 +558,10 @@ def sync_model(params, w0, offsets, seeds, A, kind):
     touched = np.flatnonzero(A)
     chosen = [seeds[k] for k in touched.tolist()]
     scales = [float(a) for a in A[touched]]  # float32 values, exact as Python floats
-    for p, p0, off in zip(params, w0, offsets):
+    for p, p0 in zip(params, w0):
         p.copy_(p0)
-        if chosen:
-            apply_seeds_(p, chosen, scales, off, kind)
+    if chosen:
+        apply_seeds_multi_(params, chosen, scales, offsets, kind)  # one call for the model (one launch on CUDA)
 
 
 # ----------------------------------------------------------------------------------------------------

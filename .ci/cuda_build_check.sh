@@ -69,11 +69,12 @@ import torch
 import fedfull_ops  # noqa: F401  registers torch.ops.fedfull.*
 
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-missing = [f"fedfull::{op} [{key}]" for op in ("perturb_", "apply_seeds_", "noise_fill_") for key in ("CPU", "CUDA", "Meta")
+missing = [f"fedfull::{op} [{key}]" for op in ("perturb_", "apply_seeds_", "perturb_multi_", "apply_seeds_multi_", "noise_fill_") for key in ("CPU", "CUDA", "Meta")
            if not has(f"fedfull::{op}", key)]
 assert not missing, f"kernels not registered: {missing}"
 # noise is composite (it allocates on the requested device and calls noise_fill_, which dispatches)
 assert has("fedfull::noise", "CompositeImplicitAutograd")
-print("cuda_build_check: perturb_, apply_seeds_, noise_fill_ have CPU, CUDA and Meta kernels; noise is composite")
+print("cuda_build_check: perturb_, apply_seeds_, their _multi_ forms and noise_fill_ have CPU, CUDA and Meta kernels; "
+      "noise is composite")
 EOF
 echo "cuda_build_check: OK in $((SECONDS - start)) s (sm_80, sm_90)"

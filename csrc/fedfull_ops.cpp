@@ -566,6 +566,20 @@ void apply_seeds_cpu(const at::Tensor& p, at::IntArrayRef seeds, at::ArrayRef<do
   });
 }
 
+// a whole model in one call: on CPU a loop over the tensors (each op already splits its tensor among threads);
+// on CUDA one launch (csrc/fedfull_cuda.cu)
+void perturb_multi_cpu(at::TensorList ps, int64_t seed, at::IntArrayRef offsets, double scale, int64_t kind) {
+  check_kind("perturb_multi_", kind); check_many("perturb_multi_", ps, offsets);
+  for (size_t i = 0; i < ps.size(); ++i) perturb_cpu(ps[i], seed, offsets[i], scale, kind);
+}
+
+void apply_seeds_multi_cpu(at::TensorList ps, at::IntArrayRef seeds, at::ArrayRef<double> scales,
+                           at::IntArrayRef offsets, int64_t kind) {
+  check_kind("apply_seeds_multi_", kind); check_seeds("apply_seeds_multi_", seeds, scales);
+  check_many("apply_seeds_multi_", ps, offsets);
+  for (size_t i = 0; i < ps.size(); ++i) apply_seeds_cpu(ps[i], seeds, scales, offsets[i], kind);
+}
+
 void noise_fill_cpu(const at::Tensor& out, int64_t seed, int64_t offset, int64_t kind) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fedfull.noise_fill_: out must be float32, got ", out.scalar_type());
   check_param("noise_fill_", out); check_offset("noise_fill_", offset); check_kind("noise_fill_", kind);
@@ -600,6 +614,14 @@ void apply_seeds_meta(const at::Tensor& p, at::IntArrayRef seeds, at::ArrayRef<d
   check_param("apply_seeds_", p); check_seeds("apply_seeds_", seeds, scales);
   check_offset("apply_seeds_", offset); check_kind("apply_seeds_", kind);
 }
+void perturb_multi_meta(at::TensorList ps, int64_t, at::IntArrayRef offsets, double, int64_t kind) {
+  check_kind("perturb_multi_", kind); check_many("perturb_multi_", ps, offsets);
+}
+void apply_seeds_multi_meta(at::TensorList ps, at::IntArrayRef seeds, at::ArrayRef<double> scales,
+                            at::IntArrayRef offsets, int64_t kind) {
+  check_kind("apply_seeds_multi_", kind); check_seeds("apply_seeds_multi_", seeds, scales);
+  check_many("apply_seeds_multi_", ps, offsets);
+}
 void noise_fill_meta(const at::Tensor& out, int64_t, int64_t offset, int64_t kind) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fedfull.noise_fill_: out must be float32, got ", out.scalar_type());
   check_param("noise_fill_", out); check_offset("noise_fill_", offset); check_kind("noise_fill_", kind);
@@ -612,6 +634,9 @@ TORCH_LIBRARY(fedfull, m) {
   m.def("noise_fill_(Tensor(a!) out, int seed, int offset, int kind) -> ()");
   m.def("perturb_(Tensor(a!) p, int seed, int offset, float scale, int kind) -> ()");
   m.def("apply_seeds_(Tensor(a!) p, int[] seeds, float[] scales, int offset, int kind) -> ()");
+  // the same over a list of tensors (a model's parameters, each with its global offset): one call, one launch on CUDA
+  m.def("perturb_multi_(Tensor(a!)[] ps, int seed, int[] offsets, float scale, int kind) -> ()");
+  m.def("apply_seeds_multi_(Tensor(a!)[] ps, int[] seeds, float[] scales, int[] offsets, int kind) -> ()");
   m.def("noise(int seed, int offset, int n, int kind, Device? device=None) -> Tensor", &fedfull::noise);
   m.def("simd_level(int force=-2) -> int", &fedfull::simd_level);
 }
@@ -620,12 +645,16 @@ TORCH_LIBRARY_IMPL(fedfull, CPU, m) {
   m.impl("noise_fill_", &fedfull::noise_fill_cpu);
   m.impl("perturb_", &fedfull::perturb_cpu);
   m.impl("apply_seeds_", &fedfull::apply_seeds_cpu);
+  m.impl("perturb_multi_", &fedfull::perturb_multi_cpu);
+  m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fedfull, Meta, m) {
   m.impl("noise_fill_", &fedfull::noise_fill_meta);
   m.impl("perturb_", &fedfull::perturb_meta);
   m.impl("apply_seeds_", &fedfull::apply_seeds_meta);
+  m.impl("perturb_multi_", &fedfull::perturb_multi_meta);
+  m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_meta);
 }
 
 // The module must be importable as `fedfull_ops`; importing it runs the registrations above.

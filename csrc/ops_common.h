@@ -27,4 +27,17 @@ inline void check_seeds(const char* op, at::IntArrayRef seeds, at::ArrayRef<doub
               " scales; they must have the same length");
 }
 
+// the *_multi_ ops: one offset per tensor; all tensors on one device, in one dtype
+inline void check_many(const char* op, at::TensorList ps, at::IntArrayRef offsets) {
+  TORCH_CHECK(ps.size() == offsets.size(), "fedfull.", op, ": got ", ps.size(), " tensors but ", offsets.size(),
+              " offsets; they must have the same length");
+  for (size_t i = 0; i < ps.size(); ++i) {
+    check_param(op, ps[i]);
+    check_offset(op, offsets[i]);
+    TORCH_CHECK(ps[i].scalar_type() == ps[0].scalar_type() && ps[i].device() == ps[0].device(), "fedfull.", op,
+                ": all tensors must share one dtype and device (tensor 0: ", ps[0].scalar_type(), " on ",
+                ps[0].device(), ", tensor ", i, ": ", ps[i].scalar_type(), " on ", ps[i].device(), ")");
+  }
+}
+
 }  // namespace fedfull

@@ -292,8 +292,60 @@ def test_fedkseed_falls_back_to_the_reference_without_them():
 
 
 # ------------------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU)
+# the multi-tensor ops: one call over a model's parameters
 # ------------------------------------------------------------------------------------------------------
+def model_like(dtype, sizes=(7, 4096, 1, 33, 100_003, 128, 5)):
+    """Tensors of awkward sizes laid end to end in the global index space (offsets not multiples of 4)."""
+    torch.manual_seed(0)
+    ps = [torch.randn(n).to(dtype) for n in sizes]
+    offsets, total = [], 3
+    for n in sizes:
+        offsets.append(total)
+        total += n
+    return ps, offsets
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_ops_equal_the_reference(dtype, kind):
+    ps, offsets = model_like(dtype)
+    want = [p.clone() for p in ps]
+    F.perturb_multi_reference_(want, BIG_SEED, offsets, 0.37, kind)
+    got = [p.clone() for p in ps]
+    ops.perturb_multi_(got, BIG_SEED, offsets, 0.37, kind)
+    for a, b in zip(got, want):
+        assert_same_bits(a, b)
+    seeds, scales = [0, BIG_SEED, 5, -1], [0.5, -0.25, 0.125, 3e-3]
+    want = [p.clone() for p in ps]
+    F.apply_seeds_multi_reference_(want, seeds, scales, offsets, kind)
+    got = [p.clone() for p in ps]
+    ops.apply_seeds_multi_(got, seeds, scales, offsets, kind)
+    for a, b in zip(got, want):
+        assert_same_bits(a, b)
+
+
+@compiled
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.perturb_multi_([torch.zeros(3)], 1, [0, 4], 1.0, 0), "1 tensors but 2 offsets"),
+    (lambda: ops.perturb_multi_([torch.zeros(3), torch.zeros(3, dtype=torch.float16)], 1, [0, 3], 1.0, 0),
+     "share one dtype and device"),
+    (lambda: ops.apply_seeds_multi_([torch.zeros(3)], [1, 2], [1.0], [0], 0), "2 seeds but 1 scales"),
+    (lambda: ops.apply_seeds_multi_([torch.zeros(3)], [1], [1.0], [-1], 0), "offset must be >= 0"),
+    (lambda: ops.perturb_multi_([torch.zeros(3)], 1, [0], 1.0, 2), "unknown kind 2"),
+])
+def test_multi_ops_refuse_bad_input(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): every result bit-identical to the CPU op, which the tests above tie to the
+# reference. Sizes cross the grid-stride limit (65535 blocks x 256 threads x 4 elements = 2^26).
+# ------------------------------------------------------------------------------------------------------
+GRID_STRIDE_ELEMENTS = 65535 * 256 * 4
+
+
 @cuda
 @compiled
 @pytest.mark.parametrize("kind", KINDS)
@@ -313,3 +365,76 @@ def test_cuda_matches_reference(dtype, kind):
     got = p0.cuda()
     ops.apply_seeds_(got, seeds, scales, offset, kind)
     assert_same_bits(got.cpu(), want)
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_beyond_the_grid_stride_limit(dtype, kind):
+    """One tensor of more than 2^26 elements at an unaligned offset: every thread loops; same bits as the CPU."""
+    n, offset = GRID_STRIDE_ELEMENTS + 12_345, 2**33 + 6
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = p0.clone()
+    ops.perturb_(want, 77, offset, -0.5, kind)
+    got = p0.cuda()
+    ops.perturb_(got, 77, offset, -0.5, kind)
+    assert_same_bits(got.cpu(), want)
+    want = p0.clone()
+    ops.apply_seeds_(want, [3, 4], [0.25, -1.5], offset, kind)
+    got = p0.cuda()
+    ops.apply_seeds_(got, [3, 4], [0.25, -1.5], offset, kind)
+    assert_same_bits(got.cpu(), want)
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_apply_seeds_with_4096_seeds(kind):
+    """A full replay's worth of seeds (K = 4096) over an unaligned slice, float32 sums in seed order."""
+    n, offset = 50_001, 1_000_003
+    seeds = F.candidate_seeds(0, 4096)
+    scales = [float(x) for x in torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 1e-3]
+    p0 = torch.randn(n)
+    want = p0.clone()
+    ops.apply_seeds_(want, seeds, scales, offset, kind)
+    got = p0.cuda()
+    ops.apply_seeds_(got, seeds, scales, offset, kind)
+    assert_same_bits(got.cpu(), want)
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_multi_ops_on_a_side_stream(dtype, kind):
+    """The multi-tensor ops on a non-default stream (their uploads and launches follow it) equal the CPU ops."""
+    ps, offsets = model_like(dtype)
+    want = [p.clone() for p in ps]
+    ops.perturb_multi_(want, 9, offsets, 0.37, kind)
+    ops.apply_seeds_multi_(want, [1, BIG_SEED], [0.5, -2e-3], offsets, kind)
+    got = [p.cuda() for p in ps]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.perturb_multi_(got, 9, offsets, 0.37, kind)
+        ops.apply_seeds_multi_(got, [1, BIG_SEED], [0.5, -2e-3], offsets, kind)
+    stream.synchronize()
+    for a, b in zip(got, want):
+        assert_same_bits(a.cpu(), b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_second_device(kind):
+    ps, offsets = model_like(torch.float32)
+    want = [p.clone() for p in ps]
+    ops.apply_seeds_multi_(want, [1, 2], [0.5, -0.25], offsets, kind)
+    ops.perturb_(want[1], 5, offsets[1], 0.1, kind)
+    got = [p.to("cuda:1") for p in ps]
+    ops.apply_seeds_multi_(got, [1, 2], [0.5, -0.25], offsets, kind)
+    ops.perturb_(got[1], 5, offsets[1], 0.1, kind)
+    assert all(g.device == torch.device("cuda:1") for g in got)
+    for a, b in zip(got, want):
+        assert_same_bits(a.cpu(), b)

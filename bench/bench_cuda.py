@@ -1,0 +1,75 @@
+"""CUDA: the seed ops in GB/s next to the device's own copy bandwidth, and one pass over a model's parameters.
+
+    python bench/bench_cuda.py                      # cuda:0, 2^28 elements (1 GiB of float32), medians of 20
+    python bench/bench_cuda.py --n 67108864 --repeats 50
+
+Prints, per dtype and kind, the bandwidth of `perturb_` (each element read and written once: 2 x n x itemsize
+bytes per pass) and of `apply_seeds_` with 16 seeds, as a fraction of a device-to-device copy of the same bytes
+(`Tensor.copy_`, the achievable memory bandwidth); then one pass over the default model's parameters with one
+`perturb_multi_` call against one `perturb_` call per parameter. Target on an H100: perturb_ >= 80% of the copy
+bandwidth. Times come from CUDA events around each call, after a warm-up.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fedkseed as fk  # noqa: E402
+import tasks  # noqa: E402
+
+
+def cuda_time(fn, repeats):
+    """Median seconds of fn() over `repeats` calls, by CUDA events (one warm-up call first)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2**28, help="elements of the test tensor")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default=fk.DEFAULT_MODEL, help="model whose parameters the multi-tensor pass covers")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not fk.HAVE_COMPILED_OPS:
+        sys.exit("bench_cuda: needs a CUDA device and the compiled ops built with CUDA")
+    ops, dev = torch.ops.fedfull, torch.device(args.device)
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, n = {args.n:,}, medians of {args.repeats}")
+    seeds, scales = list(range(100, 116)), [1e-3 * (-1) ** k for k in range(16)]
+    print(f"{'dtype':9} {'pass':34} {'ms':>8} {'GB/s':>8} {'of copy':>8}")
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.randn(args.n, device=dev).to(dtype)
+        q = torch.empty_like(p)
+        nbytes = 2 * p.numel() * p.element_size()  # read + write
+        copy = cuda_time(lambda: q.copy_(p), args.repeats)
+        rows = [("copy_ (memory bandwidth)", copy)]
+        for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
+            rows.append((f"perturb_ {kname}", cuda_time(lambda: ops.perturb_(p, 7, 3, 1e-3, kind), args.repeats)))
+            rows.append((f"apply_seeds_ {kname}, 16 seeds", cuda_time(
+                lambda: ops.apply_seeds_(p, seeds, scales, 3, kind), args.repeats)))
+        for name, t in rows:
+            print(f"{str(dtype).split('.')[1]:9} {name:34} {t * 1e3:8.3f} {nbytes / t / 1e9:8.1f} {copy / t:7.0%}")
+        p = q = None  # free the device memory before the next dtype
+    model, _ = tasks.load_model(args.model, "sft", device=str(dev))
+    params, offsets = fk.trainable(model)
+    total = sum(x.numel() for x in params)
+    for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
+        one = cuda_time(lambda: ops.perturb_multi_(params, 7, offsets, 1e-3, kind), args.repeats)
+        each = cuda_time(lambda: [ops.perturb_(x, 7, o, 1e-3, kind) for x, o in zip(params, offsets)], args.repeats)
+        print(f"{args.model} ({len(params)} tensors, {total / 1e6:.1f}M weights), {kname}: one perturb_multi_ "
+              f"{one * 1e3:.3f} ms vs {len(params)} perturb_ calls {each * 1e3:.3f} ms ({each / one:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
