@@ -786,11 +786,12 @@ def train(args):
             sent = transport.on_server(server_downloads, run.server, sampled, args.bias_sampling)
             downloads = transport.scatter(sent, sampled, max_download_bytes(args.K, args.bias_sampling))
             results, replays, run.diffs = {}, {}, []
-            progress.reset("clients", len(transport.mine(sampled)))
-            for j, c in enumerate(transport.mine(sampled)):
+            mine = transport.mine(sampled)  # this rank's clients of the round (all of them in one process)
+            progress.reset("clients", len(mine))
+            for j, c in enumerate(mine):
                 # 2. client c: apply the download to its own state (w0, its record of A): replay to w(t-1)
                 run.client_A[c], importance = decode_download(downloads[c], run.client_A[c])
-                sync_seconds = replay(run, run.client_A[c], replays, keep=j + 1 < len(transport.mine(sampled)))
+                sync_seconds = replay(run, run.client_A[c], replays, keep=j + 1 < len(mine))
                 # 3. local ZO steps on its data (seeds drawn uniformly, or by Pro's probabilities) -> (seed, g) pairs
                 probs = seed_probabilities(importance) if importance is not None else None
                 examples = client_examples(run, c)
@@ -799,7 +800,7 @@ def train(args):
                 up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
                                          run.pad_id, on_step=lambda *_: progress.advance("steps"))
                 results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds})
-                progress.log(f"round {rnd} client {c} ({j + 1}/{len(transport.mine(sampled))}): {len(examples)} "
+                progress.log(f"round {rnd} client {c} ({j + 1}/{len(mine)}): {len(examples)} "
                              f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
                              f"{(time.time() - tc) / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
                 progress.advance("clients")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .models import ModelError
-from .outputs import write_atomic
+from .outputs import read_jsonl, write_atomic
 from .sources import DataError
 
 
@@ -355,7 +355,6 @@ class RunFiles:
         of rounds <= R (what a crash left after the checkpoint runs again, bit for bit)."""
         keep = (lambda rows: [r for r in rows if r["round"] <= resumed_round]) if resumed_round is not None else (
             lambda rows: [])
-        from .outputs import read_jsonl
         self.metrics = keep(read_jsonl(self.metrics_path))
         ledger = keep(read_jsonl(self.ledger_path))
         self.turns = [e for e in ledger if "loss" in e and "turn" in e]

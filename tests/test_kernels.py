@@ -346,6 +346,14 @@ def test_multi_ops_refuse_bad_input(call, message):
 GRID_STRIDE_ELEMENTS = 65535 * 256 * 4
 
 
+def assert_cuda_equals_cpu(p0, op, *args):
+    """op(tensor, *args) on a CPU copy of p0 and on a CUDA copy: the same bits."""
+    want, got = p0.clone(), p0.cuda()
+    op(want, *args)
+    op(got, *args)
+    assert_same_bits(got.cpu(), want)
+
+
 @cuda
 @compiled
 @pytest.mark.parametrize("kind", KINDS)
@@ -375,16 +383,8 @@ def test_cuda_beyond_the_grid_stride_limit(dtype, kind):
     """One tensor of more than 2^26 elements at an unaligned offset: every thread loops; same bits as the CPU."""
     n, offset = GRID_STRIDE_ELEMENTS + 12_345, 2**33 + 6
     p0 = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
-    want = p0.clone()
-    ops.perturb_(want, 77, offset, -0.5, kind)
-    got = p0.cuda()
-    ops.perturb_(got, 77, offset, -0.5, kind)
-    assert_same_bits(got.cpu(), want)
-    want = p0.clone()
-    ops.apply_seeds_(want, [3, 4], [0.25, -1.5], offset, kind)
-    got = p0.cuda()
-    ops.apply_seeds_(got, [3, 4], [0.25, -1.5], offset, kind)
-    assert_same_bits(got.cpu(), want)
+    assert_cuda_equals_cpu(p0, ops.perturb_, 77, offset, -0.5, kind)
+    assert_cuda_equals_cpu(p0, ops.apply_seeds_, [3, 4], [0.25, -1.5], offset, kind)
 
 
 @cuda
@@ -395,12 +395,7 @@ def test_cuda_apply_seeds_with_4096_seeds(kind):
     n, offset = 50_001, 1_000_003
     seeds = F.candidate_seeds(0, 4096)
     scales = [float(x) for x in torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 1e-3]
-    p0 = torch.randn(n)
-    want = p0.clone()
-    ops.apply_seeds_(want, seeds, scales, offset, kind)
-    got = p0.cuda()
-    ops.apply_seeds_(got, seeds, scales, offset, kind)
-    assert_same_bits(got.cpu(), want)
+    assert_cuda_equals_cpu(torch.randn(n), ops.apply_seeds_, seeds, scales, offset, kind)
 
 
 @cuda
