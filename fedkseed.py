@@ -690,7 +690,8 @@ def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
            "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
            "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
            "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])),
-           "replay_max_abs_diff": max(replays_checked) if replays_checked else None}
+           "replay_max_abs_diff": max(replays_checked) if replays_checked else None,
+           "peak_memory_bytes": run.client_memory}
     save_checkpoint(run.out / "checkpoint.pt", run.server, run.config)
     run.files.metric(row)
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
@@ -737,6 +738,10 @@ def setup(args):
     run.val_tok = tasks.tokenize_examples(run.tokenizer, data.val, args.max_length, log=None)  # [] without val
     run.tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
     total = sum(p.numel() for p in run.params)
+    # a client's memory, counted as the other scripts count it (weights held + gradients + optimizer state + saved
+    # activations): the model and its copy of w0; a ZO step keeps no gradients, no optimizer state, and saves no
+    # activations (it runs under no_grad). Transient activations of the forward are not counted, here or there.
+    run.client_memory = tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)
     print(data.summary)
     print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
           f"{N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} steps, "

@@ -81,44 +81,55 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8):
 _scorer = None
 
 
-def rouge_l(predictions, references):
-    """Mean per-sample Rouge-L F-measure (rouge-score, no stemming), 0 for an empty prediction; in [0, 1]."""
+def rouge_l_scores(predictions, references):
+    """Per-sample Rouge-L F-measure (rouge-score, no stemming), 0 for an empty prediction; each in [0, 1]."""
     global _scorer
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions vs {len(references)} references")
-    if not predictions:
-        return 0.0
-    if _scorer is None:
+    if _scorer is None and predictions:
         from rouge_score import rouge_scorer
 
         _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [
-        _scorer.score(ref, pred)["rougeL"].fmeasure if pred.strip() else 0.0
-        for pred, ref in zip(predictions, references)
-    ]
-    return sum(scores) / len(scores)
+    return [_scorer.score(ref, pred)["rougeL"].fmeasure if pred.strip() else 0.0
+            for pred, ref in zip(predictions, references)]
+
+
+def rouge_l(predictions, references):
+    """Mean per-sample Rouge-L F-measure (`rouge_l_scores`); in [0, 1], 0 for no samples."""
+    scores = rouge_l_scores(predictions, references)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenized, pad_token_id, batch_size=4):
-    """The held-out loss every script reports: the token-weighted mean cross-entropy of the targets (response +
-    EOS) over the whole set, i.e. the sum of all target tokens' losses / the number of target tokens."""
+def heldout_token_losses(model, tokenized, pad_token_id, batch_size=4):
+    """Per example: (sum of its target tokens' cross-entropy, number of target tokens) -> two lists."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for k in range(0, len(tokenized), batch_size):
         b = {key: v.to(device) for key, v in collate(tokenized[k:k + batch_size], pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
         targets = b["labels"][:, 1:]  # token t predicts token t+1
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += (targets != IGNORE_INDEX).sum().item()
-    return total / max(count, 1)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")  # [B, T-1]
+        sums += losses.double().sum(1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(1).tolist()
+    return sums, counts
+
+
+def heldout_loss(model, tokenized, pad_token_id, batch_size=4):
+    """The held-out loss every script reports: the token-weighted mean cross-entropy of the targets (response +
+    EOS) over the whole set, i.e. the sum of all target tokens' losses / the number of target tokens."""
+    sums, counts = heldout_token_losses(model, tokenized, pad_token_id, batch_size)
+    return sum(sums) / max(sum(counts), 1)
+
+
+def heldout_prompts(tokenizer, tokenized):
+    """The prompt of each tokenized example as it was tokenized for the loss (a long context cut from the left)."""
+    return [tokenizer.decode([i for i, l in zip(t["input_ids"], t["labels"]) if l == IGNORE_INDEX],
+                             skip_special_tokens=True) for t in tokenized]
 
 
 def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens):
     """The Rouge-L every script reports: greedy generation of up to max_new_tokens from each prompt as it was
-    tokenized for the loss (a long context cut from the left to max_length), scored by `rouge_l`."""
-    prompts = [tokenizer.decode([i for i, l in zip(t["input_ids"], t["labels"]) if l == IGNORE_INDEX],
-                                skip_special_tokens=True) for t in tokenized]
-    return rouge_l(generate(model, tokenizer, prompts, max_new_tokens), targets)
-
+    tokenized for the loss (`heldout_prompts`), scored by `rouge_l`."""
+    return rouge_l(generate(model, tokenizer, heldout_prompts(tokenizer, tokenized), max_new_tokens), targets)

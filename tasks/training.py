@@ -118,14 +118,8 @@ def evaluate_one(args, model, tokenizer, test, device, generate=True):
                                             args.max_new_tokens)
         return out
     if args.task == "glue":
-        total, preds = 0.0, []
-        for k in range(0, len(test), 64):
-            out = model(**make_batch("glue", test[k:k + 64], tokenizer, device))
-            total += out.loss.item() * len(test[k:k + 64])
-            logits = out.logits.float()
-            preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
-        metrics = glue.compute_metrics(args.dataset, preds, [e["labels"] for e in test])
-        return {"eval_loss": total / len(test), **metrics}
+        preds, loss = glue_predictions(model, tokenizer, test, device)
+        return {"eval_loss": loss, **glue.compute_metrics(args.dataset, preds, [e["labels"] for e in test])}
     examples, features = test
     starts, ends = [], []
     for k in range(0, len(features), 32):
@@ -134,6 +128,19 @@ def evaluate_one(args, model, tokenizer, test, device, generate=True):
         ends += out.end_logits.float().cpu().tolist()
     preds = squad.postprocess_predictions(examples, features, starts, ends)
     return squad.evaluate(examples, preds)
+
+
+@torch.no_grad()
+def glue_predictions(model, tokenizer, test, device):
+    """A sequence classifier over encoded examples -> (predictions: class ids, or scores for a regression task,
+    mean loss over the examples), in batches of 64."""
+    total, preds = 0.0, []
+    for k in range(0, len(test), 64):
+        out = model(**make_batch("glue", test[k:k + 64], tokenizer, device))
+        total += out.loss.item() * len(test[k:k + 64])
+        logits = out.logits.float()
+        preds += (logits[:, 0] if logits.shape[1] == 1 else logits.argmax(-1)).tolist()
+    return preds, total / len(test)
 
 
 def param_groups(named, weight_decay):

@@ -1,0 +1,439 @@
+"""Regenerate docs/RESULTS.md from real runs: every method next to its baselines, with bytes, memory, time and spreads.
+
+    python bench/results.py                  # the full CPU set (about 60-70 minutes on 2 cores), then the page
+    python bench/results.py --collect        # no training: the page from the runs already in --runs
+    python bench/results.py --quick --sft_model M --glue_model G --dolly F --mrpc D --runs R --page P   # smoke
+
+Each run is one of the three scripts, called with fixed flags (printed in the page) into `--runs/<name>/`; a run
+whose metrics.jsonl already reaches its last round is collected, not run again. Then each run's exported model
+(`<run>/model/`) is evaluated again here, example by example, with the scripts' own metric functions; the
+re-evaluation must reproduce the number the run logged (checked, within 2e-4), which makes every figure in the
+page traceable to a metrics.jsonl, and gives the per-example values the spreads need:
+
+- spread: a 95% percentile bootstrap interval over the evaluation examples (2,000 resamples, one seed per run),
+  and for a method, the interval of its difference from the baseline on the same resampled examples (paired):
+  zero-shot for Dolly, the majority class for MRPC. Runs are single-seed: the interval says how much the
+  evaluation sample could move a number, not how much another training seed would.
+- budgets are matched by training examples seen: every Dolly method sees 256 examples (FedKSeed: 256 ZO steps of
+  one example; the AdamW methods: 128 steps of two), every MRPC method 5,760 (360 steps of 16).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import tasks  # noqa: E402
+
+RESAMPLES = 2000
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run set: (name, table, label, script, flags)
+# ----------------------------------------------------------------------------------------------------
+def run_set(a):
+    """The fixed runs. Dolly: 200 clients (label-Dirichlet 0.5 over the 7 training categories), 4 per round, 4 rounds;
+    MRPC: 6 clients, 3 rounds, under each split. --quick shrinks every budget to seconds on a tiny model."""
+    q = a.quick
+    dolly = ["--data_path", a.dolly, "--model", a.sft_model, "--max_length", "48" if q else "256",
+             "--eval_samples", str(a.eval_samples), "--max_new_tokens", "4" if q else "64", "--seed", "42"]
+    fed = ["--num_clients", "4" if q else "200", "-m", "0.5" if q else "0.02", "--rounds", "2" if q else "4"]
+    zo = ["--lr", "2e-6", "--zo_eps", "1e-3", "-K", "64" if q else "4096", "--eval_every", "1"]
+    zo_steps, sgd_steps = ("2", "1") if q else ("16", "8")  # examples per client per round: 16 (2 in --quick)
+    runs = [
+        ("fedkseed", "dolly", "FedKSeed", "fedkseed.py", dolly + fed + zo + ["--local_steps", zo_steps]),
+        ("fedkseed-pro", "dolly", "FedKSeed-Pro", "fedkseed.py", dolly + fed + zo + ["--local_steps", zo_steps,
+                                                                                    "--bias_sampling"]),
+        ("mezo", "dolly", "centralized MeZO (FedKSeed, one client with all data)", "fedkseed.py",
+         dolly + zo + ["--num_clients", "1", "-m", "1", "--rounds", "2" if q else "4",
+                       "--local_steps", str(int(zo_steps) * (2 if q else 4))]),  # the federation's steps per round
+        ("fedcybgd", "dolly", "FedCyBGD", "fedcybgd.py",
+         ["--task", "sft"] + dolly + ["--num_clients", "2" if q else "4", "--rounds", "2" if q else "4",
+                                      "--local_steps", sgd_steps, "--batch_size", "2", "--eval_every", "2"]),
+        ("fedavg", "dolly", "FedAvg (full)", "fedavg.py",
+         ["--task", "sft"] + dolly + fed + ["--local_steps", sgd_steps, "--batch_size", "2", "--eval_every", "2"]),
+        ("fedit", "dolly", "FedIT (LoRA)", "fedavg.py",
+         ["--task", "sft", "--method", "lora"] + dolly + fed + ["--local_steps", sgd_steps, "--batch_size", "2",
+                                                               "--eval_every", "2"]),
+    ]
+    glue = ["--task", "glue", "--dataset", "mrpc", "--data_path", a.mrpc, "--model", a.glue_model, "--seed", "42",
+            "--max_length", "64" if q else "128", "--eval_samples", "0", "--batch_size", "4" if q else "16",
+            "--rounds", "1" if q else "3"]
+    steps = "1" if q else "20"
+    for split in ("iid", "dir0.5"):
+        runs += [(f"mrpc-{split}-fedcybgd", f"mrpc-{split}", "FedCyBGD", "fedcybgd.py",
+                  glue + ["--iid", split, "--num_clients", "6", "--local_steps", steps]),
+                 (f"mrpc-{split}-fedavg", f"mrpc-{split}", "FedAvg (full)", "fedavg.py",
+                  glue + ["--iid", split, "--num_clients", "6", "-m", "1", "--local_steps", steps])]
+    runs.append(("mrpc-centralized", "mrpc", "centralized fine-tuning (fedavg.py, one client)", "fedavg.py",
+                 glue + ["--num_clients", "1", "-m", "1", "--local_steps", str(int(steps) * 6)]))
+    return runs
+
+
+def flag(argv, name, default=None):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def read_metrics(folder):
+    path = folder / "metrics.jsonl"
+    return tasks.read_jsonl(path) if path.is_file() else []
+
+
+def finished(folder, argv):
+    rows = read_metrics(folder)
+    return bool(rows) and rows[-1]["round"] == int(flag(argv, "--rounds")) and (folder / "model" / "config.json").is_file()
+
+
+def train(name, script, argv, runs_dir, env):
+    """Run one script to the end (resuming a run that was cut off), its output into <runs>/<name>/stdout.log."""
+    folder = runs_dir / name
+    if finished(folder, argv):
+        print(f"{name}: finished earlier, collected")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    resume = ["--resume"] if read_metrics(folder) else []
+    cmd = [sys.executable, str(ROOT / script), *argv, "--output_dir", str(folder), *resume]
+    print(f"{name}: {shlex.join(cmd[1:])}", flush=True)
+    t = time.time()
+    with open(folder / "stdout.log", "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if rc != 0:
+        sys.exit(f"results: {name} failed (exit {rc}); see {folder / 'stdout.log'}")
+    print(f"{name}: {time.time() - t:.0f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation, example by example, with the scripts' own functions
+# ----------------------------------------------------------------------------------------------------
+def dolly_examples(a):
+    data = tasks.load_instruction_data("dolly", a.dolly, num_clients=1, iid="iid", seed=42)
+    return tasks.subsample(data.test, a.eval_samples, 42)  # the scripts' eval subset (tasks.subsample, same seed)
+
+
+def eval_dolly(model_name, examples, argv):
+    """-> {"loss_sum": [...], "tokens": [...], "rouge": [...]}, one entry per example."""
+    model, tok = tasks.load_model(model_name, "sft")
+    model.eval()
+    tokenized = tasks.tokenize_examples(tok, examples, int(flag(argv, "--max_length")), log=None)
+    sums, counts = tasks.heldout_token_losses(model, tokenized, tok.pad_token_id)
+    texts = tasks.generate(model, tok, tasks.heldout_prompts(tok, tokenized), int(flag(argv, "--max_new_tokens")))
+    return {"loss_sum": sums, "tokens": counts, "rouge": tasks.rouge_l_scores(texts, [e["target"] for e in examples])}
+
+
+def eval_mrpc(model_name, a, argv):
+    """-> {"pred": [...], "label": [...]} over the whole dev set."""
+    model, tok = tasks.load_model(model_name, "glue", num_labels=2)
+    model.eval()
+    _, dev = tasks.glue.load("mrpc", a.mrpc)
+    dev = tasks.subsample(dev, 0, 42)
+    enc = [dict(tok(e["text_a"], e["text_b"], truncation=True, max_length=int(flag(argv, "--max_length"))),
+                labels=e["label"]) for e in dev]
+    preds, _ = tasks.glue_predictions(model, tok, enc, "cpu")
+    return {"pred": [int(p) for p in preds], "label": [e["label"] for e in dev]}
+
+
+def cached(path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    tasks.write_atomic(path, json.dumps(value))
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics: values, intervals, traces
+# ----------------------------------------------------------------------------------------------------
+def token_loss(e, idx):
+    return np.sum(np.asarray(e["loss_sum"])[idx], -1) / np.sum(np.asarray(e["tokens"])[idx], -1)
+
+
+def mean_rouge(e, idx):
+    return np.mean(np.asarray(e["rouge"])[idx], -1)
+
+
+def accuracy(e, idx):
+    return np.mean(np.asarray(e["pred"])[idx] == np.asarray(e["label"])[idx], -1)
+
+
+def f1(e, idx):
+    p, y = np.asarray(e["pred"])[idx] == 1, np.asarray(e["label"])[idx] == 1
+    tp = np.sum(p & y, -1)
+    return 100 * 2 * tp / np.maximum(np.sum(p, -1) + np.sum(y, -1), 1)
+
+
+def interval(stat, e, base=None):
+    """-> (value, (lo, hi) of the stat, (lo, hi) of stat - stat(base) on the same resampled examples or None)."""
+    n = len(next(iter(e.values())))
+    idx = np.random.default_rng(0).integers(0, n, size=(RESAMPLES, n))
+    every = np.arange(n)
+    boot = stat(e, idx)
+    out = (float(stat(e, every)), tuple(np.percentile(boot, [2.5, 97.5]).tolist()), None)
+    if base is not None:
+        out = out[:2] + (tuple(np.percentile(boot - stat(base, idx), [2.5, 97.5]).tolist()),)
+    return out
+
+
+def check(name, what, ours, logged, tol=2e-4):
+    """The re-evaluation must give the number the run logged: otherwise the page would describe another model."""
+    if logged is None or abs(ours - logged) > tol * max(1.0, abs(logged)):
+        sys.exit(f"results: {name}: {what} re-evaluated from model/ is {ours}, the run logged {logged}")
+
+
+def budget_row(rows):
+    """Bytes per client per round (mean over training rounds), peak counted memory (max), wall time (sum)."""
+    train = [r for r in rows if r["round"] > 0]
+    mean = lambda k: float(np.mean([r[k] for r in train if r.get(k) is not None] or [float("nan")]))  # noqa: E731
+    memory = [r["peak_memory_bytes"] for r in train if r.get("peak_memory_bytes") is not None]
+    return {"up": mean("upload_bytes"), "down": mean("download_bytes"), "memory": max(memory) if memory else None,
+            "seconds": sum(r.get("seconds") or 0 for r in rows)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the page
+# ----------------------------------------------------------------------------------------------------
+def fmt_b(n):
+    return "–" if n is None or (isinstance(n, float) and math.isnan(n)) else tasks.fmt_bytes(n)
+
+
+def fmt_i(v, lo_hi, digits):
+    return f"{v:.{digits}f} [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]"
+
+
+def fmt_d(lo_hi, digits):
+    if lo_hi is None:
+        return "–"
+    verdict = "" if lo_hi[0] <= 0 <= lo_hi[1] else " *"
+    return f"[{lo_hi[0]:+.{digits}f}, {lo_hi[1]:+.{digits}f}]{verdict}"
+
+
+def svg_chart(series, xlabel, ylabel, title, path):
+    """A small line chart as SVG text (no plotting dependency): series = [(label, [(x, y), ...]), ...]."""
+    W, H, L, R, T, B = 560, 300, 64, 170, 28, 44
+    pts = [p for _, s in series for p in s]
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    pad = (y1 - y0) * 0.08 or abs(y0) * 0.01 or 1.0
+    y0, y1, x1 = y0 - pad, y1 + pad, (x1 if x1 > x0 else x0 + 1)
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    sy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)  # noqa: E731
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{L}" y="16" font-size="12">{title}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" '
+           f'text-anchor="middle">{ylabel}</text>']
+    for k in range(5):
+        y, x = y0 + (y1 - y0) * k / 4, x0 + (x1 - x0) * k / 4
+        out += [f'<text x="{L - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.4g}</text>',
+                f'<line x1="{L}" y1="{sy(y):.1f}" x2="{W - R}" y2="{sy(y):.1f}" stroke="#ddd"/>',
+                f'<text x="{sx(x):.1f}" y="{H - B + 14}" text-anchor="middle">{x:.4g}</text>']
+    for i, (label, s) in enumerate(series):
+        c = colors[i % len(colors)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="'
+                   + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s) + '"/>')
+        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{c}"/>' for x, y in s]
+        out += [f'<rect x="{W - R + 10}" y="{T + 16 * i}" width="10" height="10" fill="{c}"/>',
+                f'<text x="{W - R + 24}" y="{T + 16 * i + 9}">{label}</text>']
+    path.write_text("\n".join(out + ["</svg>"]) + "\n")
+
+
+def examples_per_round(argv):
+    """Training examples the whole federation sees in one round (for the x axis)."""
+    steps, batch = int(flag(argv, "--local_steps")), int(flag(argv, "--batch_size", "1"))
+    clients = int(int(flag(argv, "--num_clients")) * float(flag(argv, "-m", "1")))  # fedcybgd: every client a round
+    return steps * batch * clients
+
+
+def examples_seen(runs, table):
+    """Training examples each run of a table sees in all (the matched budget): one number, or a ValueError."""
+    seen = {examples_per_round(argv) * int(flag(argv, "--rounds")) for _, t, _, _, argv in runs if t.startswith(table)}
+    if len(seen) != 1:
+        raise ValueError(f"the {table} runs see different numbers of examples: {sorted(seen)}")
+    return seen.pop()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the whole pipeline")
+    p.add_argument("--collect", action="store_true", help="train nothing: use the runs already in --runs")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "results"), help="one folder per run (default: runs/results)")
+    p.add_argument("--page", default=str(ROOT / "docs" / "RESULTS.md"), help="the page to write; plots beside it")
+    p.add_argument("--dolly", default=str(ROOT / "data" / "dolly" / "databricks-dolly-15k.jsonl"))
+    p.add_argument("--mrpc", default=str(ROOT / "data" / "glue" / "MRPC"))
+    p.add_argument("--sft_model", default="smollm2-135m")
+    p.add_argument("--glue_model", default="minilm-l6")
+    p.add_argument("--eval_samples", type=int, default=None, help="Dolly held-out examples (default 48; 4 quick)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: all cores)")
+    a = p.parse_args(argv)
+    a.eval_samples = a.eval_samples or (4 if a.quick else 48)
+    for path in (a.dolly, a.mrpc):
+        if not Path(path).exists():
+            sys.exit(f"results: {path} not found (see the README's Data section, or pass --dolly / --mrpc)")
+    runs_dir, page = Path(a.runs), Path(a.page)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}))
+    runs = run_set(a)
+    t0 = time.time()
+    if not a.collect:
+        for name, _, _, script, argv_ in runs:
+            train(name, script, argv_, runs_dir, env)
+    missing = [name for name, _, _, _, argv_ in runs if not finished(runs_dir / name, argv_)]
+    if missing:
+        sys.exit(f"results: no finished run for {', '.join(missing)} in {runs_dir}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    write_page(a, runs, runs_dir, page, time.time() - t0, argv if argv is not None else sys.argv[1:])
+    print(f"wrote {page}")
+
+
+def write_page(a, runs, runs_dir, page, train_seconds, argv_main):
+    t_eval = time.time()
+    examples = dolly_examples(a)
+    some_dolly = next(argv for _, table, _, _, argv in runs if table == "dolly")
+    zero = cached(runs_dir / "zero-shot.examples.json", lambda: eval_dolly(a.sft_model, examples, some_dolly))
+    rows = {name: read_metrics(runs_dir / name) for name, *_ in runs}
+    first = rows["fedkseed"][0]  # every run's round 0 is the pretrained model; fedkseed's is the zero-shot row
+    check("zero-shot", "eval_loss", token_loss(zero, np.arange(len(examples))), first["eval_loss"])
+    check("zero-shot", "rougeL", mean_rouge(zero, np.arange(len(examples))), first["rougeL"])
+    ev = {}
+    for name, table, _, _, argv in runs:
+        last = rows[name][-1]
+        folder = str(runs_dir / name / "model")
+        if table == "dolly":
+            ev[name] = cached(runs_dir / name / "examples.json", lambda: eval_dolly(folder, examples, argv))
+            check(name, "eval_loss", token_loss(ev[name], np.arange(len(examples))), last["eval_loss"])
+            check(name, "rougeL", mean_rouge(ev[name], np.arange(len(examples))), last["rougeL"])
+        else:
+            ev[name] = cached(runs_dir / name / "examples.json", lambda: eval_mrpc(folder, a, argv))
+            n = len(ev[name]["pred"])
+            check(name, "accuracy", float(accuracy(ev[name], np.arange(n))), last["accuracy"])
+            check(name, "f1", float(f1(ev[name], np.arange(n))) / 100, last["f1"])
+    eval_seconds = time.time() - t_eval
+    docs = page.parent
+    docs.mkdir(parents=True, exist_ok=True)
+    by = {name: (table, label, script, argv) for name, table, label, script, argv in runs}
+    L = []
+    cmd = shlex.join(["python", "bench/results.py", *argv_main])
+    L += ["# Results" + (" (quick smoke run: tiny random models, not results)" if a.quick else ""), "",
+          f"Generated by `{cmd}` on {datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores "
+          f"({platform.machine()}), torch {torch.__version__}, no GPU. Training {train_seconds / 60:.1f} minutes "
+          f"(0 when collected), the re-evaluation below {eval_seconds / 60:.1f} minutes. Every number comes from a "
+          f"run's `metrics.jsonl` under `{runs_dir.name}/<run>/`; the per-example re-evaluation of each exported "
+          "model reproduced the logged value before the page was written (the check is in `bench/results.py`).", "",
+          f"What this shows and what it does not: CPU-scale runs of `{a.sft_model}` (by default the 135M SmolLM2 on "
+          f"its 4-bit grid, see the README) and `{a.glue_model}` (a 22M encoder), {examples_seen(runs, 'dolly'):,} "
+          "training examples per Dolly method, one seed. They compare the methods at one small matched budget; they "
+          "say nothing about the papers' scale (billions of parameters, hundreds of rounds).", "",
+          "Intervals: 95% percentile bootstrap over the evaluation examples (2,000 resamples). *Δ* is the paired "
+          "interval of a method's difference from the baseline row on the same resampled examples; `*` marks an "
+          "interval that excludes 0. Bytes are means per participating client per round (`upload_bytes`, "
+          "`download_bytes`), memory the largest `peak_memory_bytes` of the run (weights held + gradients + "
+          "optimizer state + saved activations, as the scripts count it), time the sum of the rounds' `seconds` "
+          "(evaluation included, model loading not).", ""]
+
+    # Dolly
+    zl = interval(token_loss, zero)
+    zr = interval(mean_rouge, zero)
+    n = len(examples)
+    L += [f"## Dolly-15K, held-out category `summarization` ({n} examples, loss and Rouge-L)", "",
+          f"Matched budget: every method sees {examples_seen(runs, 'dolly'):,} training examples (the same examples "
+          "seen, not the same wall time; the flags are at the end): FedKSeed takes ZO steps of one example, the "
+          "AdamW methods steps of two; FedCyBGD's clients each train one layer per turn. Rouge-L: greedy, "
+          f"{flag(some_dolly, '--max_new_tokens')} new tokens, `rouge-score` (see the README).", "",
+          "| method | held-out loss [95%] | Δ loss vs zero-shot | Rouge-L [95%] | Δ Rouge-L | up B/client/round | "
+          "down B/client/round | peak memory | time |", "|---|---|---|---|---|---:|---:|---:|---:|",
+          f"| zero-shot (pretrained) | {fmt_i(zl[0], zl[1], 4)} | – | {fmt_i(zr[0], zr[1], 4)} | – | – | – | – | – |"]
+    series = []
+    for name, (table, label, script, argv) in by.items():
+        if table != "dolly":
+            continue
+        lo, ro = interval(token_loss, ev[name], zero), interval(mean_rouge, ev[name], zero)
+        b = budget_row(rows[name])
+        L.append(f"| {label} | {fmt_i(lo[0], lo[1], 4)} | {fmt_d(lo[2], 4)} | {fmt_i(ro[0], ro[1], 4)} | "
+                 f"{fmt_d(ro[2], 4)} | {fmt_b(b['up'])} | {fmt_b(b['down'])} | {fmt_b(b['memory'])} | "
+                 f"{b['seconds'] / 60:.1f} min |")
+        per = examples_per_round(argv)
+        series.append((label.split(" (")[0], [(r["round"] * per, r["eval_loss"]) for r in rows[name]
+                                              if r.get("eval_loss") is not None]))
+    svg_chart(series, "training examples seen", "held-out loss", "Dolly: held-out loss", docs / "results_dolly.svg")
+    L += ["", "![Dolly held-out loss against examples seen](results_dolly.svg)", ""]
+    L += fedkseed_trend(rows["fedkseed"], ev["fedkseed"], zero, examples_per_round(by["fedkseed"][3]))
+
+    # MRPC
+    labels = ev["mrpc-centralized"]["label"]
+    L += [f"## MRPC (GLUE dev, {len(labels)} pairs, `--glue_model {a.glue_model}` + a new classifier head)", "",
+          f"Matched budget: every method sees {examples_seen(runs, 'mrpc'):,} training examples (AdamW steps of "
+          f"{flag(runs[-1][4], '--batch_size')}); 6 clients (FedCyBGD: each trains one of the encoder's 6 layers "
+          "per turn) or one centralized client (the same run in both tables: it has no split). Δ: paired with "
+          "the majority-class predictor (the majority of the training labels).", ""]
+    majority = int(np.mean([e["label"] for e in tasks.glue.load("mrpc", a.mrpc)[0]]) >= 0.5)
+    base = {"pred": [majority] * len(labels), "label": labels}
+    allpos = {"pred": [1] * len(labels), "label": labels}
+    ma, mf = interval(accuracy, base), interval(f1, allpos)
+    mrpc_series = []
+    for split in ("iid", "dir0.5"):
+        L += [f"### `--iid {split}`", "",
+              "| method | accuracy [95%] | Δ accuracy vs majority | F1 [95%] | up B/client/round | "
+              "down B/client/round | peak memory | time |", "|---|---|---|---|---:|---:|---:|---:|",
+              f"| majority class ({'positive' if majority else 'negative'}) | {fmt_i(100 * ma[0], [100 * x for x in ma[1]], 1)} "
+              f"| – | {interval(f1, base)[0]:.1f} | – | – | – | – |",
+              f"| always positive | {100 * interval(accuracy, allpos)[0]:.1f} | – | {fmt_i(mf[0], mf[1], 1)} | – | – | – | – |"]
+        for name in (f"mrpc-{split}-fedcybgd", f"mrpc-{split}-fedavg", "mrpc-centralized"):
+            table, label, script, argv = by[name]
+            acc, f = interval(accuracy, ev[name], base), interval(f1, ev[name])
+            b = budget_row(rows[name])
+            L.append(f"| {label} | {fmt_i(100 * acc[0], [100 * x for x in acc[1]], 1)} | "
+                     f"{fmt_d([100 * x for x in acc[2]], 1)} | {fmt_i(f[0], f[1], 1)} | {fmt_b(b['up'])} | "
+                     f"{fmt_b(b['down'])} | {fmt_b(b['memory'])} | {b['seconds'] / 60:.1f} min |")
+            if name != "mrpc-centralized" or split == "iid":
+                mrpc_series.append((label.split(" (")[0] + ("" if name == "mrpc-centralized" else f" {split}"),
+                                    [(r["round"], 100 * r["accuracy"]) for r in rows[name]]))
+        L.append("")
+    svg_chart(mrpc_series, "round", "dev accuracy (%)", "MRPC: dev accuracy per round", docs / "results_mrpc.svg")
+    L += ["![MRPC dev accuracy per round](results_mrpc.svg)", "", "## The runs", "",
+          "Each run's flags (`--output_dir` is `<runs>/<name>`); `examples.json` beside each run holds the "
+          "per-example values the intervals come from.", ""]
+    L += [f"- `{name}`: `python {script} {shlex.join(argv)}`" for name, (_, _, script, argv) in by.items()]
+    tasks.write_atomic(page, "\n".join(L) + "\n")
+
+
+def fedkseed_trend(rows, final, zero, per_round):
+    """Is FedKSeed's held-out improvement outside its own interval? If not, at what budget would it be, on the
+    measured trend (a least-squares line through the held-out loss at every round)."""
+    pts = [(r["round"] * per_round, r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    (v, _, d) = interval(token_loss, final, zero)
+    delta = v - pts[0][1]
+    slope = np.polyfit([x for x, _ in pts], [y for _, y in pts], 1)[0] if len(pts) > 1 else 0.0
+    half = (d[1] - d[0]) / 2
+    out = [f"**FedKSeed at this budget.** Held-out loss {pts[0][1]:.4f} -> {v:.4f} (Δ {delta:+.4f}); the paired "
+           f"interval of the difference is [{d[0]:+.4f}, {d[1]:+.4f}]. "]
+    if d[1] < 0:
+        out[0] += "The improvement lies outside its interval."
+    else:
+        out[0] += "The improvement is **not** distinguishable from evaluation noise at this budget."
+        if slope < 0:
+            need = half / -slope
+            out[0] += (f" The measured trend (least squares over the {len(pts)} evaluated rounds) is "
+                       f"{slope * 1000:+.5f} per 1,000 examples; at that rate the change would exceed the interval's "
+                       f"half-width ({half:.4f}) after about {need:,.0f} examples ({need / pts[-1][0]:.0f}x this "
+                       "budget), a linear extrapolation of a short trend, not a measurement.")
+        else:
+            out[0] += " The measured trend over the evaluated rounds is not downward, so no budget can be read off it."
+    return out + [""]
+
+
+if __name__ == "__main__":
+    main()
