@@ -44,9 +44,9 @@ that is the global model itself. The evaluation always uses the server's exact w
 
 Label skew. Clients take turns, so under a label-skewed split each turn pulls the shared task head towards
 its own labels, and a run can end predicting the last client's label (measured on MRPC, Dirichlet-0.5 over
-6 clients: 31.6% accuracy, the minority class, after each of 3 rounds; README). No remedy here fixes that
-yet. `--logit_adjust` (glue) adds the log of the client's own label frequencies to the logits of its training
-loss (logit adjustment), and `--head_lr_scale` slows the head alone; both are candidates under measurement:
+6 clients, 8 steps a turn at lr 2e-4: 31.6% accuracy, the minority class, after each of 3 rounds; the runs in
+docs/RESULTS.md show where the defaults stand). No remedy here fixes that yet. `--logit_adjust` (glue) adds
+the log of the client's own label frequencies to the logits of its training loss (logit adjustment), and `--head_lr_scale` slows the head alone; both are candidates under measurement:
 on that split neither kept the run off the minority class (a client with one label keeps widening its margin
 after the prior shift). `--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from
 turn to turn over the whole run.
@@ -728,9 +728,10 @@ def main(argv=None):
                 seed = derive_seed(args.seed, r, c)
                 lrs = turn_learning_rates(run, r, c)
                 # 1. download: server -> client c. Every rank runs it on its replica (which records what c now
-                #    holds); no collective carries it: c's rank builds it from its own replica.
+                #    holds); no collective carries it: c's rank serialises it from its own replica, rank 0 too (for
+                #    the ledger), the other ranks skip that work.
                 down = server_download(server, units, c, block, args.download, args.download_fraction, seed)
-                wire_down = tasks.pack(down)
+                wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
                 # 2. client c's turn, on its rank: sync, train the block (and head) -> the upload, on every rank
                 wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, c, block, wire_down, lrs, seed)
                 # 3. server: take the upload (every rank's replica); every working copy follows the global model
