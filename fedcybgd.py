@@ -46,10 +46,11 @@ Label skew. Clients take turns, so under a label-skewed split each turn pulls th
 its own labels, and a run can end predicting the last client's label (measured on MRPC, Dirichlet-0.5 over
 6 clients, 8 steps a turn at lr 2e-4: 31.6% accuracy, the minority class, after each of 3 rounds; the runs in
 docs/RESULTS.md show where the defaults stand). No remedy here fixes that yet. `--logit_adjust` (glue) adds
-the log of the client's own label frequencies to the logits of its training loss (logit adjustment), and `--head_lr_scale` slows the head alone; both are candidates under measurement:
-on that split neither kept the run off the minority class (a client with one label keeps widening its margin
-after the prior shift). `--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from
-turn to turn over the whole run.
+the log of the client's own label frequencies to the logits of its training loss (logit adjustment), and
+`--head_lr_scale` slows the head alone; both are candidates under measurement: on that split neither kept the
+run off the minority class (a client with one label keeps widening its margin after the prior shift).
+`--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from turn to turn over the
+whole run.
 
 Across processes (`torchrun --nproc_per_node N fedcybgd.py ...`, also across machines): client c lives on
 rank c % N, and every rank keeps its own model plus a replica of the server state. On client c's turn only

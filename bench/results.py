@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -139,12 +140,12 @@ def eval_mrpc(model_name, a, argv):
     """-> {"pred": [...], "label": [...]} over the whole dev set."""
     model, tok = tasks.load_model(model_name, "glue", num_labels=2)
     model.eval()
-    _, dev = tasks.glue.load("mrpc", a.mrpc)
-    dev = tasks.subsample(dev, 0, 42)
-    enc = [dict(tok(e["text_a"], e["text_b"], truncation=True, max_length=int(flag(argv, "--max_length"))),
-                labels=e["label"]) for e in dev]
-    preds, _ = tasks.glue_predictions(model, tok, enc, "cpu")
-    return {"pred": [int(p) for p in preds], "label": [e["label"] for e in dev]}
+    flags = SimpleNamespace(task="glue", dataset="mrpc", data_path=a.mrpc, iid="iid", seed=int(flag(argv, "--seed")),
+                            max_length=int(flag(argv, "--max_length")), eval_samples=int(flag(argv, "--eval_samples")),
+                            val_samples=0)
+    _, _, dev = tasks.load_task_data(flags, tok, 1)  # the dev set as the scripts encode it
+    preds, _ = tasks.glue_predictions(model, tok, dev, "cpu")
+    return {"pred": [int(p) for p in preds], "label": [e["labels"] for e in dev]}
 
 
 def cached(path, compute):
