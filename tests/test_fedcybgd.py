@@ -222,6 +222,16 @@ def test_logit_adjusted_loss_is_cross_entropy_of_logits_plus_the_clients_log_pri
     assert stats["loss"] == pytest.approx(plain, rel=1e-6)
 
 
+@pytest.mark.parametrize("counts, flagged", [
+    ([(1983, 25), (101, 51), (969, 1)], [0, 2]),  # MRPC dir0.5's clients 0, 1 and 5: 98.8%, 66.4%, 99.9%
+    ([(95, 5), (94, 6)], [0]),  # the bound is inclusive: 95% flags, 94% does not
+    ([(0, 7), (3, 3)], [0]),  # one label only
+])
+def test_one_label_clients_are_those_with_one_label_in_95_percent_of_their_examples(counts, flagged):
+    clients = [[{"labels": 0}] * n0 + [{"labels": 1}] * n1 for n0, n1 in counts]
+    assert cy.one_label_clients(clients) == flagged
+
+
 def tiny_cycle_recalls(tokenizer, split):
     """Three rounds of the cycle (fedcybgd's own block_of_turn and client_update) over 3 clients on a task a tiny
     BERT learns in a few steps: the text holds an 'x' (label 1) or a 'y' (label 0) among 11 random letters.
