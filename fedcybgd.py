@@ -51,10 +51,10 @@ and AdamW takes steps of about --lr whatever the gradient's size, so a loss that
 (logit adjustment) still moves the weights at full size for the whole turn. `--logit_adjust` (glue) and
 `--head_lr_scale` are kept as measured candidates; neither prevents the collapse, on MRPC or on a tiny
 cycle whose clients each hold one label. The contrast can only come from across clients, and a cycle carries it
-only when turns are short against the learning: one AdamW fed the cycle's one-label batches in order learns with
-turns of 1-2 steps, or over 10 cycles, not with 10-step turns in 3. A head refitted afterwards does not rescue
-MRPC either: under the Dirichlet-0.5 split the encoder's features support about 71% (69% pretrained). The script
-warns when clients hold one label in >= 95% of their examples (`one_label_clients`).
+only when turns are short against the learning: one AdamW fed the cycle's one-label batches in order learns in 90
+steps as turns of 1-2 steps, not as turns of 5-10 steps (lower rates need about 10 cycles). A head refitted
+afterwards does not rescue MRPC either: under the Dirichlet-0.5 split the encoder's features support about 71%
+(69% pretrained). The script warns when clients hold one label in >= 95% of their examples (`one_label_clients`).
 
 `--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from turn to turn over the
 whole run.
