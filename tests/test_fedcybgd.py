@@ -267,7 +267,7 @@ def test_tiny_cycle_learns_both_labels_when_clients_hold_both(tiny_tokenizer):
     assert min(tiny_cycle_recalls(tiny_tokenizer, "iid")) >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11, open: under a one-label-per-client split the cycle ends predicting "
+@pytest.mark.xfail(strict=True, reason="issue 11 (blocked): under a one-label-per-client split the cycle ends predicting "
                    "the last client's label (see the docstring's Label skew); strict, so a fix turns this red until "
                    "the marker goes")
 def test_tiny_cycle_under_one_label_per_client_does_not_end_at_the_last_clients_label(tiny_tokenizer):
