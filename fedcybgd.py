@@ -45,7 +45,7 @@ that is the global model itself. The evaluation always uses the server's exact w
 Label skew (open). Clients take turns, so under a label-skewed split each turn pulls the shared task head, and
 the one block it trains, towards its own labels, and a run can end predicting the last client's label (MRPC,
 Dirichlet-0.5 over 6 clients, whose last client holds 969 negatives and 1 positive: 31.6% accuracy, the minority
-class; the README's *Label skew* table lists every remedy measured). Two things make it: a client holding one label
+class; docs/label-skew.md lists every remedy measured). Two things make it: a client holding one label
 has no contrast in its data, so any loss on that data alone falls by moving every prediction towards its label;
 and AdamW takes steps of about --lr whatever the gradient's size, so a loss that is already nearly satisfied
 (logit adjustment) still moves the weights at full size for the whole turn. `--logit_adjust` (glue) and
@@ -56,8 +56,7 @@ steps as turns of 1-2 steps, not as turns of 5-10 steps (lower rates need about 
 afterwards does not rescue MRPC either: under the Dirichlet-0.5 split the encoder's features support about 71%
 (69% pretrained). The script warns when clients hold one label in >= 95% of their examples (`one_label_clients`).
 
-`--lr_scheduler cosine` with `--warmup_steps` is the official schedule, carried from turn to turn over the
-whole run.
+The schedule (--lr_scheduler, --warmup_steps) is one curve over the whole run, carried from turn to turn.
 
 Across processes (`torchrun --nproc_per_node N fedcybgd.py ...`, also across machines): client c lives on
 rank c % N, and every rank keeps its own model plus a replica of the server state. On client c's turn only
@@ -67,30 +66,48 @@ checkpointed, included -- stay equal bit for bit. The download message is built 
 client's rank and counted in the ledger, but no collective carries it: every rank already holds the server's
 weights. One process and N ranks give the same metrics and the same weights.
 
-Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam):
+The official code's regimes, and this script's defaults. The official repository has three: `roberta-glue` and
+`gpt/` (SQuAD) are not partitioned at all -- one Hugging Face Trainer runs over the whole shuffled training set and a
+"client" is the next floor(floor(n/N)/B) batches of that stream (24 clients, batch 64: 2 steps a turn on MRPC), each
+turn training 4 random layers of 12 plus the head, with a linear schedule and clipping at 1.0 (AdamW eps 1e-6 and no
+weight decay for GLUE; warmup over 10% of an epoch and lr 3e-5 for SQuAD); `causal_llms` cuts a seeded shuffle into
+equal contiguous shards and gives client c block c mod L every round. The glue and squad defaults here are the
+first regime (`--iid stream --num_clients 24 --layers_per_turn 4 --switch_mode random --lr_scheduler linear
+--max_grad_norm 1.0`, `blocks_of_turn`, `stream_indices`); `--iid iid` is causal_llms' shards.
+
+Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam), and the effect:
   * Blocks are discovered from the model (the largest nn.ModuleList of identical layers), not taken from
     hand-written per-model prefix lists; task heads (everything after the layer stack) are trainable on
-    every turn; embeddings (everything before it) are an optional extra block (--train_embeddings).
-  * Adam state lives for exactly one client turn. The official block optimizer rebuilds its fp32 copies
-    and wipes the Adam moments every `switch_block_every` steps even though the block does not change
-    within a turn, and it saves the optimizer state for the next client; the learning rate schedule, which
-    it also carries from client to client, is carried here too (--lr_scheduler).
+    every turn; embeddings (everything before it) are an optional extra block (--train_embeddings). The
+    official causal code trains neither the final norm nor the LM head; here the final norm is the head.
+  * Adam state lives for exactly one client turn. The official causal code rebuilds its fp32 copies and wipes the
+    Adam moments after every step (`switch_block_every` -1) although the block does not change within a turn, and
+    saves the optimizer state for the next client; the learning rate schedule, which it also carries from client to
+    client, is carried here too (--lr_scheduler). The official `gpt/` loop steps its base optimizer twice per batch;
+    here every batch is one step.
   * Weight decay skips every parameter with ndim < 2 (biases, norm weights). The official code tests
     `isinstance(param, LayerNorm)` on a tensor, which is never true, so norm weights decay.
-  * The cycle: turn t trains block t mod L, so with fewer clients than blocks every block is still
-    visited. The official code gives client c block c mod L in every round, so blocks >= N never train.
-    --switch_mode random is the official draw (each client samples its blocks independently, without
-    replacement over its rounds); with more rounds than blocks the official code fails, here a client starts
-    a fresh permutation every L rounds. --switch_mode permutation is a fresh order per sweep of L turns.
-  * The official code splits the data into equal contiguous shards; the split here is --iid (Dirichlet label
-    skew by default), and --logit_adjust and --head_lr_scale have no counterpart there.
+  * The causal cycle: turn t trains block t mod L, so with fewer clients than blocks every block is still
+    visited. The official causal code gives client c block c mod L in every round, so blocks >= N never train.
+    --switch_mode random with one block a turn is the official causal draw (each client samples its blocks
+    independently, without replacement over its rounds); with more rounds than blocks the official code fails,
+    here a client starts a fresh permutation every L rounds. --switch_mode permutation is a fresh order per sweep.
+  * Under --iid stream a round is N turns of floor(floor(n/N)/B) batches, slightly less than one pass (MRPC:
+    24 x 2 x 64 = 3,072 of 3,667 examples); the stream runs on across rounds, so no example is skipped, but rounds
+    and epochs do not line up (the official Trainer counts epochs, and its client index runs on across them).
+    Clients that own data (--iid iid / dirALPHA) hold fixed shards reused every round, unlike the official GLUE/SQuAD
+    clients, which own nothing and never reuse a batch within an epoch. --logit_adjust and --head_lr_scale have
+    no official counterpart; the sft default split is FedKSeed's label-Dirichlet one, so that both scripts share
+    clients.
+  * The GLUE model is the 6-layer MiniLM (offline), not roberta-base: 4 layers a turn are 2/3 of it, not 1/3, and
+    the learning rate is 1e-4 where the official code uses 2e-5 (chosen on validation data, docs/fedcybgd.md);
+    max length 128 where the official code pads to 512 (MRPC pairs fit in 128 tokens; padding changes no result).
   * Download: the official "compression" (random dropping of updated blocks, the rest pretrained) is
     --download_fraction, except that the client's own block and the head are always sent (dropping them
     would make the client train from, and upload over, a stale copy). Lossless `delta` and lossy `int8`
     (which sends only what the client lacks) are added, and every byte is counted.
   * One model in memory instead of a deep copy of the model per client; float32 weights by default (the
-    official code casts to fp16); the GPT-2/SQuAD and RoBERTa/GLUE variants, which the official code
-    trains centrally, use the same federated loop here.
+    official code casts to fp16).
 """
 import argparse
 import json
@@ -113,10 +130,20 @@ from tasks import ConfigError, GroupError
 # config: defaults run out of the box on a CPU; per-task defaults fill whatever is left as None
 # ----------------------------------------------------------------------------------------------------
 TASK_DEFAULTS = {
-    #        dataset       model            lr     batch  max_length  eval_samples (0 = all)
-    "sft":   dict(dataset="dolly", model="smollm2-135m", lr=1e-4, batch_size=2, max_length=256, eval_samples=50),
-    "glue":  dict(dataset="mrpc", model="minilm-l6", lr=2e-4, batch_size=16, max_length=128, eval_samples=0),
-    "squad": dict(dataset="squad", model="gpt2", lr=5e-5, batch_size=8, max_length=384, eval_samples=200),
+    # sft: FedKSeed's Dolly split (so the two scripts share clients), one block a turn, ascending, as causal_llms
+    "sft": dict(dataset="dolly", model="smollm2-135m", lr=1e-4, batch_size=2, max_length=256, eval_samples=50,
+                num_clients=0, rounds=2, iid="dir0.5", switch_mode="ascending", layers_per_turn=1, weight_decay=0.01,
+                adam_eps=1e-8, lr_scheduler="constant", warmup_ratio=0.0, max_grad_norm=0.0),
+    # glue: the official roberta-glue regime: one shuffled stream over the training set, 24 "clients" that each take
+    # the next floor(floor(n/N)/B) batches, 4 random layers a turn, AdamW eps 1e-6 without decay, linear decay to 0,
+    # clipping 1.0, batch 64, 3 epochs. lr 1e-4 for the 6-layer MiniLM (the official 2e-5 is roberta-base's).
+    "glue": dict(dataset="mrpc", model="minilm-l6", lr=1e-4, batch_size=64, max_length=128, eval_samples=0,
+                 num_clients=24, rounds=3, iid="stream", switch_mode="random", layers_per_turn=0, weight_decay=0.0,
+                 adam_eps=1e-6, lr_scheduler="linear", warmup_ratio=0.0, max_grad_norm=1.0),
+    # squad: the official gpt/ regime: the same stream, 24 clients, 4 random layers, lr 3e-5, warmup 10% of a round
+    "squad": dict(dataset="squad", model="gpt2", lr=3e-5, batch_size=8, max_length=384, eval_samples=200,
+                  num_clients=24, rounds=3, iid="stream", switch_mode="random", layers_per_turn=0, weight_decay=0.0,
+                  adam_eps=1e-8, lr_scheduler="linear", warmup_ratio=0.1, max_grad_norm=1.0),
 }
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)}
 
@@ -133,36 +160,52 @@ def parse_args(argv=None):
                    "to this script, then the Hugging Face hub)")
     p.add_argument("--model", default=None, help="smollm2-135m, minilm-l6, or any Hugging Face id/path "
                    "(default: smollm2-135m for sft, minilm-l6 for glue, gpt2 for squad)")
-    p.add_argument("--num_clients", type=int, default=0,
-                   help="number of clients; 0 = one client per block of the cycle")
-    p.add_argument("--rounds", type=int, default=2, help="full cycles: in a round every client takes one turn")
+    p.add_argument("--num_clients", type=int, default=None,
+                   help="number of clients; 0 = one client per block of the cycle (default: 0 sft, 24 glue/squad)")
+    p.add_argument("--rounds", type=int, default=None, help="full cycles: in a round every client takes one turn "
+                   "(default: 2 sft; 3 glue/squad, i.e. about 3 epochs of the stream)")
     p.add_argument("--switch_mode", choices=("ascending", "descending", "permutation", "random"),
-                   default="ascending", help="which block a turn trains: ascending/descending over the cycle; "
-                   "permutation: a fresh random order for every sweep over the blocks; random: the official mode, "
-                   "each client draws its own blocks independently (see block_of_turn)")
+                   default=None, help="which blocks a turn trains: ascending/descending over the cycle; "
+                   "permutation: a fresh random order for every sweep over the blocks; random: the official mode "
+                   "(see blocks_of_turn) (default: ascending sft, random glue/squad)")
+    p.add_argument("--layers_per_turn", type=int, default=None,
+                   help="blocks a turn trains; 0 = 4 as the official GLUE/SQuAD code (4 of 12), or every block "
+                        "of a model with fewer (default: 1 sft, 0 glue/squad); with random a fresh uniform draw of "
+                        "that many distinct blocks per turn, with ascending/descending that many consecutive ones")
     p.add_argument("--local_steps", type=int, default=None,
-                   help="optimizer steps per client turn (default 8 unless --local_epochs is given)")
+                   help="optimizer steps per client turn (default: with --iid stream, the official "
+                        "floor(floor(n/N)/B); otherwise 8 unless --local_epochs is given)")
     p.add_argument("--local_epochs", type=float, default=None,
                    help="passes over the client's data per turn instead of --local_steps")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (the peak, with --lr_scheduler) "
                    "(default: 1e-4 sft, 2e-4 glue, 5e-5 squad)")
-    p.add_argument("--lr_scheduler", choices=("constant", "cosine"), default="constant",
-                   help="learning rate over the whole run, carried from turn to turn: constant, or a cosine from "
-                        "--lr to 0 at the last step of the last round")
+    p.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default=None,
+                   help="learning rate over the whole run, carried from turn to turn: constant, or a cosine or a "
+                        "linear decay from --lr to 0 at the end of the last round (default: constant sft, linear "
+                        "glue/squad)")
     p.add_argument("--head_lr_scale", type=float, default=1.0,
                    help="the task head (trained on every turn) learns at this times --lr")
     p.add_argument("--logit_adjust", action="store_true",
                    help="glue classification: each client adds the log of its own label frequencies to the logits "
                         "of its training loss (logit adjustment; measured not to prevent the label-skew collapse yet)")
     p.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps at the start of the run")
-    p.add_argument("--weight_decay", type=float, default=0.01,
-                   help="AdamW weight decay, applied to parameters with ndim >= 2 only")
+    p.add_argument("--warmup_ratio", type=float, default=None, help="warmup over this fraction of one round's "
+                   "optimizer steps instead of --warmup_steps (default: 0.1 squad, as the official gpt/ code; else 0)")
+    p.add_argument("--weight_decay", type=float, default=None,
+                   help="AdamW weight decay, applied to parameters with ndim >= 2 only (default: 0.01 sft, 0 glue/squad)")
+    p.add_argument("--adam_eps", type=float, default=None, help="AdamW epsilon (default: 1e-8; 1e-6 glue, as "
+                   "the official roberta-glue code)")
+    p.add_argument("--max_grad_norm", type=float, default=None, help="clip the turn's gradient (its trained "
+                   "tensors together) to this L2 norm before each step; 0 = off (default: 0 sft, 1.0 glue/squad)")
     p.add_argument("--batch_size", type=int, default=None, help="examples per micro-batch "
                    "(default: 2 sft, 16 glue, 8 squad)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max_length", type=int, default=None, help="tokens per example "
                    "(default: 256 sft, 128 glue, 384 squad)")
-    p.add_argument("--iid", default="dir0.5", help="client partition: 'iid' or 'dirALPHA' (label-Dirichlet)")
+    p.add_argument("--iid", default=None, help="client partition: 'stream' (clients own no data: each turn takes "
+                   "the next batches of one seeded stream of passes over the whole training set, as the official "
+                   "GLUE/SQuAD code), 'iid' (equal shards of a seeded shuffle, as the official causal code) or "
+                   "'dirALPHA' (label-Dirichlet) (default: dir0.5 sft, stream glue/squad)")
     p.add_argument("--download", choices=("full", "delta", "int8"), default="delta",
                    help="full: whole model each turn; delta: only blocks changed since the client's last turn; "
                         "int8: whole model with frozen blocks quantised per row, own block exact")
@@ -202,18 +245,20 @@ def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
     if args.local_steps is not None and args.local_epochs is not None:
         raise ConfigError("give --local_steps or --local_epochs, not both")
-    if args.local_steps is None and args.local_epochs is None:
-        args.local_steps = 8
+    if args.local_steps is None and args.local_epochs is None and args.iid != "stream":
+        args.local_steps = 8  # under --iid stream, setup derives the official floor(floor(n/N)/B)
     for name in ("rounds", "batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("num_clients", "eval_samples", "max_new_tokens", "val_samples"):
+    for name in ("num_clients", "eval_samples", "max_new_tokens", "val_samples", "layers_per_turn"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if not (math.isfinite(args.head_lr_scale) and args.head_lr_scale >= 0):
         raise ConfigError(f"--head_lr_scale must be a finite number >= 0 (got {args.head_lr_scale})")
     if args.logit_adjust and (args.task != "glue" or tasks.glue.NUM_LABELS.get(args.dataset, 2) < 2):
         raise ConfigError("--logit_adjust needs a classification task (--task glue, not stsb)")
+    if args.warmup_ratio and args.warmup_steps:
+        raise ConfigError("give --warmup_steps or --warmup_ratio, not both")
     if args.warmup_steps < 0:
         raise ConfigError(f"--warmup_steps must be >= 0 (got {args.warmup_steps})")
     if args.eval_every < 1:
@@ -223,6 +268,16 @@ def check_config(args):
     for name in ("lr", "dist_timeout"):  # nan fails every comparison, inf passes "> 0": test finiteness too
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise ConfigError(f"--{name} must be a finite number > 0 (got {getattr(args, name)})")
+    if args.iid == "stream" and args.local_epochs is not None:
+        raise ConfigError("--iid stream: clients own no data, so a turn is --local_steps batches, not --local_epochs")
+    if args.iid == "stream" and args.logit_adjust:
+        raise ConfigError("--logit_adjust needs clients that own data (a label prior of their own), not --iid stream")
+    for name in ("adam_eps",):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ConfigError(f"--{name} must be a finite number > 0 (got {getattr(args, name)})")
+    for name in ("max_grad_norm", "warmup_ratio"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ConfigError(f"--{name} must be a finite number >= 0, 0 for none (got {getattr(args, name)})")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ConfigError(f"--weight_decay must be a finite number >= 0, 0 for none (got {args.weight_decay})")
     if not 0 < args.download_fraction <= 1:
@@ -232,8 +287,9 @@ def check_config(args):
                          "--download full or int8, not delta")
     if args.data_path and not Path(args.data_path).exists():
         raise ConfigError(f"--data_path {args.data_path} not found")
-    if args.iid != "iid" and not (args.iid.startswith("dir") and _is_float(args.iid[3:]) and float(args.iid[3:]) > 0):
-        raise ConfigError(f"--iid must be 'iid' or 'dirALPHA' with ALPHA > 0, e.g. dir0.5 (got {args.iid})")
+    if args.iid not in ("iid", "stream") and not (args.iid.startswith("dir") and _is_float(args.iid[3:])
+                                                  and float(args.iid[3:]) > 0):
+        raise ConfigError(f"--iid must be 'stream', 'iid' or 'dirALPHA' with ALPHA > 0, e.g. dir0.5 (got {args.iid})")
 
 
 def _is_float(s):
@@ -287,6 +343,27 @@ def find_blocks(model, train_embeddings=False):
     return cycle, units
 
 
+def blocks_of_turn(cycle, switch_mode, seed, rnd, client, num_clients, k=1):
+    """The k units client `client` trains in round `rnd` (from 1), a list. k = 1: [block_of_turn(...)]. k > 1, with
+    turn t = (rnd - 1) * num_clients + client and L = len(cycle):
+      ascending    cycle[(t*k + j) mod L] for j < k: k consecutive blocks, the next turn the next k
+      descending   the same counted from the top, cycle[L-1 - (t*k + j) mod L]
+      random       a fresh uniform draw of k distinct blocks for every turn, seeded by (seed, round, client): the
+                   official roberta-glue/gpt regime (4 random layers of 12 each turn)
+    Returned in cycle order."""
+    if k == 1:
+        return [block_of_turn(cycle, switch_mode, seed, rnd, client, num_clients)]
+    L = len(cycle)
+    turn = (rnd - 1) * num_clients + client
+    if switch_mode in ("ascending", "descending"):
+        picks = {(turn * k + j) % L for j in range(k)}
+        picks = {L - 1 - i for i in picks} if switch_mode == "descending" else picks
+    else:
+        g = torch.Generator().manual_seed(derive_seed(seed, "turn-blocks", rnd, client))
+        picks = set(torch.randperm(L, generator=g)[:k].tolist())
+    return [cycle[i] for i in sorted(picks)]
+
+
 def block_of_turn(cycle, switch_mode, seed, rnd, client, num_clients):
     """The unit client `client` trains in round `rnd` (from 1): a pure function of these numbers, so resume and
     every rank agree. With turn index t = (rnd - 1) * num_clients + client and L = len(cycle):
@@ -310,16 +387,39 @@ def block_of_turn(cycle, switch_mode, seed, rnd, client, num_clients):
     return cycle[torch.randperm(L, generator=own)[(rnd - 1) % L].item()]
 
 
-def learning_rate(args, step, total_steps):
+def learning_rate(args, step, total_steps, warmup=None):
     """The learning rate of optimizer step `step` (0-based, counted over the whole run: the schedule is carried
-    from turn to turn, as the official code carries its scheduler from client to client) of `total_steps`:
-    linear warmup over --warmup_steps, then constant, or a cosine from --lr down to 0 at the last step."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+    from turn to turn, as the official code carries its scheduler from client to client) of `total_steps`, with
+    W = `warmup` steps (default --warmup_steps):
+      warmup    step < W: lr * (step + 1) / W
+      constant  lr
+      cosine    lr * (1 + cos(pi * (step - W) / (total - W))) / 2
+      linear    lr * (total - step) / (total - W): Hugging Face's linear schedule, 1 at the first step after
+                warmup, lr / (total - W) at the last (the official GLUE/SQuAD code's)"""
+    warmup = args.warmup_steps if warmup is None else warmup
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
     if args.lr_scheduler == "constant":
         return args.lr
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    if args.lr_scheduler == "linear":
+        return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    progress = (step - warmup) / max(1, total_steps - warmup)
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def stream_indices(n, per_turn, turn, seed):
+    """--iid stream, the official GLUE/SQuAD regime: clients own no data. The training set is one stream of passes,
+    pass p a seeded permutation of range(n), and turn `turn` (0-based over the run) takes the next `per_turn`
+    positions of it: positions [turn * per_turn, (turn + 1) * per_turn). Within a pass no example is lost or repeated;
+    a turn that straddles two passes ends one and starts the next. A pure function of its arguments (resume, ranks)."""
+    out, pos, end = [], turn * per_turn, (turn + 1) * per_turn
+    while pos < end:
+        p, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "stream", p)))
+        take = min(end - pos, n - i)
+        out += perm[i:i + take].tolist()
+        pos += take
+    return out
 
 
 def derive_seed(*parts):
@@ -361,8 +461,9 @@ def init_server(model, units):
     }
 
 
-def server_download(server, units, client, block, mode, fraction=1.0, seed=0):
-    """The message the server sends client `client` before it trains `block`: dict name -> tensor.
+def server_download(server, units, client, blocks, mode, fraction=1.0, seed=0):
+    """The message the server sends client `client` before it trains `blocks` (a unit or a list of units): dict
+    name -> tensor.
 
     full   every tensor, every turn (the naive baseline);
     delta  the units whose version differs from what the client holds, exact;
@@ -378,7 +479,7 @@ def server_download(server, units, client, block, mode, fraction=1.0, seed=0):
     """
     version, seen = server["version"], server["seen"].get(client, {})
     lossy = set(server["lossy"].get(client, ()))
-    own = {block, "head"}
+    own = {blocks, "head"} if isinstance(blocks, str) else {*blocks, "head"}
     if fraction < 1:  # the official random dropping, against the pretrained copy every client has
         changed = [u for u in units if version[u] > 0 and u not in own]
         g = torch.Generator().manual_seed(seed)
@@ -481,8 +582,21 @@ def one_label_clients(clients, share=0.95):
     return skewed
 
 
+def clip_gradients(tensors, max_norm):
+    """Scale the gradients of `tensors` together so that their joint L2 norm is at most max_norm (0 = off), as
+    torch.nn.utils.clip_grad_norm_ (and the official code's Trainer) does -> the norm before clipping."""
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])).item()
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, seed, head_names=(), head_lr_scale=1.0,
-                  log_prior=None):
+                  log_prior=None, adam_eps=1e-8, max_grad_norm=0.0):
     """One client turn. Only `train_names` (the client's block and the head) require grad; those also in
     `head_names` learn at head_lr_scale times the rate. log_prior (classification only): the log of the client's
     own label frequencies [num_labels], added to the logits in the training loss (logit adjustment), so that a
@@ -490,6 +604,7 @@ def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, se
 
     batches: list of local_steps * grad_accum micro-batches (dicts of tensors on the model's device).
     lrs: the learning rate of each optimizer step (len(batches) // grad_accum of them; see `learning_rate`).
+    adam_eps: AdamW's epsilon; max_grad_norm > 0: the step's gradient is clipped to that norm (`clip_gradients`).
     Optimizer state lifetime: the AdamW moments (and the fp32 masters) are created here and freed when
     the turn ends; nothing of them crosses the wire or survives to the client's next turn, when it will
     usually train another block. With bf16/fp16 weights AdamW runs on fp32 master copies of the block,
@@ -508,7 +623,7 @@ def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, se
     groups = [dict(g, lr_scale=1.0) for g in tasks.param_groups([m for m in masters if m[0] not in head], weight_decay)]
     groups += [dict(g, lr_scale=head_lr_scale)
                for g in tasks.param_groups([m for m in masters if m[0] in head], weight_decay)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lrs[0], betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lrs[0], betas=(0.9, 0.999), eps=adam_eps)
     model.train()
     losses, peak_activations = [], 0
     for step in range(len(batches) // grad_accum):
@@ -526,6 +641,7 @@ def client_update(model, train_names, batches, lrs, weight_decay, grad_accum, se
             for (_, m), (_, p) in zip(masters, trained):
                 m.grad, p.grad = p.grad.float(), None
         grad_bytes = tasks.tensor_bytes(m.grad for _, m in masters)
+        clip_gradients([m for _, m in masters], max_grad_norm)
         for group in opt.param_groups:
             group["lr"] = lrs[step] * group["lr_scale"]
         opt.step()
@@ -610,8 +726,8 @@ def check_resume(args, out):
     except (OSError, ValueError):
         raise ConfigError(f"--resume: {out / 'config.json'} is missing or not JSON: not a fedcybgd run") from None
     diff = [k for k in old if k not in RESUME_FREE and old[k] != getattr(args, k, None)]
-    if args.lr_scheduler == "cosine" and old.get("rounds") != args.rounds:
-        diff.append("rounds (the cosine schedule spans the whole run)")
+    if args.lr_scheduler in ("cosine", "linear") and old.get("rounds") != args.rounds:
+        diff.append(f"rounds (the {args.lr_scheduler} schedule spans the whole run)")
     if diff:
         raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}")
 
@@ -622,7 +738,7 @@ def check_resume(args, out):
 def setup(args):
     """Everything the rounds need, in one namespace: model, blocks, data, the server state (every rank keeps a
     replica), the schedule, the transport, the run's files and the progress display."""
-    run = SimpleNamespace(args=args, out=Path(args.output_dir))
+    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)))  # the flags as given
     check_resume(args, run.out)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -639,22 +755,41 @@ def setup(args):
     transport.join(args.dist_timeout)  # after loading: see Ranks.join
     run.model.requires_grad_(False).eval()
     run.cycle, run.units = find_blocks(run.model, args.train_embeddings)
+    run.layers_per_turn = args.layers_per_turn or min(4, len(run.cycle))
+    if run.layers_per_turn > len(run.cycle):
+        raise ConfigError(f"--layers_per_turn {args.layers_per_turn}: the model has only {len(run.cycle)} blocks")
+    if run.layers_per_turn > 1 and args.switch_mode == "permutation":
+        raise ConfigError("--layers_per_turn > 1 works with --switch_mode random, ascending or descending, "
+                          "not permutation")
     run.num_clients = args.num_clients or len(run.cycle)
     params = dict(run.model.named_parameters())
     nparams = {u: sum(params[n].numel() for n in names) for u, names in run.units.items()}
     print(f"model {args.model}: {sum(nparams.values()) / 1e6:.1f}M parameters, {len(run.cycle)} blocks in the cycle "
           f"(~{nparams[run.cycle[0]] / 1e6:.2f}M each), head {nparams['head'] / 1e6:.3f}M, embeddings "
           f"{nparams['embeddings'] / 1e6:.1f}M ({'trained as a block' if 'embeddings' in run.cycle else 'frozen'}); "
-          f"{run.num_clients} clients, download {args.download}"
+          f"{run.num_clients} clients, {run.layers_per_turn} block(s) a turn ({args.switch_mode}), download "
+          f"{args.download}"
           + (f" with fraction {args.download_fraction}" if args.download_fraction < 1 else "")
           + (f"; {transport.world} ranks (torchrun), client c on rank c % {transport.world}, rank 0 evaluates and "
              "writes" if transport.world > 1 else ""))
 
-    run.clients, run.val, run.test = tasks.load_task_data(args, run.tokenizer, run.num_clients)
-    skewed = one_label_clients(run.clients) if args.task == "glue" and num_labels > 1 else []
+    run.stream = args.iid == "stream"  # clients own no data: every turn takes the next batches of one stream
+    data_args = SimpleNamespace(**{**vars(args), "iid": "iid"}) if run.stream else args
+    run.clients, run.val, run.test = tasks.load_task_data(data_args, run.tokenizer, 1 if run.stream else run.num_clients)
+    if run.stream:
+        n = len(run.clients[0])
+        if args.local_steps is None:  # the official turn: floor(floor(n/N)/B) batches of the stream
+            args.local_steps = (n // run.num_clients) // (args.batch_size * args.grad_accum)
+            if args.local_steps < 1:
+                raise ConfigError(f"--iid stream: {n} examples over {run.num_clients} clients leave less than one "
+                                  f"batch of {args.batch_size * args.grad_accum} a turn: use fewer clients")
+        print(f"stream: the {n} training examples are one seeded stream of passes (the official GLUE/SQuAD regime); "
+              f"each turn takes the next {args.local_steps} batches of {args.batch_size * args.grad_accum}, "
+              f"{run.num_clients} turns a round = {run.num_clients * args.local_steps * args.batch_size * args.grad_accum / n:.2f} passes")
+    skewed = one_label_clients(run.clients) if args.task == "glue" and num_labels > 1 and not run.stream else []
     if skewed:
         print(f"warning: clients {', '.join(map(str, skewed))} hold one label in >= 95% of their examples; under such "
-              "label skew the cycle tends to end predicting the last client's label (README: Label skew)")
+              "label skew the cycle tends to end predicting the last client's label (docs/label-skew.md)")
     run.server = init_server(run.model, run.units)  # under torchrun: every rank's replica, kept equal by the uploads
     run.pretrained = ({n: p.detach().clone() for n, p in run.model.named_parameters()}
                       if args.download_fraction < 1 else None)  # the copy every client starts from
@@ -665,13 +800,15 @@ def setup(args):
         print(f"resumed from round {run.start}")
     run.saved = run.start  # the round of the last checkpoint written (rank 0), for the fault message
     run.files = tasks.RunFiles(run.out, active=transport.is_server)
-    run.files.start(dict(vars(args)), resumed_round=run.start if args.resume else None)
+    run.files.start(run.config, resumed_round=run.start if args.resume else None)
     run.log_priors = ([label_log_prior(examples, num_labels) for examples in run.clients] if args.logit_adjust
                       else [None] * run.num_clients)
     # optimizer steps of each client's turn (the same every round), and of the whole run, for the schedule
     per_step = args.batch_size * args.grad_accum
-    run.turn_steps = [args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
-                      for examples in run.clients]
+    run.turn_steps = ([args.local_steps] * run.num_clients if run.stream else
+                      [args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
+                       for examples in run.clients])
+    run.warmup = round(args.warmup_ratio * sum(run.turn_steps)) if args.warmup_ratio else args.warmup_steps
     run.progress = tasks.Progress(turns=(args.rounds * run.num_clients, run.start * run.num_clients))
     return run
 
@@ -680,10 +817,11 @@ def turn_learning_rates(run, r, c):
     """The schedule's learning rates for the steps of client c's turn in round r (carried over the whole run)."""
     steps_per_round = sum(run.turn_steps)
     first = (r - 1) * steps_per_round + sum(run.turn_steps[:c])
-    return [learning_rate(run.args, first + k, run.args.rounds * steps_per_round) for k in range(run.turn_steps[c])]
+    return [learning_rate(run.args, first + k, run.args.rounds * steps_per_round, run.warmup)
+            for k in range(run.turn_steps[c])]
 
 
-def client_turn(run, c, block, wire_down, lrs, seed):
+def client_turn(run, r, c, blocks, wire_down, lrs, seed):
     """Client c's turn, on its own rank: bring its model up to date with the download, train its block (and the
     head) on its data -> (upload message, stats). In the lossless modes the working model already holds the global
     weights (every turn's upload is applied on every rank), so only the lossy modes rebuild the client's own copy
@@ -692,9 +830,17 @@ def client_turn(run, c, block, wire_down, lrs, seed):
     lossy = args.download == "int8" or run.pretrained is not None
     sync_model(run.model, tasks.unpack(wire_down),
                base=held_weights(run.server, run.units, c, run.pretrained) if lossy else None)
-    batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
-    upload, stats = client_update(run.model, run.units[block] + run.units["head"], batches, lrs, args.weight_decay,
-                                  args.grad_accum, seed, run.units["head"], args.head_lr_scale, run.log_priors[c])
+    if run.stream:  # the next local_steps batches of the stream, in stream order
+        per_step, pool = args.batch_size * args.grad_accum, run.clients[0]
+        order = stream_indices(len(pool), args.local_steps * per_step, (r - 1) * run.num_clients + c, args.seed)
+        batches = [tasks.make_batch(args.task, [pool[i] for i in order[k:k + args.batch_size]], run.tokenizer,
+                                    run.device) for k in range(0, len(order), args.batch_size)]
+    else:
+        batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
+    trained = [n for b in blocks for n in run.units[b]] + run.units["head"]
+    upload, stats = client_update(run.model, trained, batches, lrs, args.weight_decay, args.grad_accum, seed,
+                                  run.units["head"], args.head_lr_scale, run.log_priors[c], args.adam_eps,
+                                  args.max_grad_norm)
     return tasks.pack(upload), stats
 
 
@@ -704,7 +850,10 @@ def evaluate_round(run, r, t0, turns):
     args = run.args
     row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
     if r % args.eval_every == 0 or r == args.rounds:
-        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val))
+        per_example = {}
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
+                                  per_example))
+        run.files.heldout_examples(r, per_example)
     row.update(upload_bytes=sum(t["upload_bytes"] for t in turns) / len(turns),  # mean per client turn
                download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
                upload_bytes_total=sum(t["upload_bytes"] for t in turns),
@@ -723,11 +872,13 @@ def evaluate_round(run, r, t0, turns):
 def evaluate_round_zero(run):
     """Server, before training: the pretrained model's metrics as round 0, and checkpoint 0."""
     t0 = time.time()
+    per_example = {}
     row = {"round": 0, "train_loss": None, **tasks.evaluate(run.args, run.model, run.tokenizer, run.test, run.device,
-                                                             run.val),
+                                                             run.val, run.progress, per_example),
            "upload_bytes": None, "download_bytes": None, "seconds": 0.0, "peak_memory_bytes": None}
     row["seconds"] = round(time.time() - t0, 2)
     run.files.metric(row)
+    run.files.heldout_examples(0, per_example)
     run.progress.log("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
                                            if isinstance(v, float) and k != "seconds" and "bytes" not in k)
                      + f" (evaluation {row['seconds']:.0f}s)")
@@ -747,26 +898,28 @@ def main(argv=None):
             t0 = time.time()
             turns = []
             for c in range(run.num_clients):
-                block = block_of_turn(run.cycle, args.switch_mode, args.seed, r, c, run.num_clients)
+                blocks = blocks_of_turn(run.cycle, args.switch_mode, args.seed, r, c, run.num_clients,
+                                        run.layers_per_turn)
                 seed = derive_seed(args.seed, r, c)
                 lrs = turn_learning_rates(run, r, c)
                 # 1. download: server -> client c. Every rank runs it on its replica (which records what c now
                 #    holds); no collective carries it: c's rank serialises it from its own replica, rank 0 too (for
                 #    the ledger), the other ranks skip that work.
-                down = server_download(server, units, c, block, args.download, args.download_fraction, seed)
+                down = server_download(server, units, c, blocks, args.download, args.download_fraction, seed)
                 wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
                 # 2. client c's turn, on its rank: sync, train the block (and head) -> the upload, on every rank
-                wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, c, block, wire_down, lrs, seed)
+                wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, r, c, blocks, wire_down, lrs,
+                                                       seed)
                 # 3. server: take the upload (every rank's replica); every working copy follows the global model
                 upload = tasks.unpack(wire_up)
                 server_aggregate(server, c, upload, units)
                 sync_model(run.model, upload)
                 turns.append({"round": r, "turn": (r - 1) * run.num_clients + c, "turns_per_round": run.num_clients,
-                              "client": c, "block": block, "lr_first": lrs[0], "lr_last": lrs[-1],
+                              "client": c, "block": "+".join(blocks), "lr_first": lrs[0], "lr_last": lrs[-1],
                               "download_units": sent_units(down, units), "loss": stats["loss"],
                               "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
                               "peak_memory_bytes": int(stats["peak_memory_bytes"])})
-                progress.log(f"round {r} client {c} {block}: loss {stats['loss']:.4f} up "
+                progress.log(f"round {r} client {c} {'+'.join(blocks)}: loss {stats['loss']:.4f} up "
                              f"{tasks.fmt_bytes(len(wire_up))} down {tasks.fmt_bytes(len(wire_down))} "
                              f"mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
                 progress.advance("turns")
@@ -789,6 +942,8 @@ def finish(run):
     run.progress.log(f"wrote {tasks.export_model(run.model, run.tokenizer, run.out / 'model')} (save_pretrained: "
                      "config, weights, tokenizer)")
     run.files.plot("FedCyBGD")
+    if line := run.files.change_line():
+        run.progress.log(line)
 
 
 if __name__ == "__main__":

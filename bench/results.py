@@ -50,7 +50,8 @@ def run_set(a):
     dolly = ["--data_path", a.dolly, "--model", a.sft_model, "--max_length", "48" if q else "256",
              "--eval_samples", str(a.eval_samples), "--max_new_tokens", "4" if q else "64", "--seed", "42"]
     fed = ["--num_clients", "4" if q else "200", "-m", "0.5" if q else "0.02", "--rounds", "2" if q else "4"]
-    zo = ["--lr", "2e-6", "--zo_eps", "1e-3", "-K", "64" if q else "4096", "--eval_every", "1"]
+    zo = ["--lr", "2e-6", "--zo_eps", "1e-3", "-K", "64" if q else "4096", "--eval_every", "1",
+          "--rouge_at_start"]  # the zero-shot row's Rouge-L is the FedKSeed run's round 0
     zo_steps, sgd_steps = ("2", "1") if q else ("16", "8")  # examples per client per round: 16 (2 in --quick)
     runs = [
         ("fedkseed", "dolly", "FedKSeed", "fedkseed.py", dolly + fed + zo + ["--local_steps", zo_steps]),
@@ -72,9 +73,12 @@ def run_set(a):
             "--max_length", "64" if q else "128", "--eval_samples", "0", "--batch_size", "4" if q else "16",
             "--rounds", "1" if q else "3"]
     steps = "1" if q else "20"
+    # the regime this page was made with (fedcybgd's GLUE defaults before they followed the official code)
+    cybgd_regime = ["--lr", "2e-4", "--layers_per_turn", "1", "--switch_mode", "ascending", "--weight_decay", "0.01",
+                    "--adam_eps", "1e-8", "--lr_scheduler", "constant", "--max_grad_norm", "0"]
     for split in ("iid", "dir0.5"):
         runs += [(f"mrpc-{split}-fedcybgd", f"mrpc-{split}", "FedCyBGD", "fedcybgd.py",
-                  glue + ["--iid", split, "--num_clients", "6", "--local_steps", steps]),
+                  glue + cybgd_regime + ["--iid", split, "--num_clients", "6", "--local_steps", steps]),
                  (f"mrpc-{split}-fedavg", f"mrpc-{split}", "FedAvg (full)", "fedavg.py",
                   glue + ["--iid", split, "--num_clients", "6", "-m", "1", "--local_steps", steps])]
     runs.append(("mrpc-centralized", "mrpc", "centralized fine-tuning (fedavg.py, one client)", "fedavg.py",
@@ -132,7 +136,7 @@ def eval_dolly(model_name, examples, argv):
     model.eval()
     tokenized = tasks.tokenize_examples(tok, examples, int(flag(argv, "--max_length")), log=None)
     sums, counts = tasks.heldout_token_losses(model, tokenized, tok.pad_token_id)
-    texts = tasks.generate(model, tok, tasks.heldout_prompts(tok, tokenized), int(flag(argv, "--max_new_tokens")))
+    texts = tasks.heldout_generations(model, tok, tokenized, int(flag(argv, "--max_new_tokens")))
     return {"loss_sum": sums, "tokens": counts, "rouge": tasks.rouge_l_scores(texts, [e["target"] for e in examples])}
 
 
@@ -146,6 +150,15 @@ def eval_mrpc(model_name, a, argv):
     _, _, dev = tasks.load_task_data(flags, tok, 1)  # the dev set as the scripts encode it
     preds, _ = tasks.glue_predictions(model, tok, dev, "cpu")
     return {"pred": [int(p) for p in preds], "label": [e["labels"] for e in dev]}
+
+
+def portable(arg):
+    """A path of this machine as the page shows it: relative to the repository where it lies inside, else a
+    placeholder (<DIR>, for the folder's name) -- the page must not name another machine's folders."""
+    if not os.path.isabs(arg):
+        return arg
+    path = Path(arg).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"<{path.name.upper()}>"
 
 
 def cached(path, compute):
@@ -330,7 +343,7 @@ def write_page(a, runs, runs_dir, page, argv_main):
     docs.mkdir(parents=True, exist_ok=True)
     by = {name: (table, label, script, argv) for name, table, label, script, argv in runs}
     L = []
-    cmd = shlex.join(["python", "bench/results.py", *argv_main])
+    cmd = shlex.join(["python", "bench/results.py", *map(portable, argv_main)])
     walls = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/wall.json"))]
     made = sorted({w["date"] for w in walls}) or [datetime.date.today().isoformat()]
     L += ["# Results" + (" (quick smoke run: tiny random models, not results)" if a.quick else ""), "",

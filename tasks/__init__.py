@@ -28,7 +28,9 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
     loss = tasks.heldout_loss(model, tokenized, pad_token_id)    # token-weighted mean target-token loss
     score = tasks.heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens)   # what all scripts report
     sums, counts = tasks.heldout_token_losses(model, tokenized, pad_token_id)   # per example (bench/results.py)
-    prompts = tasks.heldout_prompts(tokenizer, tokenized); scores = tasks.rouge_l_scores(predictions, references)
+    texts = tasks.heldout_generations(model, tokenizer, tokenized, max_new_tokens)   # from the prompts' own ids
+    scores = tasks.rouge_l_scores(predictions, references)
+    delta, lo, hi = tasks.paired_interval(first, last, tasks.token_weighted_loss)   # per-example dicts, 95% bootstrap
 
 Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
              tasks.split_validation(examples, n, seed) -> (rest, validation): carved before partitioning
@@ -40,7 +42,7 @@ SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_fea
 
 Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError;
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
-Training:    tasks.load_task_data, local_batches, evaluate, glue_predictions, param_groups, SavedActivations, tensor_bytes
+Training:    tasks.load_task_data, local_batches, make_batch, evaluate, glue_predictions, param_groups, SavedActivations, tensor_bytes
              (tasks/training.py: supervised plumbing of fedcybgd.py and fedavg.py)
 Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
              tasks.write_atomic(path, text), tasks.save_atomic(path, write), tasks.read_jsonl(path), fmt_bytes(n)
@@ -56,11 +58,12 @@ from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
 from .outputs import export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
-from .lm import (IGNORE_INDEX, collate, generate, heldout_loss, heldout_prompts, heldout_rouge_l, heldout_token_losses,
-                 rouge_l, rouge_l_scores, tokenize_example, tokenize_examples)
+from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
+                 heldout_prompt_ids, heldout_rouge_l, heldout_token_losses, paired_interval, rouge_l, rouge_l_scores,
+                 token_weighted_loss, tokenize_example, tokenize_examples)
 from .partitions import partition, partition_summary, split_validation
 from .run import (ConfigError, GroupError, Progress, Ranks, RunFiles, Transport, check_at_least, check_finite,
                   check_sampling, fill_task_defaults, run_cli, sample_clients, sampled_per_round, save_atomic, transport_from_env)
 from .sources import DataError, hub_reachable
-from .training import (SavedActivations, evaluate, glue_predictions, load_task_data, local_batches, param_groups,
-                       subsample, tensor_bytes)
+from .training import (SavedActivations, evaluate, glue_predictions, load_task_data, local_batches, make_batch,
+                       param_groups, subsample, tensor_bytes)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -107,6 +108,100 @@ def test_random_mode_is_the_official_independent_draw():
     assert any(len({draws[c][r] for c in range(n)}) < n for r in range(2 * L))  # a shared block in some round
     assert draws == {c: [cy.block_of_turn(cycle, "random", 11, r, c, n) for r in range(1, 2 * L + 1)]
                      for c in range(n)}  # reproducible
+
+
+@pytest.mark.parametrize("mode,k,expected", [
+    # hand-written: L = 5 blocks, 2 clients, k consecutive blocks a turn, the next turn the next k (mod L)
+    ("ascending", 2, [[0, 1], [2, 3], [0, 4], [1, 2], [3, 4], [0, 1]]),
+    ("descending", 2, [[3, 4], [1, 2], [0, 4], [2, 3], [0, 1], [3, 4]]),
+    ("ascending", 3, [[0, 1, 2], [0, 3, 4], [1, 2, 3], [0, 1, 4], [2, 3, 4], [0, 1, 2]]),
+])
+def test_layers_per_turn_consecutive(mode, k, expected):
+    cycle = [f"layer.{i}" for i in range(5)]
+    got = [cy.blocks_of_turn(cycle, mode, 3, t // 2 + 1, t % 2, 2, k) for t in range(6)]
+    assert got == [[f"layer.{i}" for i in e] for e in expected]
+
+
+def test_layers_per_turn_random_is_a_fresh_uniform_draw_per_turn():
+    """random with k > 1 (the official roberta-glue/gpt regime): every turn an independent uniform draw of k distinct
+    blocks. Checked against the definition's properties: k distinct, in cycle order, reproducible, and each block
+    drawn in about k/L of the turns; every k-subset of the L blocks turns up."""
+    cycle = [f"layer.{i}" for i in range(6)]
+    L, k, n, rounds = len(cycle), 4, 24, 50
+    draws = [cy.blocks_of_turn(cycle, "random", 42, r, c, n, k) for r in range(1, rounds + 1) for c in range(n)]
+    assert all(len(set(d)) == k and d == sorted(d, key=cycle.index) for d in draws)
+    assert draws == [cy.blocks_of_turn(cycle, "random", 42, r, c, n, k) for r in range(1, rounds + 1) for c in range(n)]
+    share = {b: sum(b in d for d in draws) / len(draws) for b in cycle}
+    # 1,200 draws: the share's standard deviation is sqrt(p(1-p)/1200) ~ 0.014 at p = 2/3; 0.06 is > 4 sigma
+    assert all(abs(v - k / L) < 0.06 for v in share.values()), share
+    assert len({tuple(d) for d in draws}) == math.comb(L, k)
+    assert cy.blocks_of_turn(cycle, "random", 42, 1, 0, n, 1) == [cy.block_of_turn(cycle, "random", 42, 1, 0, n)]
+
+
+@pytest.mark.parametrize("n,per_turn", [(10, 3), (7, 7), (5, 12), (64, 1)])
+def test_stream_loses_and_repeats_no_example(n, per_turn):
+    """--iid stream: the turns, taken in order, read a stream of passes; each pass holds every example once."""
+    turns = 4 * n  # enough turns for per_turn * 4 * n / n = 4 * per_turn passes
+    stream = [i for t in range(turns) for i in cy.stream_indices(n, per_turn, t, seed=9)]
+    assert len(stream) == turns * per_turn
+    passes = [stream[p * n:(p + 1) * n] for p in range(len(stream) // n)]
+    assert all(sorted(p) == list(range(n)) for p in passes)
+    if n > 5:
+        assert passes[0] != passes[1]  # a fresh shuffle every pass
+    assert cy.stream_indices(n, per_turn, 3, seed=9) == stream[3 * per_turn:4 * per_turn]  # a pure function
+
+
+def test_clipping_bounds_the_gradient_norm():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)]
+    for t in ts:
+        t.grad = torch.randn(t.shape, generator=g) * 10
+    flat = np.concatenate([t.grad.numpy().ravel() for t in ts]).astype(np.float64)
+    before = cy.clip_gradients(ts, 1.5)
+    after = np.concatenate([t.grad.numpy().ravel() for t in ts]).astype(np.float64)
+    assert before == pytest.approx(np.linalg.norm(flat), rel=1e-6)
+    assert np.linalg.norm(after) <= 1.5 * (1 + 1e-6)
+    np.testing.assert_allclose(after, flat * 1.5 / np.linalg.norm(flat), rtol=1e-5)  # same direction
+    small = [t.grad.clone() for t in ts]
+    cy.clip_gradients(ts, 100.0)  # below the bound: untouched
+    assert all(torch.equal(t.grad, s) for t, s in zip(ts, small))
+    cy.clip_gradients(ts, 0.0)  # 0 = off
+    assert all(torch.equal(t.grad, s) for t, s in zip(ts, small))
+
+
+def test_linear_schedule_is_the_formula():
+    class Args:
+        lr, warmup_steps, lr_scheduler = 2e-3, 0, "linear"
+
+    total = 10
+    for step in range(total):  # Hugging Face's linear schedule without warmup: lr * (total - step) / total
+        assert cy.learning_rate(Args, step, total) == pytest.approx(2e-3 * (total - step) / total, rel=1e-12)
+    for step in range(3, total):  # with 3 warmup steps: lr * (total - step) / (total - 3)
+        assert cy.learning_rate(Args, step, total, warmup=3) == pytest.approx(2e-3 * (total - step) / 7, rel=1e-12)
+    assert cy.learning_rate(Args, 0, total, warmup=3) == pytest.approx(2e-3 / 3, rel=1e-12)
+
+
+def test_stream_run_with_several_layers_a_turn(tiny_run_files, tmp_path):
+    """The official GLUE-style regime end to end on the tiny fixture: clients own no data, two random blocks a turn,
+    linear decay, clipping; the ledger records both blocks; resume gives the same weights (with a constant schedule:
+    a linear one spans the whole run, so its --rounds cannot grow on resume)."""
+    flags = ["--iid", "stream", "--layers_per_turn", "2", "--switch_mode", "random", "--max_grad_norm", "1.0",
+             "--adam_eps", "1e-6", "--max_new_tokens", "0"]
+    out = tmp_path / "linear"
+    cy.main(tiny_argv(tiny_run_files, out, "--rounds", "2", "--lr_scheduler", "linear", *flags))
+    turns = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines() if '"turn"' in l]
+    assert len(turns) == 4 and all(len(t["block"].split("+")) == 2 for t in turns)
+    assert turns[-1]["lr_last"] == pytest.approx(3e-3 / 12)  # linear: the run's last of 12 steps
+    with pytest.raises(cy.ConfigError, match="linear schedule spans"):
+        cy.main(tiny_argv(tiny_run_files, out, "--rounds", "3", "--lr_scheduler", "linear", "--resume", *flags))
+    out = tmp_path / "run"
+    cy.main(tiny_argv(tiny_run_files, out, "--rounds", "2", *flags))
+    resumed = tmp_path / "resumed"
+    cy.main(tiny_argv(tiny_run_files, resumed, "--rounds", "1", *flags))
+    cy.main(tiny_argv(tiny_run_files, resumed, "--rounds", "2", "--resume", *flags))
+    assert read_metrics(resumed) == read_metrics(out)
+    a, b = checkpoint_weights(out), checkpoint_weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
