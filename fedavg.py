@@ -271,18 +271,20 @@ def setup(args):
           f"steps each, lr {args.lr:g}", flush=True)
     run.files = tasks.RunFiles(run.out)
     run.files.start({**run.config, "trainable_params": trainable}, resumed_round=run.start if args.resume else None)
+    run.progress = tasks.Progress(turns=(args.rounds * run.n_sampled, run.start * run.n_sampled))
     if run.start == 0:
-        t0 = time.time()
+        t0, per_example = time.time(), {}
         run.files.metric({"round": 0, "train_loss": None,
-                          **tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val),
+                          **tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
+                                           per_example),
                           "upload_bytes": None, "download_bytes": None, "seconds": round(time.time() - t0, 2),
                           "peak_memory_bytes": None})
-        print("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in run.files.metrics[-1].items()
-                                    if isinstance(v, float) and k != "seconds"), flush=True)
+        run.files.heldout_examples(0, per_example)
+        run.progress.log("round 0 " + " ".join(f"{k} {v:.4f}" for k, v in run.files.metrics[-1].items()
+                                               if isinstance(v, float) and k != "seconds"))
     else:
         sync_model(run.model, run.global_w)
-        print(f"resumed from {run.ckpt_path} after round {run.start}")
-    run.progress = tasks.Progress(turns=(args.rounds * run.n_sampled, run.start * run.n_sampled))
+        run.progress.log(f"resumed from {run.ckpt_path} after round {run.start}")
     return run
 
 
@@ -292,7 +294,10 @@ def log_round(run, rnd, t0, turns):
     args = run.args
     row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in turns]))}
     if rnd % args.eval_every == 0 or rnd == args.rounds:
-        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val))
+        per_example = {}
+        row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
+                                  per_example))
+        run.files.heldout_examples(rnd, per_example)
     row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
                download_bytes=float(np.mean([t["down"] for t in turns])),
                upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
@@ -344,6 +349,8 @@ def train(args):
     export = model.merge_and_unload() if args.method == "lora" else model
     print(f"wrote {tasks.export_model(export, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
           f"tokenizer{', LoRA merged' if args.method == 'lora' else ''})")
+    if line := run.files.change_line():
+        print(line)
     return run.files.metrics
 
 

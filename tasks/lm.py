@@ -51,16 +51,24 @@ def collate(tokenized, pad_token_id):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8):
-    """Greedy completions of `prompts` -> list of new texts (prompt not included, stops at EOS).
+    """Greedy completions of the text `prompts` -> list of new texts (tokenized, then `generate_ids`)."""
+    return generate_ids(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt_ids, max_new_tokens=128, batch_size=8, progress=None):
+    """Greedy completions of prompts given as token ids -> list of new texts (prompt not included, stops at EOS).
 
     Batches are padded on the LEFT with an attention mask, so every prompt ends at the same position and
-    the new tokens of a batch line up; padding never changes a result.
+    the new tokens of a batch line up; padding never changes a result. progress: a tasks.Progress (a bar with ETA).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
+    if progress is not None:
+        progress.start("generating (Rouge-L)", len(prompt_ids))
+    for start in range(0, len(prompt_ids), batch_size):
+        encoded = prompt_ids[start:start + batch_size]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -75,6 +83,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8):
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
             outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+        if progress is not None:
+            progress.advance("generating (Rouge-L)", len(encoded))
+    if progress is not None:
+        progress.done("generating (Rouge-L)")
     return outputs
 
 
@@ -101,10 +113,13 @@ def rouge_l(predictions, references):
 
 
 @torch.no_grad()
-def heldout_token_losses(model, tokenized, pad_token_id, batch_size=4):
-    """Per example: (sum of its target tokens' cross-entropy, number of target tokens) -> two lists."""
+def heldout_token_losses(model, tokenized, pad_token_id, batch_size=4, progress=None, name="held-out loss"):
+    """Per example: (sum of its target tokens' cross-entropy, number of target tokens) -> two lists.
+    progress: a tasks.Progress, to show a bar `name` with ETA."""
     device = next(model.parameters()).device
     sums, counts = [], []
+    if progress is not None:
+        progress.start(name, len(tokenized))
     for k in range(0, len(tokenized), batch_size):
         b = {key: v.to(device) for key, v in collate(tokenized[k:k + batch_size], pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [B, T, V]
@@ -113,23 +128,60 @@ def heldout_token_losses(model, tokenized, pad_token_id, batch_size=4):
                                                    ignore_index=IGNORE_INDEX, reduction="none")  # [B, T-1]
         sums += losses.double().sum(1).tolist()
         counts += (targets != IGNORE_INDEX).sum(1).tolist()
+        if progress is not None:
+            progress.advance(name, len(tokenized[k:k + batch_size]))
+    if progress is not None:
+        progress.done(name)
     return sums, counts
 
 
-def heldout_loss(model, tokenized, pad_token_id, batch_size=4):
+def heldout_loss(model, tokenized, pad_token_id, batch_size=4, progress=None, per_example=None, name="held-out loss"):
     """The held-out loss every script reports: the token-weighted mean cross-entropy of the targets (response +
-    EOS) over the whole set, i.e. the sum of all target tokens' losses / the number of target tokens."""
-    sums, counts = heldout_token_losses(model, tokenized, pad_token_id, batch_size)
+    EOS) over the whole set, i.e. the sum of all target tokens' losses / the number of target tokens.
+    per_example: a dict that receives "loss_sum" and "tokens", the per-example lists (for a paired interval)."""
+    sums, counts = heldout_token_losses(model, tokenized, pad_token_id, batch_size, progress, name)
+    if per_example is not None:
+        per_example.update(loss_sum=sums, tokens=counts)
     return sum(sums) / max(sum(counts), 1)
 
 
-def heldout_prompts(tokenizer, tokenized):
-    """The prompt of each tokenized example as it was tokenized for the loss (a long context cut from the left)."""
-    return [tokenizer.decode([i for i, l in zip(t["input_ids"], t["labels"]) if l == IGNORE_INDEX],
-                             skip_special_tokens=True) for t in tokenized]
+def heldout_prompt_ids(tokenized):
+    """The prompt of each tokenized example as token ids, exactly as tokenized for the loss (a long context cut from
+    the left): generation starts from these ids, never from a decoded and re-tokenized text."""
+    return [[i for i, l in zip(t["input_ids"], t["labels"]) if l == IGNORE_INDEX] for t in tokenized]
 
 
-def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens):
-    """The Rouge-L every script reports: greedy generation of up to max_new_tokens from each prompt as it was
-    tokenized for the loss (`heldout_prompts`), scored by `rouge_l`."""
-    return rouge_l(generate(model, tokenizer, heldout_prompts(tokenizer, tokenized), max_new_tokens), targets)
+def heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress=None):
+    """Greedy generations of up to max_new_tokens from each held-out prompt (`heldout_prompt_ids`) -> texts."""
+    return generate_ids(model, tokenizer, heldout_prompt_ids(tokenized), max_new_tokens, progress=progress)
+
+
+def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens, progress=None):
+    """The Rouge-L every script reports: the mean per-example Rouge-L F (`rouge_l`) of `heldout_generations`."""
+    return rouge_l(heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress), targets)
+
+
+def paired_interval(first, last, stat, resamples=2000, seed=0):
+    """95% percentile bootstrap interval of stat(last) - stat(first) on the same resampled examples -> (delta, lo, hi).
+    first, last: dicts of per-example lists over the same examples (e.g. loss_sum and tokens); stat(d, idx) -> the
+    statistic of the examples idx (an int array [..., n]). A paired interval that excludes 0 is a change larger
+    than the evaluation's own noise."""
+    import numpy as np
+    n = len(next(iter(first.values())))
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    every = np.arange(n)
+    diffs = stat(last, idx) - stat(first, idx)
+    lo, hi = np.percentile(diffs, [2.5, 97.5]).tolist()
+    return float(stat(last, every) - stat(first, every)), lo, hi
+
+
+def token_weighted_loss(d, idx):
+    """stat for paired_interval: sum of the target tokens' losses / number of target tokens, over examples idx."""
+    import numpy as np
+    return np.sum(np.asarray(d["loss_sum"])[idx], -1) / np.sum(np.asarray(d["tokens"])[idx], -1)
+
+
+def accuracy_of(d, idx):
+    """stat for paired_interval: the share of examples idx predicted correctly (d["correct"]: 0/1 per example)."""
+    import numpy as np
+    return np.mean(np.asarray(d["correct"])[idx], -1)

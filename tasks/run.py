@@ -322,9 +322,25 @@ class Progress:
         if self.bar:
             self.bar.reset(self.ids[name], total=total, description=description or name)
 
-    def advance(self, name):
+    def advance(self, name, n=1):
         if self.bar:
-            self.bar.advance(self.ids[name])
+            self.bar.advance(self.ids[name], n)
+
+    def start(self, name, total):
+        """Show bar `name` for a piece of long work (an evaluation): added the first time, restarted after. Without
+        a terminal, one line says the work started (so a slow evaluation cannot be taken for a hang)."""
+        if not self.bar:
+            print(f"{name}: {total} examples ...", flush=True)
+        else:
+            if name in self.ids:
+                self.bar.reset(self.ids[name], total=total, visible=True)
+            else:
+                self.ids[name] = self.bar.add_task(name, total=total)
+
+    def done(self, name):
+        """Hide the bar `start` showed, until its next start."""
+        if self.bar and name in self.ids:
+            self.bar.update(self.ids[name], visible=False)
 
     def log(self, text):
         if self.bar:
@@ -376,6 +392,36 @@ class RunFiles:
         if self.active:
             with open(self.ledger_path, "a") as f:
                 f.writelines(json.dumps(e) + "\n" for e in lines)
+
+    def heldout_examples(self, rnd, values):
+        """Keep the per-example held-out values (tasks.evaluate's per_example) of round 0 and of the latest evaluation
+        in heldout_examples.json, so the end of a run (a resumed one too) can say whether its change is larger than
+        the evaluation's noise (`change_line`)."""
+        if not self.active or not values:
+            return
+        path = self.folder / "heldout_examples.json"
+        kept = json.loads(path.read_text()) if path.is_file() and rnd > 0 else {}
+        kept["first" if rnd == 0 else "last"] = {"round": rnd, **values}
+        write_atomic(path, json.dumps(kept))
+
+    def change_line(self):
+        """'held-out loss 2.3468 -> 2.3412: change -0.0056, 95% paired bootstrap interval [-0.0070, -0.0042] over 48
+        examples (beyond the evaluation's noise)', from heldout_examples.json; None without both ends."""
+        from .lm import accuracy_of, paired_interval, token_weighted_loss
+        path = self.folder / "heldout_examples.json"
+        kept = json.loads(path.read_text()) if self.active and path.is_file() else {}
+        if "first" not in kept or "last" not in kept:
+            return None
+        first, last = kept["first"], kept["last"]
+        name, stat = ("held-out loss", token_weighted_loss) if "loss_sum" in first else ("accuracy", accuracy_of)
+        keys = ("loss_sum", "tokens") if "loss_sum" in first else ("correct",)
+        first, last = ({k: d[k] for k in keys} for d in (first, last))
+        delta, lo, hi = paired_interval(first, last, stat)
+        every = list(range(len(first[keys[0]])))
+        noise = "beyond the evaluation's noise" if lo > 0 or hi < 0 else "within the evaluation's noise"
+        return (f"{name}: round {kept['first']['round']} {stat(first, every):.4f} -> round {kept['last']['round']} "
+                f"{stat(last, every):.4f}: change {delta:+.4f}, 95% paired bootstrap interval [{lo:+.4f}, {hi:+.4f}] "
+                f"over {len(every)} examples ({noise})")
 
     def plot(self, title):
         """loss.png: train loss (per round, or per client turn where the ledger has turns) and held-out loss, in

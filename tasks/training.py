@@ -97,29 +97,35 @@ def local_batches(args, examples, tokenizer, device, seed):
 
 
 @torch.no_grad()
-def evaluate(args, model, tokenizer, test, device, val=None):
+def evaluate(args, model, tokenizer, test, device, val=None, progress=None, per_example=None):
     """The held-out metrics of `model` (eval_loss and the task's metrics) -> dict; with `val`, the same on the
-    validation set as val_loss and val_<metric> (no generation there: Rouge-L is a test-set number)."""
-    out = evaluate_one(args, model, tokenizer, test, device, generate=True)
+    validation set as val_loss and val_<metric> (no generation there: Rouge-L is a test-set number).
+    progress: a tasks.Progress (bars with ETA for the loss and the generation). per_example: a dict that receives the
+    test set's per-example values (sft: loss_sum, tokens; classification: correct) for `paired_interval`."""
+    out = evaluate_one(args, model, tokenizer, test, device, True, progress, per_example)
     if val is not None:
         out.update({("val_loss" if k == "eval_loss" else f"val_{k}"): v
-                    for k, v in evaluate_one(args, model, tokenizer, val, device, generate=False).items()})
+                    for k, v in evaluate_one(args, model, tokenizer, val, device, False, progress).items()})
     return out
 
 
 @torch.no_grad()
-def evaluate_one(args, model, tokenizer, test, device, generate=True):
+def evaluate_one(args, model, tokenizer, test, device, generate=True, progress=None, per_example=None):
     model.eval()
     if args.task == "sft":  # the same definitions as fedkseed.py: token-weighted loss, Rouge-L of greedy generations
         tokenized = [e["tokens"] for e in test]
-        out = {"eval_loss": heldout_loss(model, tokenized, tokenizer.pad_token_id)}
+        out = {"eval_loss": heldout_loss(model, tokenized, tokenizer.pad_token_id, progress=progress,
+                                         per_example=per_example)}
         if generate and args.max_new_tokens > 0:
             out["rougeL"] = heldout_rouge_l(model, tokenizer, tokenized, [e["target"] for e in test],
-                                            args.max_new_tokens)
+                                            args.max_new_tokens, progress)
         return out
     if args.task == "glue":
         preds, loss = glue_predictions(model, tokenizer, test, device)
-        return {"eval_loss": loss, **glue.compute_metrics(args.dataset, preds, [e["labels"] for e in test])}
+        labels = [e["labels"] for e in test]
+        if per_example is not None and isinstance(labels[0], int):
+            per_example["correct"] = [int(p == y) for p, y in zip(preds, labels)]
+        return {"eval_loss": loss, **glue.compute_metrics(args.dataset, preds, labels)}
     examples, features = test
     starts, ends = [], []
     for k in range(0, len(features), 32):
