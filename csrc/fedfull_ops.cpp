@@ -493,8 +493,12 @@ struct Kernels {
   }
 };
 
-template <class T>
-void perturb_cpu_typed(T* p, uint64_t seed, int64_t offset, int64_t n, float s, int64_t kind) {
+// after(j0, j1) runs once a block's elements j0..j1 are final, while they are in cache: nothing for the plain ops,
+// the rounding into the compute copy for the *_copy_ ops.
+struct NoAfter { void operator()(int64_t, int64_t) const {} };
+
+template <class T, class After = NoAfter>
+void perturb_cpu_typed(T* p, uint64_t seed, int64_t offset, int64_t n, float s, int64_t kind, After after = {}) {
   const Kernels<T> k = Kernels<T>::pick();
   for_blocks(offset, n, [&](int64_t b0, int64_t j0, int64_t j1, int64_t zoff) {
     alignas(64) float zbuf[kBlock];
@@ -502,16 +506,18 @@ void perturb_cpu_typed(T* p, uint64_t seed, int64_t offset, int64_t n, float s, 
     if (kind == kRademacher && j1 - j0 == kBlock) {   // a whole block: no z buffer
       rademacher_words(seed, (uint64_t)b0 / 128, words);
       k.rad_block(p + j0, words, s);
+      after(j0, j1);
       return;
     }
     k.z(seed, b0, kind, zbuf, words, p + j0);   // p's block is fetched while its z is computed
     k.axpy(p + j0, zbuf + zoff, s, j1 - j0);
+    after(j0, j1);
   });
 }
 
-template <class T>
+template <class T, class After = NoAfter>
 void apply_seeds_cpu_typed(T* p, const std::vector<uint64_t>& seeds, const std::vector<float>& scales, int64_t offset,
-                           int64_t n, int64_t kind) {
+                           int64_t n, int64_t kind, After after = {}) {
   const Kernels<T> k = Kernels<T>::pick();
   for_blocks(offset, n, [&](int64_t b0, int64_t j0, int64_t j1, int64_t zoff) {
     alignas(64) float zbuf[kBlock];
@@ -523,6 +529,7 @@ void apply_seeds_cpu_typed(T* p, const std::vector<uint64_t>& seeds, const std::
       for (size_t s = 0; s < seeds.size(); ++s) k.gauss_acc(seeds[s], (uint64_t)b0 / 4, zbuf, scales[s]);
       k.gauss_acc_order(zbuf, acc);
       k.add(p + j0, acc + zoff, m);
+      after(j0, j1);
       return;
     }
     std::memset(acc, 0, sizeof(float) * m);
@@ -531,7 +538,29 @@ void apply_seeds_cpu_typed(T* p, const std::vector<uint64_t>& seeds, const std::
       k.acc(acc, zbuf + zoff, scales[s], m);
     }
     k.add(p + j0, acc, m);
+    after(j0, j1);
   });
+}
+
+// The compute copy: c[j] = p[j] rounded to nearest even into bfloat16 / float16 (c10's conversions, the same as
+// torch's .to()), compiled once per instruction set like the other element loops.
+template <class C>
+__attribute__((always_inline)) inline void round_into(C* c, const float* p, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) c[j] = static_cast<C>(p[j]);
+}
+template <class C> void round_into_scalar(C* c, const float* p, int64_t m) { round_into(c, p, m); }
+#if FEDFULL_X86
+template <class C> FF_AVX2 void round_into_avx2(C* c, const float* p, int64_t m) { round_into(c, p, m); }
+template <class C> FF_AVX512 void round_into_avx512(C* c, const float* p, int64_t m) { round_into(c, p, m); }
+#endif
+template <class C>
+auto pick_round_into() -> void (*)(C*, const float*, int64_t) {
+#if FEDFULL_X86
+  int l = g_level.load();
+  if (l >= 2) return round_into_avx512<C>;
+  if (l == 1) return round_into_avx2<C>;
+#endif
+  return round_into_scalar<C>;
 }
 
 #define FEDFULL_DISPATCH(TYPE, NAME, ...)                                                       \
@@ -578,6 +607,75 @@ void apply_seeds_multi_cpu(at::TensorList ps, at::IntArrayRef seeds, at::ArrayRe
   check_kind("apply_seeds_multi_", kind); check_seeds("apply_seeds_multi_", seeds, scales);
   check_many("apply_seeds_multi_", ps, offsets);
   for (size_t i = 0; i < ps.size(); ++i) apply_seeds_cpu(ps[i], seeds, scales, offsets[i], kind);
+}
+
+// The *_copy_multi_ ops (fedkseed --compute_dtype): ps float32, copies bfloat16/float16 of the same sizes. The float32
+// result is exactly perturb_multi_'s / apply_seeds_multi_'s; each finished block is rounded into its copy in the
+// same pass, so the forwards can read the copy without another pass over memory.
+#define FEDFULL_COPY_DISPATCH(TYPE, NAME, ...)                                                  \
+  switch (TYPE) {                                                                               \
+    case at::kBFloat16: { using copy_t = at::BFloat16; __VA_ARGS__(); break; }                  \
+    case at::kHalf: { using copy_t = at::Half; __VA_ARGS__(); break; }                          \
+    default: TORCH_CHECK(false, "fedfull.", NAME, ": copies must be bfloat16 or float16, got ", TYPE); \
+  }
+
+void perturb_copy_multi_cpu(at::TensorList ps, at::TensorList copies, int64_t seed, at::IntArrayRef offsets,
+                            double scale, int64_t kind) {
+  check_kind("perturb_copy_multi_", kind); check_many("perturb_copy_multi_", ps, offsets);
+  check_copies("perturb_copy_multi_", ps, copies);
+  if (ps.empty()) return;
+  float s = static_cast<float>(scale);
+  FEDFULL_COPY_DISPATCH(copies[0].scalar_type(), "perturb_copy_multi_", [&] {
+    const auto round = pick_round_into<copy_t>();
+    for (size_t i = 0; i < ps.size(); ++i) {
+      float* p = ps[i].data_ptr<float>();
+      copy_t* c = copies[i].data_ptr<copy_t>();
+      perturb_cpu_typed<float>(p, (uint64_t)seed, offsets[i], ps[i].numel(), s, kind,
+                               [&](int64_t j0, int64_t j1) { round(c + j0, p + j0, j1 - j0); });
+    }
+  });
+}
+
+void apply_seeds_copy_multi_cpu(at::TensorList ps, at::TensorList copies, at::IntArrayRef seeds,
+                                at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t kind) {
+  check_kind("apply_seeds_copy_multi_", kind); check_seeds("apply_seeds_copy_multi_", seeds, scales);
+  check_many("apply_seeds_copy_multi_", ps, offsets); check_copies("apply_seeds_copy_multi_", ps, copies);
+  if (ps.empty()) return;
+  std::vector<uint64_t> sd(seeds.begin(), seeds.end());
+  std::vector<float> sc(scales.size());
+  for (size_t i = 0; i < sc.size(); ++i) sc[i] = static_cast<float>(scales[i]);
+  FEDFULL_COPY_DISPATCH(copies[0].scalar_type(), "apply_seeds_copy_multi_", [&] {
+    const auto round = pick_round_into<copy_t>();
+    for (size_t i = 0; i < ps.size(); ++i) {
+      float* p = ps[i].data_ptr<float>();
+      copy_t* c = copies[i].data_ptr<copy_t>();
+      auto after = [&](int64_t j0, int64_t j1) { round(c + j0, p + j0, j1 - j0); };
+      if (sd.empty()) after(0, ps[i].numel());   // no seed: the copy still follows the weights
+      else apply_seeds_cpu_typed<float>(p, sd, sc, offsets[i], ps[i].numel(), kind, after);
+    }
+  });
+}
+
+// Other devices (CUDA): the plain op, then the copies by torch's own rounding (the same bits; one more pass over
+// memory until a fused CUDA kernel lands).
+void perturb_copy_multi_composite(at::TensorList ps, at::TensorList copies, int64_t seed, at::IntArrayRef offsets,
+                                  double scale, int64_t kind) {
+  check_kind("perturb_copy_multi_", kind); check_many("perturb_copy_multi_", ps, offsets);
+  check_copies("perturb_copy_multi_", ps, copies);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fedfull::perturb_multi_", "").typed<void(
+      at::TensorList, int64_t, at::IntArrayRef, double, int64_t)>();
+  op.call(ps, seed, offsets, scale, kind);
+  for (size_t i = 0; i < ps.size(); ++i) copies[i].copy_(ps[i]);
+}
+
+void apply_seeds_copy_multi_composite(at::TensorList ps, at::TensorList copies, at::IntArrayRef seeds,
+                                      at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t kind) {
+  check_kind("apply_seeds_copy_multi_", kind); check_seeds("apply_seeds_copy_multi_", seeds, scales);
+  check_many("apply_seeds_copy_multi_", ps, offsets); check_copies("apply_seeds_copy_multi_", ps, copies);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fedfull::apply_seeds_multi_", "").typed<void(
+      at::TensorList, at::IntArrayRef, at::ArrayRef<double>, at::IntArrayRef, int64_t)>();
+  op.call(ps, seeds, scales, offsets, kind);
+  for (size_t i = 0; i < ps.size(); ++i) copies[i].copy_(ps[i]);
 }
 
 void noise_fill_cpu(const at::Tensor& out, int64_t seed, int64_t offset, int64_t kind) {
@@ -637,6 +735,9 @@ TORCH_LIBRARY(fedfull, m) {
   // the same over a list of tensors (a model's parameters, each with its global offset): one call, one launch on CUDA
   m.def("perturb_multi_(Tensor(a!)[] ps, int seed, int[] offsets, float scale, int kind) -> ()");
   m.def("apply_seeds_multi_(Tensor(a!)[] ps, int[] seeds, float[] scales, int[] offsets, int kind) -> ()");
+  m.def("perturb_copy_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, int seed, int[] offsets, float scale, int kind) -> ()");
+  m.def("apply_seeds_copy_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, int[] seeds, float[] scales, int[] offsets, "
+        "int kind) -> ()");
   m.def("noise(int seed, int offset, int n, int kind, Device? device=None) -> Tensor", &fedfull::noise);
   m.def("simd_level(int force=-2) -> int", &fedfull::simd_level);
 }
@@ -647,6 +748,14 @@ TORCH_LIBRARY_IMPL(fedfull, CPU, m) {
   m.impl("apply_seeds_", &fedfull::apply_seeds_cpu);
   m.impl("perturb_multi_", &fedfull::perturb_multi_cpu);
   m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_cpu);
+  m.impl("perturb_copy_multi_", &fedfull::perturb_copy_multi_cpu);
+  m.impl("apply_seeds_copy_multi_", &fedfull::apply_seeds_copy_multi_cpu);
+}
+
+// every other device (CUDA): the composite above (a backend's own kernel, here CPU's, takes precedence)
+TORCH_LIBRARY_IMPL(fedfull, CompositeExplicitAutograd, m) {
+  m.impl("perturb_copy_multi_", &fedfull::perturb_copy_multi_composite);
+  m.impl("apply_seeds_copy_multi_", &fedfull::apply_seeds_copy_multi_composite);
 }
 
 TORCH_LIBRARY_IMPL(fedfull, Meta, m) {

@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace fedfull {
@@ -22,6 +25,40 @@ inline void check_param(const char* op, const at::Tensor& p) {
               "); call .contiguous() or pass the parameter itself");
 }
 
+// The multi ops update their tensors in turn on CPU and all at once on CUDA: tensors that share memory (the same
+// tensor twice, overlapping views) would give device-dependent results, so every device refuses them.
+inline void check_disjoint(const char* op, std::vector<at::Tensor> ts) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const auto& t : ts) {
+    if (t.numel() == 0 || t.is_meta()) continue;
+    auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.emplace_back(start, start + t.numel() * t.element_size());
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].first >= spans[i - 1].second, "fedfull.", op, ": two of the tensors share memory (the same "
+                "tensor twice, or overlapping views); each element may be updated once per call");
+}
+
+// the *_copy_multi_ ops: float32 weights, and one bfloat16/float16 copy of each, same size and device
+inline void check_copies(const char* op, at::TensorList ps, at::TensorList copies) {
+  TORCH_CHECK(ps.size() == copies.size(), "fedfull.", op, ": got ", ps.size(), " tensors but ", copies.size(),
+              " copies; they must have the same length");
+  for (size_t i = 0; i < ps.size(); ++i) {
+    TORCH_CHECK(ps[i].scalar_type() == at::kFloat, "fedfull.", op, ": the weights must be float32, got ",
+                ps[i].scalar_type());
+    check_param(op, copies[i]);
+    TORCH_CHECK(copies[i].scalar_type() != at::kFloat && copies[i].scalar_type() == copies[0].scalar_type(), "fedfull.",
+                op, ": the copies must share one dtype, bfloat16 or float16 (copy ", i, ": ", copies[i].scalar_type(), ")");
+    TORCH_CHECK(copies[i].numel() == ps[i].numel() && copies[i].device() == ps[i].device(), "fedfull.", op, ": copy ",
+                i, " must have the size and device of its tensor (", ps[i].numel(), " on ", ps[i].device(), "), got ",
+                copies[i].numel(), " on ", copies[i].device());
+  }
+  std::vector<at::Tensor> all(ps.begin(), ps.end());
+  all.insert(all.end(), copies.begin(), copies.end());
+  check_disjoint(op, all);
+}
+
 inline void check_seeds(const char* op, at::IntArrayRef seeds, at::ArrayRef<double> scales) {
   TORCH_CHECK(seeds.size() == scales.size(), "fedfull.", op, ": got ", seeds.size(), " seeds but ", scales.size(),
               " scales; they must have the same length");
@@ -38,6 +75,7 @@ inline void check_many(const char* op, at::TensorList ps, at::IntArrayRef offset
                 ": all tensors must share one dtype and device (tensor 0: ", ps[0].scalar_type(), " on ",
                 ps[0].device(), ", tensor ", i, ": ", ps[i].scalar_type(), " on ", ps[i].device(), ")");
   }
+  check_disjoint(op, std::vector<at::Tensor>(ps.begin(), ps.end()));
 }
 
 }  // namespace fedfull

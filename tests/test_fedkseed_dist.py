@@ -57,12 +57,13 @@ def exported(out):
     return [p.detach() for p in AutoModelForCausalLM.from_pretrained(str(out / "model")).parameters()]
 
 
-def test_two_ranks_equal_one_process(files, tmp_path):
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype):
     """Same flags (FedKSeed-Pro, 3 rounds): 1 process vs 2 gloo ranks -> same metrics.jsonl values (all but timings
     and the one-process replay check), the same global model bit for bit, the same server state; the ledger adds
-    the collectives' bytes."""
+    the collectives' bytes. Also with bfloat16 forwards over the float32 weights (--compute_dtype)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--rounds", "3", "--eval_every", "1")
+    common = ("--rounds", "3", "--eval_every", "1", "--compute_dtype", compute_dtype)
     p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(files, one, *common)], env=dist_env(), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p2 = subprocess.run(torchrun(SCRIPT, 2, *flags(files, two, *common)), env=dist_env(), cwd=ROOT, capture_output=True,

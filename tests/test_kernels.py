@@ -325,6 +325,118 @@ def test_multi_ops_equal_the_reference(dtype, kind):
         assert_same_bits(a, b)
 
 
+def shared_memory_cases():
+    buf = torch.zeros(100)
+    same = torch.zeros(10)
+    return [("the same tensor twice", [same, same]), ("overlapping views", [buf[:60], buf[50:]])]
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("case", [0, 1], ids=["same-tensor", "overlapping-views"])
+def test_multi_ops_refuse_tensors_that_share_memory(impl, case):
+    """On CPU the tensors would be updated in turn, on CUDA at once: refused on every device, by the reference too."""
+    if impl == "compiled" and not F.HAVE_COMPILED_OPS:
+        pytest.skip("fedfull_ops not built")
+    perturb = ops.perturb_multi_ if impl == "compiled" else F.perturb_multi_reference_
+    apply = ops.apply_seeds_multi_ if impl == "compiled" else F.apply_seeds_multi_reference_
+    _, ps = shared_memory_cases()[case]
+    with pytest.raises((RuntimeError, ValueError), match="share memory"):
+        perturb(ps, 1, [0, 200], 1.0, F.GAUSSIAN)
+    with pytest.raises((RuntimeError, ValueError), match="share memory"):
+        apply(ps, [1], [1.0], [0, 200], F.RADEMACHER)
+    buf = torch.zeros(100)
+    perturb([buf[:50], buf[50:]], 1, [0, 50], 1.0, F.GAUSSIAN)  # disjoint views of one buffer are fine
+
+
+@compiled
+def test_copy_ops_refuse_a_copy_that_shares_memory():
+    c = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.perturb_copy_multi_([torch.zeros(8), torch.zeros(8)], [c, c], 1, [0, 8], 1.0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_stays_nan(dtype, kind):
+    """The contract covers finite values bit for bit; a NaN's payload is outside it (CPU and GPU produce different
+    quiet NaNs), but a NaN weight stays a NaN and its neighbours are unaffected."""
+    p = torch.tensor([1.0, float("nan"), -2.0, float("nan")] * 8).to(dtype)
+    want = p.clone()
+    F.perturb_reference_(want, 5, 3, 0.5, kind)
+    for op in ([ops.perturb_] if F.HAVE_COMPILED_OPS else []) + [F.perturb_reference_]:
+        got = p.clone()
+        op(got, 5, 3, 0.5, kind)
+        nan = torch.isnan(p)
+        assert torch.isnan(got[nan]).all()
+        assert_same_bits(got[~nan], want[~nan])
+        if torch.cuda.is_available() and F.HAVE_COMPILED_OPS:
+            gpu = p.cuda()
+            op(gpu, 5, 3, 0.5, kind)
+            assert torch.isnan(gpu.cpu()[nan]).all()
+            assert_same_bits(gpu.cpu()[~nan], want[~nan])
+
+
+COPY_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("copy_dtype", COPY_DTYPES)
+def test_copy_ops_equal_the_reference_master_and_copy(copy_dtype, kind, simd):
+    """The copy-writing passes (fedkseed --compute_dtype): the float32 weights get exactly perturb_multi_'s /
+    apply_seeds_multi_'s bits (so the reference's), and the copy their round-to-nearest-even in its dtype, checked
+    against torch's own conversion, on every CPU path."""
+    for level in simd_levels():
+        simd(level)
+        ps, offsets = model_like(torch.float32)
+        copies = [torch.full(p.shape, 7.0, dtype=copy_dtype) for p in ps]  # stale values that must all be overwritten
+        want = [p.clone() for p in ps]
+        F.perturb_multi_reference_(want, BIG_SEED, offsets, 0.37, kind)
+        ops.perturb_copy_multi_(ps, copies, BIG_SEED, offsets, 0.37, kind)
+        for p, c, w in zip(ps, copies, want):
+            assert_same_bits(p, w)
+            assert_same_bits(c, w.to(copy_dtype))
+        seeds, scales = [0, BIG_SEED, 5, -1], [0.5, -0.25, 0.125, 3e-3]
+        F.apply_seeds_multi_reference_(want, seeds, scales, offsets, kind)
+        ops.apply_seeds_copy_multi_(ps, copies, seeds, scales, offsets, kind)
+        for p, c, w in zip(ps, copies, want):
+            assert_same_bits(p, w)
+            assert_same_bits(c, w.to(copy_dtype))
+        # the Python references the scripts fall back to: the same bits
+        ref_ps, ref_copies = [p.clone() for p in ps], [c.clone() for c in copies]
+        F.perturb_copy_multi_reference_(ref_ps, ref_copies, 11, offsets, -0.5, kind)
+        ops.perturb_copy_multi_(ps, copies, 11, offsets, -0.5, kind)
+        F.apply_seeds_copy_multi_reference_(ref_ps, ref_copies, [3], [0.25], offsets, kind)
+        ops.apply_seeds_copy_multi_(ps, copies, [3], [0.25], offsets, kind)
+        for a, b in zip(ps + copies, ref_ps + ref_copies):
+            assert_same_bits(a, b)
+
+
+@compiled
+def test_copy_ops_without_seeds_still_write_the_copy():
+    ps, offsets = model_like(torch.float32, sizes=(5, 300))
+    copies = [torch.zeros(p.shape, dtype=torch.bfloat16) for p in ps]
+    before = [p.clone() for p in ps]
+    ops.apply_seeds_copy_multi_(ps, copies, [], [], offsets, F.GAUSSIAN)
+    for p, c, b in zip(ps, copies, before):
+        assert_same_bits(p, b)
+        assert_same_bits(c, b.to(torch.bfloat16))
+
+
+@compiled
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.perturb_copy_multi_([torch.zeros(3)], [], 1, [0], 1.0, 0), "1 tensors but 0 copies"),
+    (lambda: ops.perturb_copy_multi_([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3, dtype=torch.bfloat16)],
+                                     1, [0], 1.0, 0), "weights must be float32"),
+    (lambda: ops.perturb_copy_multi_([torch.zeros(3)], [torch.zeros(3)], 1, [0], 1.0, 0), "bfloat16 or float16"),
+    (lambda: ops.apply_seeds_copy_multi_([torch.zeros(3)], [torch.zeros(4, dtype=torch.float16)], [1], [1.0], [0], 0),
+     "size and device"),
+])
+def test_copy_ops_refuse_bad_input(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
 @compiled
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.perturb_multi_([torch.zeros(3)], 1, [0, 4], 1.0, 0), "1 tensors but 2 offsets"),
