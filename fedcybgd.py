@@ -73,7 +73,9 @@ turn training 4 random layers of 12 plus the head, with a linear schedule and cl
 weight decay for GLUE; warmup over 10% of an epoch and lr 3e-5 for SQuAD); `causal_llms` cuts a seeded shuffle into
 equal contiguous shards and gives client c block c mod L every round. The glue and squad defaults here are the
 first regime (`--iid stream --num_clients 24 --layers_per_turn 4 --switch_mode random --lr_scheduler linear
---max_grad_norm 1.0`, `blocks_of_turn`, `stream_indices`); `--iid iid` is causal_llms' shards.
+--max_grad_norm 1.0`, `blocks_of_turn`, `stream_indices`), and a turn is floor(floor(n/N)/B) steps under any
+split of these tasks (under --iid dirALPHA, one client's share of the data: short turns, which is what keeps a
+label-skewed cycle from collapsing, docs/label-skew.md); `--iid iid` is causal_llms' shards.
 
 Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam), and the effect:
   * Blocks are discovered from the model (the largest nn.ModuleList of identical layers), not taken from
@@ -174,8 +176,8 @@ def parse_args(argv=None):
                         "of a model with fewer (default: 1 sft, 0 glue/squad); with random a fresh uniform draw of "
                         "that many distinct blocks per turn, with ascending/descending that many consecutive ones")
     p.add_argument("--local_steps", type=int, default=None,
-                   help="optimizer steps per client turn (default: with --iid stream, the official "
-                        "floor(floor(n/N)/B); otherwise 8 unless --local_epochs is given)")
+                   help="optimizer steps per client turn (default: 8 for sft; for glue/squad the official "
+                        "floor(floor(n/N)/B), one client's share of the n training examples in batches of B)")
     p.add_argument("--local_epochs", type=float, default=None,
                    help="passes over the client's data per turn instead of --local_steps")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (the peak, with --lr_scheduler) "
@@ -246,8 +248,8 @@ def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
     if args.local_steps is not None and args.local_epochs is not None:
         raise ConfigError("give --local_steps or --local_epochs, not both")
-    if args.local_steps is None and args.local_epochs is None and args.iid != "stream":
-        args.local_steps = 8  # under --iid stream, setup derives the official floor(floor(n/N)/B)
+    if args.local_steps is None and args.local_epochs is None and args.task == "sft":
+        args.local_steps = 8  # glue, squad: setup derives the official floor(floor(n/N)/B)
     for name in ("rounds", "batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1 (got {getattr(args, name)})")
@@ -777,13 +779,13 @@ def setup(args):
     run.stream = args.iid == "stream"  # clients own no data: every turn takes the next batches of one stream
     data_args = SimpleNamespace(**{**vars(args), "iid": "iid"}) if run.stream else args
     run.clients, run.val, run.test = tasks.load_task_data(data_args, run.tokenizer, 1 if run.stream else run.num_clients)
+    n = sum(len(examples) for examples in run.clients)
+    if args.local_steps is None and args.local_epochs is None:  # glue, squad: the official turn, one client's share
+        args.local_steps = (n // run.num_clients) // (args.batch_size * args.grad_accum)  # floor(floor(n/N)/B)
+        if args.local_steps < 1:
+            raise ConfigError(f"{n} training examples over {run.num_clients} clients leave less than one batch of "
+                              f"{args.batch_size * args.grad_accum} a turn: use fewer clients or --local_steps")
     if run.stream:
-        n = len(run.clients[0])
-        if args.local_steps is None:  # the official turn: floor(floor(n/N)/B) batches of the stream
-            args.local_steps = (n // run.num_clients) // (args.batch_size * args.grad_accum)
-            if args.local_steps < 1:
-                raise ConfigError(f"--iid stream: {n} examples over {run.num_clients} clients leave less than one "
-                                  f"batch of {args.batch_size * args.grad_accum} a turn: use fewer clients")
         print(f"stream: the {n} training examples are one seeded stream of passes (the official GLUE/SQuAD regime); "
               f"each turn takes the next {args.local_steps} batches of {args.batch_size * args.grad_accum}, "
               f"{run.num_clients} turns a round = {run.num_clients * args.local_steps * args.batch_size * args.grad_accum / n:.2f} passes")

@@ -974,10 +974,6 @@ def summarize(rows, ledger_path, log):
         log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client"
             + (f"; replayed weights vs the server's: max |diff| {max(diffs):g}"
                + (" (bit for bit)" if max(diffs) == 0 else "") if diffs else " (not checked under torchrun)"))
-    ev = [r for r in rows if r["eval_loss"] is not None]
-    if len(ev) > 1:
-        log(f"held-out loss: round {ev[0]['round']} {ev[0]['eval_loss']:.4f} -> round {ev[-1]['round']} "
-            f"{ev[-1]['eval_loss']:.4f}")
     rg = [r for r in rows if r["rougeL"] is not None]
     if len(rg) > 1:
         log(f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} {rg[-1]['rougeL']:.4f}")
