@@ -300,7 +300,7 @@ def main(argv=None):
     a.eval_samples = a.eval_samples or (4 if a.quick else 48)
     for path in (a.dolly, a.mrpc):
         if not Path(path).exists():
-            sys.exit(f"results: {path} not found (see the README's Data section, or pass --dolly / --mrpc)")
+            sys.exit(f"results: {path} not found (see docs/data.md, or pass --dolly / --mrpc)")
     runs_dir, page = Path(a.runs), Path(a.page)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}))
     runs = run_set(a)
@@ -356,7 +356,7 @@ def write_page(a, runs, runs_dir, page, argv_main):
           "model weights); the per-example re-evaluation of each exported "
           "model reproduced the logged value before the page was written (the check is in `bench/results.py`).", "",
           f"What this shows and what it does not: CPU-scale runs of `{a.sft_model}` (by default the 135M SmolLM2 on "
-          f"its 4-bit grid, see the README) and `{a.glue_model}` (a 22M encoder), {examples_seen(runs, 'dolly'):,} "
+          f"its 4-bit grid, see the README's default models) and `{a.glue_model}` (a 22M encoder), {examples_seen(runs, 'dolly'):,} "
           "training examples per Dolly method, one seed. They compare the methods at one small matched budget; they "
           "say nothing about the papers' scale (billions of parameters, hundreds of rounds).", "",
           "Intervals: 95% percentile bootstrap over the evaluation examples (2,000 resamples). *Δ* is the paired "
@@ -379,7 +379,7 @@ def write_page(a, runs, runs_dir, page, argv_main):
           f"Matched budget: every method sees {examples_seen(runs, 'dolly'):,} training examples (the same examples "
           "seen, not the same wall time; the flags are at the end): FedKSeed takes ZO steps of one example, the "
           "AdamW methods steps of two; FedCyBGD's clients each train one layer per turn. Rouge-L: greedy, "
-          f"{flag(some_dolly, '--max_new_tokens')} new tokens, `rouge-score` (see the README).", "",
+          f"{flag(some_dolly, '--max_new_tokens')} new tokens, `rouge-score` (see [data](data.md)).", "",
           "| method | held-out loss [95%] | Δ loss vs zero-shot | Rouge-L [95%] | Δ Rouge-L | up B/client/round | "
           "down B/client/round | peak memory | time |", "|---|---|---|---|---|---:|---:|---:|---:|",
           f"| zero-shot (pretrained) | {fmt_i(zl[0], zl[1], 4)} | – | {fmt_i(zr[0], zr[1], 4)} | – | – | – | – | – |"]
