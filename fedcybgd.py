@@ -74,8 +74,9 @@ weight decay for GLUE; warmup over 10% of an epoch and lr 3e-5 for SQuAD); `caus
 equal contiguous shards and gives client c block c mod L every round. The glue and squad defaults here are the
 first regime (`--iid stream --num_clients 24 --layers_per_turn 4 --switch_mode random --lr_scheduler linear
 --max_grad_norm 1.0`, `blocks_of_turn`, `stream_indices`), and a turn is floor(floor(n/N)/B) steps under any
-split of these tasks (under --iid dirALPHA, one client's share of the data: short turns, which is what keeps a
-label-skewed cycle from collapsing, docs/label-skew.md); `--iid iid` is causal_llms' shards.
+split of these tasks (under --iid dirALPHA, one client's share of the data: short turns; on MRPC under dir0.5 they
+end at the majority class, 68.4%, not at the minority class as long turns do, docs/label-skew.md); `--iid iid` is
+causal_llms' shards.
 
 Where this script differs from the official code (github.com/L3030/FedCyBGD, built on BAdam), and the effect:
   * Blocks are discovered from the model (the largest nn.ModuleList of identical layers), not taken from

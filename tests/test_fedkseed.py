@@ -66,6 +66,19 @@ def batch_for(tok, texts):
 
 
 # ---------------------------------------------------------------------------------------------- the ZO step
+def f32(x):
+    return torch.tensor(x, dtype=torch.float32)  # the ops round their scales to float32
+
+
+def explicit_zo_step(loss_at, w0, zs, eps, lr):
+    """The two-point step written out in float32 -> (g, L(w + eps z), the weights after the step)."""
+    w_plus = [w + f32(eps) * z for w, z in zip(w0, zs)]
+    l_plus = loss_at(w_plus)
+    w_minus = [w + f32(-2 * eps) * z for w, z in zip(w_plus, zs)]
+    g = float(np.float32((l_plus - loss_at(w_minus)) / (2 * eps)))
+    return g, l_plus, [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
+
+
 @pytest.mark.parametrize("kind", [fk.GAUSSIAN, fk.RADEMACHER])
 def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
     """w+ = w + eps z; w- = w+ - 2 eps z; g = (L(w+) - L(w-)) / 2 eps; w' = w- + (eps - lr g) z.
@@ -76,19 +89,13 @@ def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
     zs = [fk.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)]
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (the op rounds its scale to fp32)
 
     def loss_at(ws):
         for p, w in zip(params, ws):
             p.copy_(w)
         return fk.batch_loss(model, batch)
 
-    w_plus = [w + f32(eps) * z for w, z in zip(w0, zs)]
-    l_plus = loss_at(w_plus)
-    w_minus = [w + f32(-2 * eps) * z for w, z in zip(w_plus, zs)]
-    l_minus = loss_at(w_minus)
-    g = float(np.float32((l_plus - l_minus) / (2 * eps)))
-    expected = [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
+    g, l_plus, expected = explicit_zo_step(loss_at, w0, zs, eps, lr)
 
     for p, w in zip(params, w0):
         p.copy_(w)
@@ -110,19 +117,13 @@ def test_zo_step_with_a_compute_copy_equals_explicit_formula(tiny_tokenizer, com
     copies, offsets = fk.trainable(model)
     w0 = [p.float().clone() for p in copies]
     zs = [fk.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(w0, offsets)]
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
 
     def loss_at(ws):
         for c, w in zip(copies, ws):
             c.copy_(w.to(compute_dtype))
         return fk.batch_loss(model, batch)
 
-    w_plus = [w + f32(eps) * z for w, z in zip(w0, zs)]
-    l_plus = loss_at(w_plus)
-    w_minus = [w + f32(-2 * eps) * z for w, z in zip(w_plus, zs)]
-    l_minus = loss_at(w_minus)
-    g = float(np.float32((l_plus - l_minus) / (2 * eps)))
-    expected = [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
+    g, l_plus, expected = explicit_zo_step(loss_at, w0, zs, eps, lr)
 
     params = [w.clone() for w in w0]
     loss_at(w0)
@@ -141,7 +142,6 @@ def test_folded_steps_equal_their_explicit_formula(tiny_llama, tiny_tokenizer):
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
     z1, z2 = ([fk.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in (s1, s2))
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
 
     def loss_at(ws):
         for p, w in zip(params, ws):
