@@ -269,16 +269,13 @@ def check_config(args):
         raise ConfigError(f"--eval_every must be >= 1 (got {args.eval_every})")
     if (args.local_steps is not None and args.local_steps < 1) or (args.local_epochs is not None and args.local_epochs <= 0):
         raise ConfigError("--local_steps must be >= 1 and --local_epochs > 0")
-    for name in ("lr", "dist_timeout"):  # nan fails every comparison, inf passes "> 0": test finiteness too
+    for name in ("lr", "adam_eps", "dist_timeout"):  # nan fails every comparison, inf passes "> 0": test finiteness
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise ConfigError(f"--{name} must be a finite number > 0 (got {getattr(args, name)})")
     if args.iid == "stream" and args.local_epochs is not None:
         raise ConfigError("--iid stream: clients own no data, so a turn is --local_steps batches, not --local_epochs")
     if args.iid == "stream" and args.logit_adjust:
         raise ConfigError("--logit_adjust needs clients that own data (a label prior of their own), not --iid stream")
-    for name in ("adam_eps",):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise ConfigError(f"--{name} must be a finite number > 0 (got {getattr(args, name)})")
     for name in ("max_grad_norm", "warmup_ratio"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise ConfigError(f"--{name} must be a finite number >= 0, 0 for none (got {getattr(args, name)})")
@@ -466,8 +463,7 @@ def init_server(model, units):
 
 
 def server_download(server, units, client, blocks, mode, fraction=1.0, seed=0):
-    """The message the server sends client `client` before it trains `blocks` (a unit or a list of units): dict
-    name -> tensor.
+    """The message the server sends client `client` before it trains `blocks` (a list of units): dict name -> tensor.
 
     full   every tensor, every turn (the naive baseline);
     delta  the units whose version differs from what the client holds, exact;
@@ -483,7 +479,7 @@ def server_download(server, units, client, blocks, mode, fraction=1.0, seed=0):
     """
     version, seen = server["version"], server["seen"].get(client, {})
     lossy = set(server["lossy"].get(client, ()))
-    own = {blocks, "head"} if isinstance(blocks, str) else {*blocks, "head"}
+    own = {*blocks, "head"}
     if fraction < 1:  # the official random dropping, against the pretrained copy every client has
         changed = [u for u in units if version[u] > 0 and u not in own]
         g = torch.Generator().manual_seed(seed)

@@ -651,10 +651,8 @@ def sync_model(params, w0, offsets, seeds, A, kind, copies=None):
     scales = [float(a) for a in A[touched]]  # float32 values, exact as Python floats
     for p, p0 in zip(params, w0):
         p.copy_(p0)
-    if copies is not None:
-        apply_seeds_copy_multi_(params, copies, chosen, scales, offsets, kind)  # no seeds: the copies still follow
-    elif chosen:
-        apply_seeds_multi_(params, chosen, scales, offsets, kind)  # one call for the model (one launch on CUDA)
+    if chosen or copies is not None:  # with no seed the copies still follow the weights
+        apply_weights_(params, copies, chosen, scales, offsets, kind)  # one call for the model (one launch on CUDA)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -172,8 +172,7 @@ def cached(path, compute):
 # ----------------------------------------------------------------------------------------------------
 # statistics: values, intervals, traces
 # ----------------------------------------------------------------------------------------------------
-def token_loss(e, idx):
-    return np.sum(np.asarray(e["loss_sum"])[idx], -1) / np.sum(np.asarray(e["tokens"])[idx], -1)
+token_loss = tasks.token_weighted_loss  # sum of target-token losses / target tokens, over examples idx
 
 
 def mean_rouge(e, idx):

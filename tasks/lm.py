@@ -1,4 +1,5 @@
 """Causal-LM plumbing shared by both scripts: tokenize with masked prompts, pad a batch, generate, Rouge-L."""
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
@@ -166,7 +167,6 @@ def paired_interval(first, last, stat, resamples=2000, seed=0):
     first, last: dicts of per-example lists over the same examples (e.g. loss_sum and tokens); stat(d, idx) -> the
     statistic of the examples idx (an int array [..., n]). A paired interval that excludes 0 is a change larger
     than the evaluation's own noise."""
-    import numpy as np
     n = len(next(iter(first.values())))
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     every = np.arange(n)
@@ -177,11 +177,9 @@ def paired_interval(first, last, stat, resamples=2000, seed=0):
 
 def token_weighted_loss(d, idx):
     """stat for paired_interval: sum of the target tokens' losses / number of target tokens, over examples idx."""
-    import numpy as np
     return np.sum(np.asarray(d["loss_sum"])[idx], -1) / np.sum(np.asarray(d["tokens"])[idx], -1)
 
 
 def accuracy_of(d, idx):
     """stat for paired_interval: the share of examples idx predicted correctly (d["correct"]: 0/1 per example)."""
-    import numpy as np
     return np.mean(np.asarray(d["correct"])[idx], -1)

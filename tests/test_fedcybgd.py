@@ -376,7 +376,7 @@ def message_units(message, units):
 
 
 def run_turn(server, model, units, client, block, mode, tokenizer, fraction=1.0, base=None):
-    message = tasks.unpack(tasks.pack(cy.server_download(server, units, client, block, mode, fraction, seed=client)))
+    message = tasks.unpack(tasks.pack(cy.server_download(server, units, client, [block], mode, fraction, seed=client)))
     cy.sync_model(model, message, base=base)
     upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tokenizer, 1, client),
                                  [1e-2], 0.0, 1, seed=client)
@@ -396,7 +396,7 @@ def test_delta_sends_only_blocks_changed_since_the_last_turn(tiny_tokenizer):
         "head", "layer.1"]
     # in one process the working model equals the server's weights after every lossless turn
     assert all(torch.equal(p, server["weights"][n]) for n, p in model.named_parameters())
-    full = cy.server_download(server, units, 1, "layer.0", "full")
+    full = cy.server_download(server, units, 1, ["layer.0"], "full")
     assert message_units(full, units) == sorted(units)
 
 
@@ -421,7 +421,7 @@ def test_int8_sends_only_what_the_client_lacks_and_its_own_block_exact(tiny_toke
     server = cy.init_server(model, units)
 
     def turn(client, block):
-        message = cy.server_download(server, units, client, block, "int8")
+        message = cy.server_download(server, units, client, [block], "int8")
         cy.sync_model(model, tasks.unpack(tasks.pack(message)), base=cy.held_weights(server, units, client, pretrained))
         upload, _ = cy.client_update(model, units[block] + units["head"], llama_batches(tiny_tokenizer, 1, client),
                                      [1e-2], 0.0, 1, seed=client)
@@ -433,7 +433,7 @@ def test_int8_sends_only_what_the_client_lacks_and_its_own_block_exact(tiny_toke
     assert turn(0, "layer.1") == ["layer.1", "head"]  # its own layer.0 is current; layer.1 is its block now
     # client 1 now trains layer.0, which it holds only as int8: resent exact although unchanged since;
     # layer.1 (client 0 changed it) comes as int8; the frozen embeddings never travel
-    message = cy.server_download(server, units, 1, "layer.0", "int8")
+    message = cy.server_download(server, units, 1, ["layer.0"], "int8")
     assert cy.sent_units(message, units) == ["layer.0", "layer.1:int8", "head"]
     cy.sync_model(model, tasks.unpack(tasks.pack(message)), base=cy.held_weights(server, units, 1, pretrained))
     for u, names in units.items():
@@ -470,7 +470,7 @@ def test_download_fraction_drops_blocks_to_pretrained(tiny_tokenizer):
     server = cy.init_server(model, units)
     for c in range(3):
         run_turn(server, model, units, c, f"layer.{c}", "full", tiny_tokenizer, 0.5, pretrained)
-    message = cy.server_download(server, units, 3, "layer.0", "full", fraction=0.5, seed=3)
+    message = cy.server_download(server, units, 3, ["layer.0"], "full", fraction=0.5, seed=3)
     sent = message_units(message, units)
     assert "layer.0" in sent and "head" in sent  # own block and head always
     assert len([u for u in sent if u not in ("layer.0", "head")]) == math.ceil(2 * 0.5)  # of layer.1, layer.2
