@@ -19,7 +19,8 @@ Why K seeds make communication tiny (FedKSeed, Qin et al., ICML 2024). Server an
 candidate seeds (here drawn from the master `--seed`). Every local step draws its z from one of the K, so a
 client's whole round is a list of (seed index, g) pairs: 200 steps are 200 x (2 + 4) bytes. The server
 aggregates the pairs of the round's clients, weighted by their data sizes, into one coefficient per seed,
-a_k(t), and adds them to its cumulative coefficients A(t) = A(t-1) + a(t) (float32[K]). The global model IS
+a_k(t), and adds them to its cumulative coefficients A(t) = A(t-1) + a(t) (float32[K]; a server optimizer, below,
+may scale a(t) first). The global model IS
 
     w(t) = w0 + sum_k A_k(t) z_k        (w0: the pretrained weights; one pass, summed in float32, one rounding)
 
@@ -61,6 +62,16 @@ every client computes the softmax itself, so server and clients sample from the 
 One ZO step here is three passes over the weights, not MeZO's four: perturb by +eps*z, loss; by -2*eps*z,
 loss; then one fused pass by (eps - lr*g)*z restores the weights and applies the update together. A step whose
 loss is not finite is undone and recorded nowhere.
+
+Other estimators and a server optimizer, in the same wire format (options; the defaults are the paper's):
+  --estimator one_sided --directions n: n directions a step share one forward at w (FZOO-like, without its
+      loss-spread scaling): L0 = L(w), L_i = L(w + eps z_i), c_i = (L_i - L0) / (n eps), w <- w - lr sum_i c_i z_i.
+      n + 1 forwards for n directions (two-point: 2n); the upload carries the n pairs (seed index, c_i), so the
+      server's rule below is unchanged and its bytes grow to 4 + 6 n x steps.
+  --server_lr s --server_momentum beta: the server steps A with momentum on the round's aggregate a(t):
+      m(t) = beta m(t-1) + a(t), A(t) = A(t-1) + s m(t). The model is linear in A, so this is momentum on the
+      model's update itself; A stays cumulative, the replay and the downloads are unchanged, m costs K floats.
+  Measured on validation data against the two-point default: docs/fedkseed.md ("Estimators").
 
 Across processes (`torchrun --nproc_per_node N fedkseed.py ...`, also across machines): rank 0 is the server,
 client c lives on rank c % N (its record of A stays there), and every rank keeps w0 and one working model.
@@ -279,7 +290,8 @@ COMPUTE_DTYPE_DEFAULT = None  # None: the weights' own dtype  # rounds of the of
 # flags that change the weights a run produces: a checkpoint resumes only under the same values
 TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
               "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
-              "perturbation", "dtype", "compute_dtype", "fold", "val_samples")
+              "perturbation", "dtype", "compute_dtype", "fold", "val_samples", "estimator", "directions", "server_lr",
+              "server_momentum")
 
 
 def parse_args(argv=None):
@@ -324,6 +336,15 @@ def parse_args(argv=None):
       "split over clients (seeded: the same examples in every script), evaluated beside the held-out set as "
       "val_loss; choose knobs on these, not on the held-out set. 0 = none")
     a("--perturbation", choices=["gaussian", "rademacher"], default="gaussian", help="distribution of z")
+    a("--estimator", choices=["two_point", "one_sided"], default="two_point",
+      help="two_point: g = (L(w+eps z) - L(w-eps z)) / 2 eps, 2 forwards a step (MeZO, the paper); one_sided: "
+           "--directions n directions a step sharing one forward at w, g_i = (L(w+eps z_i) - L(w)) / eps, "
+           "n + 1 forwards a step, n (seed, scalar) pairs uploaded (see the docstring)")
+    a("--directions", type=int, default=1, help="one_sided: directions per step (n); two_point takes 1")
+    a("--server_lr", type=float, default=1.0, help="server learning rate on the round's aggregated per-seed "
+      "coefficients: A += server_lr * m (1 = FedAvg's mean; the number of sampled clients = their sum)")
+    a("--server_momentum", type=float, default=0.0, help="server momentum beta on the aggregated coefficients: "
+      "m <- beta m + a(t) (float32[K], kept in the checkpoint); 0 = none")
     a("--fold", action="store_true", help="two passes over the weights a step instead of three: each step's "
       "closing pass joins the next step's opening pass in one two-seed pass (the weights round once where they "
       "rounded twice, so the run differs in the last bits); off by default: on a CPU the passes are bound by the "
@@ -346,11 +367,18 @@ def parse_args(argv=None):
 
 def check_config(args):
     """Impossible flag values -> ConfigError (one line)."""
-    for name in ("lr", "zo_eps", "bias_loss_clip", "dist_timeout"):  # nan fails every comparison: test it first
+    for name in ("lr", "zo_eps", "bias_loss_clip", "dist_timeout", "server_lr"):  # nan fails every comparison: test it first
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number > 0")
     if not math.isfinite(args.grad_initial):
         raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
+    if not (math.isfinite(args.server_momentum) and 0.0 <= args.server_momentum < 1.0):
+        raise ConfigError(f"--server_momentum {args.server_momentum}: must be in [0, 1)")
+    if args.directions < 1 or (args.estimator == "two_point" and args.directions != 1):
+        raise ConfigError(f"--directions {args.directions}: the two-point estimator takes 1 direction a step, "
+                          "--estimator one_sided 1 or more")
+    if args.fold and args.estimator != "two_point":
+        raise ConfigError("--fold joins the two-point step's closing and opening passes: it needs --estimator two_point")
     if args.compute_dtype is None:
         args.compute_dtype = args.dtype
     if args.compute_dtype != args.dtype and args.dtype != "float32":
@@ -484,9 +512,9 @@ def max_download_bytes(K, pro):
     return 1 + 4 * K + (K if pro else 0)
 
 
-def max_upload_bytes(K, local_steps):
-    """The longest upload: the data size, then a seed index and a float32 g per step."""
-    return 4 + local_steps * (np.dtype(index_dtype(K)).itemsize + 4)
+def max_upload_bytes(K, local_steps, directions=1):
+    """The longest upload: the data size, then a seed index and a float32 scalar per direction of every step."""
+    return 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,6 +577,37 @@ def zo_step(model, params, offsets, batch, seed, eps, lr, kind, copies=None, fol
     return g, loss_plus
 
 
+@torch.no_grad()
+def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, copies=None):
+    """One batched one-sided ZO step along n = len(step_seeds) directions -> (the n uploaded scalars c_i, L(w)), or
+    (None, loss) when a loss is not finite (the weights are restored, nothing recorded).
+
+    L0 = L(w);  for i = 1..n: L_i = L(w + eps z_i);  c_i = (L_i - L0) / (n eps);  w <- w - lr sum_i c_i z_i
+    i.e. the mean of n one-sided estimates g_i = n c_i, one shared forward at w: n + 1 forwards for n directions,
+    where n two-point steps take 2n. n + 1 passes: w + eps z_1; w - eps z_(i-1) + eps z_i (a two-seed pass) for
+    i = 2..n; the closing n-seed pass w - eps z_n - lr sum_i c_i z_i restores and updates together.
+    """
+    n = len(step_seeds)
+    loss0 = batch_loss(model, batch)
+    if not math.isfinite(loss0):
+        return None, loss0  # the weights were not touched
+    losses = []
+    for i, seed in enumerate(step_seeds):
+        if i == 0:
+            perturb_weights_(params, copies, seed, offsets, eps, kind)
+        else:
+            apply_weights_(params, copies, [step_seeds[i - 1], seed], [-eps, eps], offsets, kind)
+        losses.append(batch_loss(model, batch))
+        if not math.isfinite(losses[-1]):
+            perturb_weights_(params, copies, seed, offsets, -eps, kind)  # restore, record nothing
+            return None, loss0
+    coefs = [float(np.float32((loss - loss0) / (n * eps))) for loss in losses]  # the upload's float32 values
+    scales = [-lr * c for c in coefs]
+    scales[-1] -= eps
+    apply_weights_(params, copies, list(step_seeds), scales, offsets, kind)
+    return coefs, loss0
+
+
 def close_fold(params, offsets, fold, kind, copies=None):
     """--fold, after the last step: apply the closing pass the steps left pending."""
     if fold:
@@ -565,24 +624,34 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     weights on exit (scratch: the next sync starts from w0). All randomness comes from (seed, round, client), so a resumed run redoes it exactly.
     probabilities: None (uniform seeds, FedKSeed) or float64[K] from the download (FedKSeed-Pro).
     copies: the model's own parameters in the compute dtype when they are not `params` (--compute_dtype).
+    The upload holds one (seed index, scalar) pair per direction: g for the two-point step, c_i = g_i / n for
+    the one-sided one (`one_sided_step`); either way the client's own update was w -= lr * scalar * z.
     """
     K = len(seeds)
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
     device = params[0].device
+    one_sided = getattr(args, "estimator", "two_point") == "one_sided"
+    n_dir = getattr(args, "directions", 1)  # 1 for the two-point estimator
     rng = np.random.default_rng([args.seed, 2, rnd, client])
-    draws = rng.choice(K, size=args.local_steps, p=probabilities) if probabilities is not None \
-        else rng.integers(0, K, size=args.local_steps)
+    draws = rng.choice(K, size=args.local_steps * n_dir, p=probabilities) if probabilities is not None \
+        else rng.integers(0, K, size=args.local_steps * n_dir)  # step s uses draws[s n : (s + 1) n], with replacement
     order = rng.permutation(len(examples))  # this round's pass over the local data, cycled if too short
     sent_idx, sent_g, losses = [], [], []
     fold = [] if getattr(args, "fold", False) else None  # --fold: the closing pass, carried into the next step
     for step in range(args.local_steps):
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
         batch = {k: v.to(device) for k, v in tasks.collate(rows, pad_id).items()}
-        k = int(draws[step])
-        g, loss = zo_step(model, params, offsets, batch, seeds[k], args.zo_eps, args.lr, kind, copies, fold)
-        if g is not None:
-            sent_idx.append(k)
-            sent_g.append(g)
+        if one_sided:
+            ks = [int(k) for k in draws[step * n_dir:(step + 1) * n_dir]]
+            cs, loss = one_sided_step(model, params, offsets, batch, [seeds[k] for k in ks], args.zo_eps, args.lr,
+                                      kind, copies)
+        else:
+            ks = [int(draws[step])]
+            g, loss = zo_step(model, params, offsets, batch, seeds[ks[0]], args.zo_eps, args.lr, kind, copies, fold)
+            cs = None if g is None else [g]
+        if cs is not None:
+            sent_idx += ks
+            sent_g += cs
             losses.append(loss)
         if on_step is not None:
             on_step(step, loss)
@@ -608,6 +677,18 @@ def server_aggregate(uploads, K, lr):
     for w, (_, idx, g) in zip(weights, decoded):
         np.add.at(acc, idx, w * g.astype(np.float64))
     return (-lr * acc).astype(np.float32)
+
+
+def server_step(coefs, momentum, server_lr, beta):
+    """The server's optimizer on the per-seed coefficients -> (the round's increment of A, the new momentum buffer).
+
+    m(t) = beta m(t-1) + a(t);  A(t) = A(t-1) + server_lr * m(t)      (float64 arithmetic, each rounded once to float32)
+    The model is linear in A (w = w0 + sum_k A_k z_k), so this is server momentum / a server learning rate on the
+    model's update itself, at the cost of K floats: A stays cumulative and the replay is unchanged. With the defaults
+    (server_lr 1, beta 0) A(t) has the bits of A(t-1) + a(t) (the increment is a(t), up to the sign of a zero).
+    """
+    m = (beta * momentum.astype(np.float64) + coefs.astype(np.float64)).astype(np.float32)
+    return (server_lr * m.astype(np.float64)).astype(np.float32), m
 
 
 def update_seed_history(hist_sum, hist_count, uploads, K, clip):
@@ -658,7 +739,7 @@ def sync_model(params, w0, offsets, seeds, A, kind, copies=None):
 # ----------------------------------------------------------------------------------------------------
 # the server's state and its side of a round: downloads, aggregation, evaluation, the round's outputs
 # ----------------------------------------------------------------------------------------------------
-CHECKPOINT_KEYS = {"config", "round", "A_history", "last_sync", "hist_sum", "hist_count"}
+CHECKPOINT_KEYS = {"config", "round", "A_history", "last_sync", "hist_sum", "hist_count", "momentum"}
 
 
 def load_checkpoint(path, config):
@@ -680,14 +761,14 @@ def load_checkpoint(path, config):
                               f"this run has {key}={config[key]!r}; use the same flags or another --output_dir")
     return {"round": state["round"], "A_history": list(state["A_history"].numpy()),
             "last_sync": state["last_sync"].numpy().copy(), "hist_sum": state["hist_sum"].numpy().copy(),
-            "hist_count": state["hist_count"].numpy().copy()}
+            "hist_count": state["hist_count"].numpy().copy(), "momentum": state["momentum"].numpy().copy()}
 
 
 def save_checkpoint(path, server, config):
     """Everything the next round depends on (kilobytes, not weights), replaced atomically."""
     state = {"config": config, "round": len(server["A_history"]) - 1,
              "A_history": torch.from_numpy(np.stack(server["A_history"])),
-             **{k: torch.from_numpy(server[k]) for k in ("last_sync", "hist_sum", "hist_count")}}
+             **{k: torch.from_numpy(server[k]) for k in ("last_sync", "hist_sum", "hist_count", "momentum")}}
     tasks.save_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -702,10 +783,12 @@ def server_downloads(server, sampled, pro):
 
 
 def server_update(server, gathered, args, seeds, w0, offsets, kind):
-    """Server, end of round t: aggregate the uploads into A(t) = A(t-1) + a(t), compute the global model w(t)
-    that A(t) defines (into server["w"]), and add the round's |g| to Pro's history. -> a(t)."""
+    """Server, end of round t: aggregate the uploads into a(t), step A(t) = A(t-1) + server_lr * m(t) (`server_step`;
+    = A(t-1) + a(t) by default), compute the global model w(t) that A(t) defines (into server["w"]), and add the
+    round's |g| to Pro's history. -> the increment A(t) - A(t-1)."""
     uploads = [u for u, _ in gathered]
-    coefs = server_aggregate(uploads, args.K, args.lr)
+    coefs, server["momentum"] = server_step(server_aggregate(uploads, args.K, args.lr), server["momentum"],
+                                            args.server_lr, args.server_momentum)
     server["A_history"].append(server["A_history"][-1] + coefs)  # float32 + float32
     sync_model(server["w"], w0, offsets, seeds, server["A_history"][-1], kind)
     if args.bias_sampling:
@@ -852,17 +935,23 @@ def setup(args):
     print(f"{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"
           + (f", forwards in {args.compute_dtype}" if run.copies else "") + f") on {args.device}; "
           f"{N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} steps, "
-          f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}"
+          f"{'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, z {args.perturbation}, "
+          + (f"one-sided estimator, {args.directions} directions a step" if args.estimator == "one_sided"
+             else "two-point estimator")
+          + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}"
+             if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else ""), flush=True)
 
-    # server state: A(t) for every round so far, the round each client last synced to, Pro's history, and w(t).
+    # server state: A(t) for every round so far, the round each client last synced to, Pro's history, the server
+    # momentum buffer, and w(t).
     # Everything the next round depends on is in the checkpoint; the global model is w0 + sum_k A_k z_k.
     server = state or {"round": 0, "A_history": [np.zeros(K, dtype=np.float32)],  # A(0) = 0: the pretrained model
                        "last_sync": np.zeros(N, dtype=np.int64),
                        "hist_sum": np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip,
                                                                  args.bias_loss_clip)))),
-                       "hist_count": np.ones(K, dtype=np.int64)}
+                       "hist_count": np.ones(K, dtype=np.int64),
+                       "momentum": np.zeros(K, dtype=np.float32)}  # --server_momentum's buffer m (stays 0 without)
     run.start = server.pop("round")
     # client state, on the client's own rank: its record of A (float32[K], 16 KB at K = 4096) besides w0. A device
     # keeps it itself; on resume the simulation takes it from the server's history, where it is by construction.
@@ -918,9 +1007,10 @@ def train(args):
                 progress.advance("clients")
             replays.clear()
             # 4. clients -> server: the uploads, in the round's client order
-            uploads = transport.gather(results, sampled, max_upload_bytes(args.K, args.local_steps),
+            uploads = transport.gather(results, sampled, max_upload_bytes(args.K, args.local_steps, args.directions),
                                        ("loss", "sync_seconds"))
-            # 5. server: A(t) = A(t-1) + a(t) and the model w(t) it defines; evaluate it; write the round
+            # 5. server: A(t) = A(t-1) + a(t) (+ --server_lr/--server_momentum) and the model w(t) it defines;
+            #    evaluate it; write the round
             coefs = transport.on_server(server_update, run.server, uploads, args, run.seeds, run.w0, run.offsets,
                                         run.kind)
             evaluation = transport.on_server(evaluate, run, rnd)

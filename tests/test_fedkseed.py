@@ -58,6 +58,13 @@ def argv(tiny_dir, dolly, out, *extra):
             "--max_new_tokens", "4", "--device", "cpu", *extra]
 
 
+# the estimator / server-optimizer options the exactness tests run under
+OPTIONS = {"two_point": (), "one_sided": ("--estimator", "one_sided", "--directions", "3"),
+           "server_momentum": ("--server_lr", "2", "--server_momentum", "0.9"),
+           "one_sided+server_momentum": ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5",
+                                         "--server_momentum", "0.5")}
+
+
 def batch_for(tok, texts):
     import tasks
 
@@ -386,9 +393,11 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     assert any(not torch.equal(p, w) for p, w in zip(w0, exported))
 
 
-def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
-    """2 rounds + resume to 4 == 4 rounds straight (weights bit for bit, same metrics), FedKSeed-Pro."""
-    pro = ("--bias_sampling", "--eval_every", "2", "--rouge_samples", "0")
+@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum"])
+def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path, option):
+    """2 rounds + resume to 4 == 4 rounds straight (weights bit for bit, same metrics), FedKSeed-Pro; also with the
+    one-sided estimator and server momentum (whose buffer the checkpoint carries)."""
+    pro = ("--bias_sampling", "--eval_every", "2", "--rouge_samples", "0", *OPTIONS[option])
     fk.main(argv(tiny_dir, dolly, tmp_path / "a", "--rounds", "4", *pro))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "2", *pro))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "4", "--resume", *pro))
@@ -397,6 +406,7 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path):
     assert a["round"] == b["round"] == 4
     assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["last_sync"], b["last_sync"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
+    assert torch.equal(a["momentum"], b["momentum"])
     wa, wb = (fk.trainable(tasks.load_model(str(tmp_path / x / "model"), "sft")[0])[0] for x in "ab")
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -506,7 +516,8 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2
 
 
-def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly(tiny_dir, dolly, tmp_path):
+@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum"])
+def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly(tiny_dir, dolly, tmp_path, option):
     """10 rounds, 2 of 8 clients per round; the seed is chosen so that some client misses >= 5 rounds between two
     participations. Every round's replay_max_abs_diff (clients' replayed weights vs the server's) is 0.0, that
     client's download is its missing entries of A only (never weights, never more than 1 + 4K bytes), and
@@ -527,7 +538,7 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
     missed, client, back = longest_gap(seed)
     out = tmp_path / "run"
     fk.main(argv(tiny_dir, dolly, out, "--num_clients", str(N), "-m", "0.25", "--rounds", str(rounds), "--seed",
-                 str(seed), "--eval_every", "5", "--rouge_samples", "0"))
+                 str(seed), "--eval_every", "5", "--rouge_samples", "0", *OPTIONS[option]))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     assert all(r["replay_max_abs_diff"] == 0.0 and r["sync_seconds"] >= 0 for r in rows[1:])
@@ -547,3 +558,137 @@ def test_validation_loss_is_logged_beside_the_held_out_loss(tiny_dir, dolly, tmp
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["eval_loss"]) for r in rows)
     assert len({r["val_loss"] for r in rows}) > 1  # it follows the model
+
+
+# ---------------------------------------------------------------------------------------------- other estimators
+def add_seeds(ws, scales, zs):
+    """w + sum_s scales[s] z_s per tensor: the sum in float32 in seed order, one rounding (an apply_seeds_ pass)."""
+    out = []
+    for j, w in enumerate(ws):
+        acc = torch.zeros_like(w)
+        for c, z in zip(scales, zs):
+            acc = acc + f32(c) * z[j]
+        out.append(w + acc)
+    return out
+
+
+def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
+    """--estimator one_sided, n = 3: L0 = L(w); w1 = w + eps z1; w2 = w1 - eps z1 + eps z2; w3 = w2 - eps z2 + eps z3;
+    c_i = (L(w_i) - L0) / (n eps) in float32; w' = w3 + sum_i (-lr c_i) z_i - eps z3. Written out with z_reference."""
+    model, eps, lr, kind = tiny_llama, 1e-2, 1e-2, fk.GAUSSIAN
+    step_seeds = [11, 22, 33]
+    batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
+    params, offsets = fk.trainable(model)
+    w0 = [p.clone() for p in params]
+    zs = [[fk.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
+
+    def loss_at(ws):
+        for p, w in zip(params, ws):
+            p.copy_(w)
+        return fk.batch_loss(model, batch)
+
+    l0 = loss_at(w0)
+    w, losses = add_seeds(w0, [eps], zs[:1]), []
+    losses.append(loss_at(w))
+    for i in (1, 2):
+        w = add_seeds(w, [-eps, eps], zs[i - 1:i + 1])
+        losses.append(loss_at(w))
+    c = [float(np.float32((loss - l0) / (3 * eps))) for loss in losses]
+    expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
+
+    for p, a in zip(params, w0):
+        p.copy_(a)
+    got_c, got_loss = fk.one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind)
+    assert got_c == c and got_loss == l0 and all(x != 0.0 for x in c)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+
+
+def test_one_sided_step_with_a_non_finite_loss_restores_and_records_nothing(tiny_llama, tiny_tokenizer):
+    params, offsets = fk.trainable(tiny_llama)
+    w0 = [p.clone() for p in params]
+    batch = batch_for(tiny_tokenizer, ["x"])
+    batch["labels"][:] = -100  # loss NaN
+    assert fk.one_sided_step(tiny_llama, params, offsets, batch, [1, 2], 1e-2, 1e-2, fk.GAUSSIAN)[0] is None
+    assert all(torch.equal(p, w) for p, w in zip(params, w0))  # L(w) is evaluated first: nothing was perturbed
+
+
+def test_server_step_by_hand():
+    """m(t) = beta m(t-1) + a(t), increment = s m(t); under the defaults A + increment == A + a(t) bit for bit."""
+    a1 = np.array([1.0, -2.0, 0.0, -0.0], dtype=np.float32)
+    a2 = np.array([0.5, 0.5, 4.0, 0.0], dtype=np.float32)
+    inc, m = fk.server_step(a1, np.zeros(4, np.float32), 1.0, 0.0)
+    A = np.array([0.0, 1.5, -3.0, 2.0], dtype=np.float32)  # A is never -0.0: a sum starting at +0.0
+    assert (A + inc).tobytes() == (A + a1).tobytes() and np.array_equal(m, a1)
+    inc1, m1 = fk.server_step(a1, np.zeros(4, np.float32), 3.0, 0.5)
+    inc2, m2 = fk.server_step(a2, m1, 3.0, 0.5)
+    np.testing.assert_array_equal(m2, [1.0, -0.5, 4.0, 0.0])  # 0.5 * a1 + a2
+    np.testing.assert_array_equal(inc1, [3.0, -6.0, 0.0, 0.0])
+    np.testing.assert_array_equal(inc2, [3.0, -1.5, 12.0, 0.0])
+    assert inc2.dtype == m2.dtype == np.float32
+
+
+def parse_upload(msg):
+    """The upload's layout parsed here, apart from decode_upload: uint32 data size, uint16 indices (K <= 65536),
+    float32 scalars, little-endian."""
+    steps = (len(msg) - 4) // 6
+    return (int.from_bytes(msg[:4], "little"), np.frombuffer(msg, "<u2", steps, 4).astype(np.int64),
+            np.frombuffer(msg, "<f4", steps, 4 + 2 * steps))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, dolly, tmp_path, monkeypatch, option):
+    """3 rounds under each option; the uploads are captured at the server. In numpy, from those pairs alone:
+    a(t) = -lr sum_i (n_i / sum n) (client i's scalars per seed), m = beta m + a, A += s m (float64, each rounded to
+    float32), then w = w0 + sum_k A_k z_k in float64. The checkpoint's A is that A exactly; the exported model that w
+    (float32 rounding)."""
+    captured = []
+    server_update = fk.server_update
+
+    def spy(server, gathered, *rest):
+        captured.append([u for u, _ in gathered])
+        return server_update(server, gathered, *rest)
+
+    monkeypatch.setattr(fk, "server_update", spy)
+    extra = OPTIONS[option]
+    fk.main(argv(tiny_dir, dolly, tmp_path / "run", "--rounds", "3", "--rouge_samples", "0", *extra))
+    flag = lambda name, default: float(extra[extra.index(name) + 1]) if name in extra else default  # noqa: E731
+    lr, s, beta, n_dir = 1e-3, flag("--server_lr", 1.0), flag("--server_momentum", 0.0), int(flag("--directions", 1))
+    K = 16
+    A, m = np.zeros(K, np.float32), np.zeros(K, np.float32)
+    for ups in captured:
+        decoded = [parse_upload(u) for u in ups]
+        assert all(len(idx) == 3 * n_dir for _, idx, _ in decoded)  # 3 steps, n pairs each
+        sizes = np.array([n for n, _, _ in decoded], np.float64)
+        acc = np.zeros(K)
+        for wgt, (_, idx, val) in zip(sizes / sizes.sum(), decoded):
+            for k, v in zip(idx, val):
+                acc[k] += wgt * float(v)
+        a = (-lr * acc).astype(np.float32)
+        m = (beta * m.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
+        A = A + (s * m.astype(np.float64)).astype(np.float32)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert len(captured) == 3 and np.array_equal(state["A_history"][-1].numpy(), A) and np.count_nonzero(A) > 0
+    assert np.array_equal(state["momentum"].numpy(), m if beta else state["momentum"].numpy())
+    w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
+    seeds = fk.candidate_seeds(42, K)
+    exported = fk.trainable(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0])[0]
+    for p0, off, e in zip(w0, offsets, exported):
+        w = p0.double().view(-1).numpy().copy()
+        for k in np.flatnonzero(A):
+            w += float(A[k]) * fk.z_reference(seeds[k], off, p0.numel(), fk.GAUSSIAN).double().numpy()
+        np.testing.assert_allclose(e.view(-1).numpy(), w, rtol=0, atol=1e-6)
+    assert any(not torch.equal(p0, e) for p0, e in zip(w0, exported))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--directions", "2"], "two-point estimator takes 1 direction"),
+    (["--estimator", "one_sided", "--directions", "0"], "--directions 0"),
+    (["--estimator", "one_sided", "--fold"], "--fold"),
+    (["--server_momentum", "1"], "--server_momentum 1.0: must be in [0, 1)"),
+    (["--server_lr", "nan"], "--server_lr nan: must be a finite number > 0"),
+])
+def test_bad_estimator_flags_are_one_line(tiny_dir, dolly, tmp_path, capsys, extra, words):
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, tmp_path / "out") + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err

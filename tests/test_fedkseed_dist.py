@@ -57,13 +57,19 @@ def exported(out):
     return [p.detach() for p in AutoModelForCausalLM.from_pretrained(str(out / "model")).parameters()]
 
 
-@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype):
+ONE_SIDED = ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5", "--server_momentum", "0.5")
+
+
+@pytest.mark.parametrize("compute_dtype, option", [("float32", ()), ("bfloat16", ()), ("float32", ONE_SIDED)],
+                         ids=["float32", "bfloat16", "one_sided+server_momentum"])
+def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     """Same flags (FedKSeed-Pro, 3 rounds): 1 process vs 2 gloo ranks -> same metrics.jsonl values (all but timings
     and the one-process replay check), the same global model bit for bit, the same server state; the ledger adds
-    the collectives' bytes. Also with bfloat16 forwards over the float32 weights (--compute_dtype)."""
+    the collectives' bytes. Also with bfloat16 forwards over the float32 weights (--compute_dtype), and with the
+    one-sided estimator and server momentum."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--rounds", "3", "--eval_every", "1", "--compute_dtype", compute_dtype)
+    common = ("--rounds", "3", "--eval_every", "1", "--compute_dtype", compute_dtype, *option)
+    n_dir = 2 if option else 1
     p1 = subprocess.Popen([sys.executable, SCRIPT, *flags(files, one, *common)], env=dist_env(), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p2 = subprocess.run(torchrun(SCRIPT, 2, *flags(files, two, *common)), env=dist_env(), cwd=ROOT, capture_output=True,
@@ -73,7 +79,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype):
     assert p2.returncode == 0, p2.stdout + p2.stderr
     assert metrics(one) == metrics(two) and [r["round"] for r in metrics(two)] == [0, 1, 2, 3]
     a, b = checkpoint(one), checkpoint(two)
-    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "last_sync", "hist_sum", "hist_count"))
+    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "last_sync", "hist_sum", "hist_count", "momentum"))
     assert all(torch.equal(x, y) for x, y in zip(exported(one), exported(two)))
     assert any(not torch.equal(x, y) for x, y in zip(exported(two), checkpoint_initial(files)))  # training moved them
     # rank 0 alone speaks: one header line, one summary
@@ -82,7 +88,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype):
     ledger = [json.loads(l) for l in (two / "ledger.jsonl").read_text().splitlines()]
     clients = [e for e in ledger if "client" in e]
     assert clients == [json.loads(l) for l in (one / "ledger.jsonl").read_text().splitlines()]
-    up_row = 4 + 8 + 8 + 4 + 3 * (2 + 4)  # uint32 length, float64 loss and sync seconds, the longest upload
+    up_row = 4 + 8 + 8 + 4 + 3 * n_dir * (2 + 4)  # uint32 length, float64 loss and sync seconds, the longest upload
     down_row = 4 + 1 + 4 * 16 + 16  # uint32 length, the longest download: flag, dense A, Pro's uint8 importances
     for rnd in (1, 2, 3):
         wire = {e["rank"]: e for e in ledger if "rank" in e and e["round"] == rnd}

@@ -1,0 +1,83 @@
+"""Choose FedKSeed's knobs on validation data: run fedkseed.py over a grid and score every point on --val_samples.
+
+    python bench/sweep_fedkseed.py --grid lr=5e-6,1e-5,2e-5 --grid zo_eps=1e-3 --out runs/sweep -- \
+        --num_clients 10 -m 0.1 --rounds 3 --local_steps 100 -K 1024 --max_length 256 --val_samples 100 \
+        --eval_samples 8 --rouge_samples 0 --eval_every 1 --compute_dtype bfloat16
+
+Every point is one `fedkseed.py` run (its own process, its own folder under --out) with the flags after `--` plus
+that point's values. A point is scored by the validation loss of its last round (`val_loss` in metrics.jsonl: the
+examples carved from the training data, never the held-out category), and printed with its validation curve, its
+forward passes (per client step: 2 for the two-point estimator, n + 1 for `--estimator one_sided --directions n`)
+and its minutes. A point whose folder already holds a finished run is read, not rerun, so a sweep can grow.
+The held-out loss is never printed here: choosing on it would make the reported held-out figures optimistic.
+The table goes to stdout and to <out>/sweep.json.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def forwards_per_step(flags):
+    """Forward passes one client step costs under these fedkseed flags."""
+    def value(name, default):
+        return flags[flags.index(name) + 1] if name in flags else default
+    if value("--estimator", "two_point") == "one_sided":
+        return int(value("--directions", "1")) + 1
+    return 2 * int(value("--directions", "1"))
+
+
+def run_point(flags, folder):
+    metrics = folder / "metrics.jsonl"
+    done = folder / "model" / "config.json"  # finish() exports the model last: its presence means the run ended
+    t = None
+    if not done.exists():
+        t0 = time.time()
+        subprocess.run([sys.executable, str(ROOT / "fedkseed.py"), *flags, "--output_dir", str(folder)], check=True,
+                       stdout=open(folder.parent / f"{folder.name}.log", "w"), stderr=subprocess.STDOUT)
+        t = (time.time() - t0) / 60
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    curve = [(r["round"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if not curve:
+        raise SystemExit(f"{folder}: no val_loss in metrics.jsonl (add --val_samples N to the base flags)")
+    return curve, t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+                    help="a fedkseed flag (without --) and its values; repeat for a product grid")
+    ap.add_argument("--out", default="runs/sweep", help="one folder per point, and sweep.json")
+    ap.add_argument("base", nargs=argparse.REMAINDER, help="-- then the fedkseed flags every point shares")
+    a = ap.parse_args()
+    base = a.base[1:] if a.base[:1] == ["--"] else a.base
+    axes = [(k, v.split(",")) for k, v in (g.split("=", 1) for g in a.grid)]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for values in itertools.product(*[v for _, v in axes]):
+        point = dict(zip([k for k, _ in axes], values))
+        name = "_".join(f"{k}{v}" for k, v in point.items()) or "base"
+        flags = base + [x for k, v in point.items() for x in (f"--{k}", v)]
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        curve, minutes = run_point(flags, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        fw = forwards_per_step(flags) * cfg["local_steps"] * cfg["sampled_per_round"] * cfg["rounds"]
+        row = {"point": point, "val_loss": curve[-1][1], "val_curve": curve, "forwards": fw, "minutes": minutes}
+        table.append(row)
+        print(f"{name:40s} val loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} (change {curve[-1][1] - curve[0][1]:+.4f}); "
+              f"{fw:,} forwards" + (f"; {minutes:.1f} min" if minutes else " (read)"), flush=True)
+    best = min(table, key=lambda r: r["val_loss"])
+    print(f"best on validation: {best['point']} (val loss {best['val_loss']:.4f})")
+    (out / "sweep.json").write_text(json.dumps({"base": base, "points": table, "best": best["point"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
