@@ -301,8 +301,9 @@ def log_round(run, rnd, t0, turns):
     row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
                download_bytes=float(np.mean([t["down"] for t in turns])),
                upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
-               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
-    run.files.ledger(turns)
+               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
+               client_seconds=round(sum(t["client_seconds"] for t in turns), 2))  # the clients' work, summed
+    run.files.ledger([{k: v for k, v in t.items() if k != "client_seconds"} for t in turns])  # bytes, not times
     save_checkpoint(run.ckpt_path, run.global_w, rnd, run.config)
     run.files.metric(row)
     run.progress.log(f"round {rnd} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -326,6 +327,7 @@ def train(args):
             for c in sampled:
                 # 2. client c: start from the global weights, take --local_steps steps, upload what it trained
                 seed = derive_seed(args.seed, rnd, c)
+                tc = time.time()
                 sync_model(model, tasks.unpack(wire_down))
                 batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
                 upload, stats = client_update(model, run.names, batches, args, seed)
@@ -333,7 +335,8 @@ def train(args):
                 uploads.append(tasks.unpack(wire_up))
                 sizes.append(len(run.clients[c]))
                 turns.append({"round": rnd, "client": c, "loss": stats["loss"], "up": len(wire_up),
-                              "down": len(wire_down), "peak_memory_bytes": stats["peak_memory_bytes"]})
+                              "down": len(wire_down), "peak_memory_bytes": stats["peak_memory_bytes"],
+                              "client_seconds": round(time.time() - tc, 3)})  # its sync, batches and local steps
                 progress.log(f"round {rnd} client {c}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
                              f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
                 progress.advance("turns")

@@ -858,8 +858,10 @@ def evaluate_round(run, r, t0, turns):
                download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
                upload_bytes_total=sum(t["upload_bytes"] for t in turns),
                download_bytes_total=sum(t["download_bytes"] for t in turns),
-               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns))
-    run.files.ledger(turns + run.transport.wire_ledger(r, list(range(run.num_clients))))
+               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
+               client_seconds=round(sum(t["client_seconds"] for t in turns), 2))  # the turns' wall time, summed
+    run.files.ledger([{k: v for k, v in t.items() if k != "client_seconds"} for t in turns]  # bytes, not times
+                     + run.transport.wire_ledger(r, list(range(run.num_clients))))
     run.files.metric(row)
     save_checkpoint(run.out, run.server, r)  # the round is complete: its last broadcast reached every rank
     run.saved = r
@@ -908,8 +910,10 @@ def main(argv=None):
                 down = server_download(server, units, c, blocks, args.download, args.download_fraction, seed)
                 wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
                 # 2. client c's turn, on its rank: sync, train the block (and head) -> the upload, on every rank
+                tc = time.time()
                 wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, r, c, blocks, wire_down, lrs,
                                                        seed)
+                turn_seconds = time.time() - tc  # the turn as this rank sees it: its own work, or waiting for it
                 # 3. server: take the upload (every rank's replica); every working copy follows the global model
                 upload = tasks.unpack(wire_up)
                 server_aggregate(server, c, upload, units)
@@ -918,7 +922,8 @@ def main(argv=None):
                               "client": c, "block": "+".join(blocks), "lr_first": lrs[0], "lr_last": lrs[-1],
                               "download_units": sent_units(down, units), "loss": stats["loss"],
                               "upload_bytes": len(wire_up), "download_bytes": len(wire_down),
-                              "peak_memory_bytes": int(stats["peak_memory_bytes"])})
+                              "peak_memory_bytes": int(stats["peak_memory_bytes"]),
+                              "client_seconds": round(turn_seconds, 3)})
                 progress.log(f"round {r} client {c} {'+'.join(blocks)}: loss {stats['loss']:.4f} up "
                              f"{tasks.fmt_bytes(len(wire_up))} down {tasks.fmt_bytes(len(wire_down))} "
                              f"mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")

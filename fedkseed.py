@@ -871,6 +871,7 @@ def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
            "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
            "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
            "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])),
+           "client_seconds": sum(s["sync_seconds"] + s["train_seconds"] for _, s in uploads),  # replays + steps, summed
            "replay_max_abs_diff": max(replays_checked) if replays_checked else None,
            "peak_memory_bytes": run.client_memory}
     save_checkpoint(run.out / "checkpoint.pt", run.server, run.config)
@@ -1000,7 +1001,7 @@ def train(args):
                 tc = time.time()
                 up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
                                          run.pad_id, on_step=lambda *_: progress.advance("steps"), copies=run.copies)
-                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds})
+                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": time.time() - tc})
                 progress.log(f"round {rnd} client {c} ({j + 1}/{len(mine)}): {len(examples)} "
                              f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
                              f"{(time.time() - tc) / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
@@ -1008,7 +1009,7 @@ def train(args):
             replays.clear()
             # 4. clients -> server: the uploads, in the round's client order
             uploads = transport.gather(results, sampled, max_upload_bytes(args.K, args.local_steps, args.directions),
-                                       ("loss", "sync_seconds"))
+                                       ("loss", "sync_seconds", "train_seconds"))
             # 5. server: A(t) = A(t-1) + a(t) (+ --server_lr/--server_momentum) and the model w(t) it defines;
             #    evaluate it; write the round
             coefs = transport.on_server(server_update, run.server, uploads, args, run.seeds, run.w0, run.offsets,

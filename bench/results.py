@@ -234,9 +234,12 @@ def fmt_d(lo_hi, digits):
     return f"[{lo_hi[0]:+.{digits}f}, {lo_hi[1]:+.{digits}f}]{verdict}"
 
 
-def svg_chart(series, xlabel, ylabel, title, path):
-    """A small line chart as SVG text (no plotting dependency): series = [(label, [(x, y), ...]), ...]."""
+def svg_chart(series, xlabel, ylabel, title, path, logx=False):
+    """A small line chart as SVG text (no plotting dependency): series = [(label, [(x, y), ...]), ...]. logx: the x
+    axis in log10 (points at x <= 0 are left out), ticks at powers of ten."""
     W, H, L, R, T, B = 560, 300, 64, 170, 28, 44
+    if logx:
+        series = [(label, [(math.log10(x), y) for x, y in s if x > 0]) for label, s in series]
     pts = [p for _, s in series for p in s]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
@@ -254,10 +257,12 @@ def svg_chart(series, xlabel, ylabel, title, path):
            f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" '
            f'text-anchor="middle">{ylabel}</text>']
     for k in range(5):
-        y, x = y0 + (y1 - y0) * k / 4, x0 + (x1 - x0) * k / 4
+        y = y0 + (y1 - y0) * k / 4
         out += [f'<text x="{L - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.4g}</text>',
-                f'<line x1="{L}" y1="{sy(y):.1f}" x2="{W - R}" y2="{sy(y):.1f}" stroke="#ddd"/>',
-                f'<text x="{sx(x):.1f}" y="{H - B + 14}" text-anchor="middle">{x:.4g}</text>']
+                f'<line x1="{L}" y1="{sy(y):.1f}" x2="{W - R}" y2="{sy(y):.1f}" stroke="#ddd"/>']
+    xticks = ([(e, f"1e{e}") for e in range(math.ceil(x0), math.floor(x1) + 1)] if logx else
+              [(x0 + (x1 - x0) * k / 4, f"{x0 + (x1 - x0) * k / 4:.4g}") for k in range(5)])
+    out += [f'<text x="{sx(x):.1f}" y="{H - B + 14}" text-anchor="middle">{text}</text>' for x, text in xticks]
     for i, (label, s) in enumerate(series):
         c = colors[i % len(colors)]
         out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="'
@@ -434,7 +439,11 @@ def write_page(a, runs, runs_dir, page, argv_main):
           "per-example values the intervals come from.", ""]
     rel = lambda arg: os.path.relpath(arg, ROOT) if arg.startswith(str(ROOT)) else arg  # noqa: E731  data/..., not /home/...
     L += [f"- `{name}`: `python {script} {shlex.join(map(rel, argv))}`" for name, (_, _, script, argv) in by.items()]
-    tasks.write_atomic(page, "\n".join(L) + "\n")
+    text, old = "\n".join(L) + "\n", page.read_text() if page.is_file() else ""
+    begin, end = "<!-- dolly_long", "<!-- /dolly_long -->"  # bench/dolly_long.py's section: kept as it is
+    if begin in old and end in old and "## MRPC" in text:
+        text = text.replace("## MRPC", old[old.index(begin):old.index(end) + len(end)] + "\n\n## MRPC", 1)
+    tasks.write_atomic(page, text)
 
 
 def fedkseed_trend(rows, final, zero, per_round):

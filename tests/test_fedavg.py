@@ -35,7 +35,7 @@ def argv(files, out, *extra):
 
 
 def read_metrics(out):
-    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+    return [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "client_seconds")}
             for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -512,7 +512,7 @@ def tiny_argv(files, out, *extra):
 
 def read_metrics(out):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "client_seconds")} for r in rows]
 
 
 def checkpoint_weights(out):
