@@ -42,3 +42,11 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert page.read_text() == f"# Results\n\ntable\n\n{long.BEGIN}\nfirst\n{long.END}\n\n## MRPC\n\nrows\n"
     long.write_section(page, [long.BEGIN, "second", long.END])
     assert page.read_text() == f"# Results\n\ntable\n\n{long.BEGIN}\nsecond\n{long.END}\n\n## MRPC\n\nrows\n"
+
+
+def test_loss_at_interpolates_and_stops_at_the_end():
+    long = load("dolly_long")
+    curve = [(0, 0.0, 0, 2.0), (100, 10.0, 1000, 1.8), (200, 30.0, 3000, 1.6)]
+    assert long.loss_at(curve, 50, 0) == pytest.approx(1.9)
+    assert long.loss_at(curve, 20.0, 1) == pytest.approx(1.7)
+    assert long.loss_at(curve, 250, 0) is None
