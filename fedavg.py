@@ -302,8 +302,9 @@ def log_round(run, rnd, t0, turns):
                download_bytes=float(np.mean([t["down"] for t in turns])),
                upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
                seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
-               client_seconds=round(sum(t["client_seconds"] for t in turns), 2))  # the clients' work, summed
-    run.files.ledger([{k: v for k, v in t.items() if k != "client_seconds"} for t in turns])  # bytes, not times
+               # the clients' work, summed; popped from the turns, so the ledger lines stay what they were
+               client_seconds=round(sum(t.pop("client_seconds") for t in turns), 2))
+    run.files.ledger(turns)
     save_checkpoint(run.ckpt_path, run.global_w, rnd, run.config)
     run.files.metric(row)
     run.progress.log(f"round {rnd} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()

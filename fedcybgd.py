@@ -859,9 +859,9 @@ def evaluate_round(run, r, t0, turns):
                upload_bytes_total=sum(t["upload_bytes"] for t in turns),
                download_bytes_total=sum(t["download_bytes"] for t in turns),
                seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
-               client_seconds=round(sum(t["client_seconds"] for t in turns), 2))  # the turns' wall time, summed
-    run.files.ledger([{k: v for k, v in t.items() if k != "client_seconds"} for t in turns]  # bytes, not times
-                     + run.transport.wire_ledger(r, list(range(run.num_clients))))
+               # the turns' wall time, summed; popped from the turns, so the ledger lines stay what they were
+               client_seconds=round(sum(t.pop("client_seconds") for t in turns), 2))
+    run.files.ledger(turns + run.transport.wire_ledger(r, list(range(run.num_clients))))
     run.files.metric(row)
     save_checkpoint(run.out, run.server, r)  # the round is complete: its last broadcast reached every rank
     run.saved = r

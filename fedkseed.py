@@ -1004,10 +1004,11 @@ def train(args):
                 tc = time.time()
                 up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
                                          run.pad_id, on_step=lambda *_: progress.advance("steps"), copies=run.copies)
-                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": time.time() - tc})
+                train_seconds = time.time() - tc
+                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds})
                 progress.log(f"round {rnd} client {c} ({j + 1}/{len(mine)}): {len(examples)} "
                              f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
-                             f"{(time.time() - tc) / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
+                             f"{train_seconds / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
                 progress.advance("clients")
             replays.clear()
             # 4. clients -> server: the uploads, in the round's client order

@@ -35,11 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # noqa: E402  (bench/results.py: the baselines' flags, train(), svg_chart)
-from results import ROOT, flag, read_metrics  # noqa: E402
+from results import LONG_BEGIN as BEGIN, LONG_END as END, ROOT, flag, read_metrics  # noqa: E402
 
 import tasks  # noqa: E402
 
-BEGIN, END = "<!-- dolly_long: written by bench/dolly_long.py -->", "<!-- /dolly_long -->"
 # The long run: 10 clients (an iid split), one a round. The validation sweep's choice (lr 5e-6, server momentum 0.5)
 # raised the held-out and validation losses within a 700-step round, under dir0.5 and iid alike; lr 2e-6 lowered
 # the validation loss there (docs/fedkseed.md, "The sweep's lr does not hold over a longer horizon").
@@ -87,8 +86,8 @@ def float32_change(runs_dir, argv):
     if not cache.is_file():
         model, tok = tasks.load_model(str(runs_dir / "fedkseed-long" / "model"), "sft")
         model.eval()
-        data = tasks.load_instruction_data("dolly", flag(argv, "--data_path"), num_clients=1, iid="iid", seed=42)
-        examples = tasks.subsample(data.test, int(flag(argv, "--eval_samples")), 42)
+        examples = results.dolly_examples(SimpleNamespace(dolly=flag(argv, "--data_path"),
+                                                          eval_samples=int(flag(argv, "--eval_samples"))))
         tokenized = tasks.tokenize_examples(tok, examples, int(flag(argv, "--max_length")), log=None)
         sums, counts = tasks.heldout_token_losses(model, tokenized, tok.pad_token_id)
         tasks.write_atomic(cache, json.dumps({"loss_sum": [float(x) for x in sums], "tokens": [int(x) for x in counts]}))

@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402
 
 RESAMPLES = 2000
+# bench/dolly_long.py writes its section between these markers; write_page keeps that section as it is
+LONG_BEGIN, LONG_END = "<!-- dolly_long: written by bench/dolly_long.py -->", "<!-- /dolly_long -->"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,9 +442,9 @@ def write_page(a, runs, runs_dir, page, argv_main):
     rel = lambda arg: os.path.relpath(arg, ROOT) if arg.startswith(str(ROOT)) else arg  # noqa: E731  data/..., not /home/...
     L += [f"- `{name}`: `python {script} {shlex.join(map(rel, argv))}`" for name, (_, _, script, argv) in by.items()]
     text, old = "\n".join(L) + "\n", page.read_text() if page.is_file() else ""
-    begin, end = "<!-- dolly_long", "<!-- /dolly_long -->"  # bench/dolly_long.py's section: kept as it is
-    if begin in old and end in old and "## MRPC" in text:
-        text = text.replace("## MRPC", old[old.index(begin):old.index(end) + len(end)] + "\n\n## MRPC", 1)
+    if LONG_BEGIN in old and LONG_END in old and "## MRPC" in text:
+        text = text.replace("## MRPC", old[old.index(LONG_BEGIN):old.index(LONG_END) + len(LONG_END)] + "\n\n## MRPC",
+                            1)
     tasks.write_atomic(page, text)
 
 

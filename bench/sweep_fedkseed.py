@@ -30,7 +30,7 @@ def forwards_per_step(flags):
         return flags[flags.index(name) + 1] if name in flags else default
     if value("--estimator", "two_point") == "one_sided":
         return int(value("--directions", "1")) + 1
-    return 2 * int(value("--directions", "1"))
+    return 2  # the two-point estimator takes one direction a step
 
 
 def run_point(flags, folder):

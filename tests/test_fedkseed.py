@@ -673,7 +673,7 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
         A = A + (s * m.astype(np.float64)).astype(np.float32)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert len(captured) == 3 and np.array_equal(state["A_history"][-1].numpy(), A) and np.count_nonzero(A) > 0
-    assert np.array_equal(state["momentum"].numpy(), m if beta else state["momentum"].numpy())
+    assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
     w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
     seeds = fk.candidate_seeds(42, K)
     exported = fk.trainable(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0])[0]
