@@ -57,6 +57,9 @@ def main():
     ap.add_argument("base", nargs=argparse.REMAINDER, help="-- then the fedkseed flags every point shares")
     a = ap.parse_args()
     base = a.base[1:] if a.base[:1] == ["--"] else a.base
+    bad = [g for g in a.grid if "=" not in g or not g.split("=", 1)[1]]
+    if bad:
+        ap.error(f"--grid {bad[0]}: expected FLAG=V1,V2 (e.g. lr=1e-6,2e-6)")
     axes = [(k, v.split(",")) for k, v in (g.split("=", 1) for g in a.grid)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
