@@ -23,7 +23,9 @@ the gradients and optimizer state of what it trains, and the activations autogra
 4 + 6 x steps bytes and FedCyBGD's one block; this script gives the other side of both comparisons.
 
 In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of the
-global trainable weights. torchrun is not supported: under it the script stops with one line.
+global trainable weights. torchrun is not supported: under it the script stops with one line. On Flower
+(tasks/flower.py, `python -m tasks.federation fedavg ...`) each client lives on a SuperNode and runs the same
+`client_round`; a FedAvg client keeps nothing between rounds, so a client that drops out simply misses the round.
 
 The script reads top to bottom: config, model, client (`client_update`), server (`server_aggregate`,
 `sync_model`), checkpoints, `setup`, `log_round`, the round loop (`train`), `main`. Progress bars, the run's
@@ -247,28 +249,55 @@ def load_checkpoint(path, global_w, config):
 # ----------------------------------------------------------------------------------------------------
 # the run: set up, the round's end, the round loop
 # ----------------------------------------------------------------------------------------------------
-def setup(args):
+def pick_device(args):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def load_parts(run):
+    """What every party loads, the server and each client's process alike: the model, the names it trains, the data."""
+    run.model, run.tokenizer, run.names = build_model(run.args, run.device)
+    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients)
+
+
+def client_node(args):
+    """A Flower node's view of the run (tasks/flower.py): the model and its clients' data; no server."""
+    run = SimpleNamespace(args=args, device=pick_device(args), progress=tasks.Progress())
+    load_parts(run)
+    return run
+
+
+def client_state(run, c):
+    """Flower: a FedAvg client keeps nothing between rounds (it starts every round from its download)."""
+    return {}
+
+
+def set_client_state(run, c, state):
+    pass
+
+
+def setup(args, transport=None):
     """Everything the rounds need, in one namespace: model and the names it trains, the server's global weights,
-    data, the run's files and the progress display."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    data, the transport (one process, or Flower's), the run's files and the progress display."""
+    if transport is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("fedavg.py runs in one process; torchrun is not supported (run it without torchrun)")
     run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)))
-    run.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    run.transport = transport or tasks.Transport(pick_device(args))
+    run.device = run.transport.device
     run.ckpt_path = run.out / "checkpoint.safetensors"
     if run.ckpt_path.exists() and not args.resume:
         raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it or pick another --output_dir")
-    run.model, run.tokenizer, run.names = build_model(args, run.device)
+    load_parts(run)
+    run.transport.join(0)
     params = dict(run.model.named_parameters())
     run.global_w = {n: params[n].detach().clone() for n in run.names}  # the server's copy of what is averaged
     run.start = load_checkpoint(run.ckpt_path, run.global_w, run.config) if args.resume else 0
     N = args.num_clients
     run.n_sampled = sampled_per_round(N, args.m)
-    run.clients, run.val, run.test = tasks.load_task_data(args, run.tokenizer, N)
     run.method = "FedIT (LoRA)" if args.method == "lora" else ("centralized fine-tuning" if N == 1 else "FedAvg (full)")
     trainable = sum(params[n].numel() for n in run.names)
     print(f"{run.method}: {args.model}, {trainable / 1e6:.2f}M of {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
           f"parameters trained and sent; {N} clients, {run.n_sampled} per round, {args.local_steps} {args.optimizer} "
-          f"steps each, lr {args.lr:g}", flush=True)
+          f"steps each, lr {args.lr:g}" + run.transport.describe(), flush=True)
     run.files = tasks.RunFiles(run.out)
     run.files.start({**run.config, "trainable_params": trainable}, resumed_round=run.start if args.resume else None)
     run.progress = tasks.Progress(turns=(args.rounds * run.n_sampled, run.start * run.n_sampled))
@@ -292,57 +321,101 @@ def log_round(run, rnd, t0, turns):
     """End of round: evaluate the global model (in `model`), write the round's ledger lines, checkpoint and metrics
     row (a crash between them redoes the round), print its line."""
     args = run.args
-    row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in turns]))}
+    taken = [t for t in turns if "dropped" not in t]
+    row = {"round": rnd, "train_loss": float(np.mean([t["loss"] for t in taken])) if taken else None}
     if rnd % args.eval_every == 0 or rnd == args.rounds:
         per_example = {}
         row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
                                   per_example))
         run.files.heldout_examples(rnd, per_example)
-    row.update(upload_bytes=float(np.mean([t["up"] for t in turns])),
+    row.update(upload_bytes=float(np.mean([t["up"] for t in taken])) if taken else None,
                download_bytes=float(np.mean([t["down"] for t in turns])),
                upload_bytes_total=sum(t["up"] for t in turns), download_bytes_total=sum(t["down"] for t in turns),
-               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
+               seconds=round(time.time() - t0, 2),
+               peak_memory_bytes=max((t["peak_memory_bytes"] for t in taken), default=None),
                # the clients' work, summed; popped from the turns, so the ledger lines stay what they were
-               client_seconds=round(sum(t.pop("client_seconds") for t in turns), 2))
+               client_seconds=round(sum(t.pop("client_seconds", 0.0) for t in turns), 2),
+               dropped=[t["client"] for t in turns if "dropped" in t])
     run.files.ledger(turns)
     save_checkpoint(run.ckpt_path, run.global_w, rnd, run.config)
     run.files.metric(row)
     run.progress.log(f"round {rnd} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                 if isinstance(v, float) and k not in ("seconds", "upload_bytes",
                                                                                       "download_bytes"))
-                     + f" up {tasks.fmt_bytes(row['upload_bytes'])} down {tasks.fmt_bytes(row['download_bytes'])}"
+                     + f" up {tasks.fmt_bytes(row['upload_bytes'] or 0)} down {tasks.fmt_bytes(row['download_bytes'])}"
                      f" per client, {row['seconds']:.0f}s")
 
 
-def train(args):
+def client_round(run, rnd, c, download):
+    """Client c's round, wherever it lives (this process, its Flower node): start from the global weights (the
+    download), take --local_steps steps on its own data -> (upload: the weights it trained, stats). Every transport
+    calls this one function."""
+    seed = derive_seed(run.args.seed, rnd, c)
+    t = time.time()
+    sync_model(run.model, tasks.unpack(download))
+    batches = tasks.local_batches(run.args, run.clients[c], run.tokenizer, run.device, seed)
+    upload, stats = client_update(run.model, run.names, batches, run.args, seed)
+    wire_up = tasks.pack(upload)
+    run.progress.log(f"round {rnd} client {c}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
+                     f"down {tasks.fmt_bytes(len(download))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
+    return wire_up, {**stats, "client_seconds": time.time() - t}  # its sync, batches and local steps
+
+
+CLIENT_STATS = ("loss", "peak_memory_bytes", "client_seconds")  # what travels with an upload, for the metrics
+
+
+def check_upload(run, wire_up):
+    """-> (why an upload cannot be averaged, or None; the unpacked upload). It must unpack and hold exactly the
+    trained tensors, each of the global weights' shape and dtype, all finite: a malformed or hostile upload is left
+    out of the average."""
+    try:
+        upload = tasks.unpack(wire_up)
+    except Exception as e:  # noqa: BLE001  safetensors raises several types on bytes that are not a file
+        return f"not a safetensors message ({type(e).__name__})", None
+    if sorted(upload) != sorted(run.names):
+        return "not the trained tensors", None
+    for n, t in upload.items():
+        w = run.global_w[n]
+        if t.shape != w.shape or t.dtype != w.dtype:
+            return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(w.shape)} {w.dtype}", None
+        if not torch.isfinite(t).all():
+            return f"{n} holds a value that is not finite", None
+    return None, upload
+
+
+def train(args, transport=None):
     """The rounds (FedAvg): each sampled client starts from the global weights, trains, uploads what it trained;
-    the server averages the uploads, weighted by data size."""
-    run = setup(args)
-    model, progress = run.model, run.progress
+    the server averages the uploads, weighted by data size. transport: Flower's (tasks/flower.py); by default one
+    process."""
+    run = setup(args, transport)
+    model, progress, transport = run.model, run.progress, run.transport
     try:
         for rnd in range(run.start + 1, args.rounds + 1):
             t0 = time.time()
             sampled = sample_clients(args.seed, rnd, args.num_clients, run.n_sampled)
             wire_down = tasks.pack(run.global_w)  # 1. the same download for every client of the round
+            tags = {c: ("", "") for c in sampled}  # a FedAvg client keeps no state between rounds
+            # 2. each client, where it lives (`client_round`): start from the global weights, train, upload
+            replies = transport.exchange(client_round, run, rnd, {c: wire_down for c in sampled}, sampled,
+                                         (None, None), CLIENT_STATS, tags)
             uploads, sizes, turns = [], [], []
-            for c in sampled:
-                # 2. client c: start from the global weights, take --local_steps steps, upload what it trained
-                seed = derive_seed(args.seed, rnd, c)
-                tc = time.time()
-                sync_model(model, tasks.unpack(wire_down))
-                batches = tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed)
-                upload, stats = client_update(model, run.names, batches, args, seed)
-                wire_up = tasks.pack(upload)
-                uploads.append(tasks.unpack(wire_up))
-                sizes.append(len(run.clients[c]))
-                turns.append({"round": rnd, "client": c, "loss": stats["loss"], "up": len(wire_up),
-                              "down": len(wire_down), "peak_memory_bytes": stats["peak_memory_bytes"],
-                              "client_seconds": round(time.time() - tc, 3)})  # its sync, batches and local steps
-                progress.log(f"round {rnd} client {c}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))} "
-                             f"down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
+            for c in sampled:  # 3. server: keep the well-formed uploads of the clients that answered
                 progress.advance("turns")
-            # 3. server: the data-size-weighted average; evaluate it, write the round
-            run.global_w = server_aggregate(uploads, sizes)
+                why, upload = (transport.dropped.get(c, "no reply"), None) if c not in replies else check_upload(
+                    run, replies[c][0])
+                if why is not None:
+                    turns.append({"round": rnd, "client": c, "dropped": why, "up": 0, "down": len(wire_down)})
+                    progress.log(f"round {rnd} client {c}: left out of the round: {why}")
+                    continue
+                stats = replies[c][1]
+                uploads.append(upload)
+                sizes.append(len(run.clients[c]))
+                turns.append({"round": rnd, "client": c, "loss": stats["loss"], "up": len(replies[c][0]),
+                              "down": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
+                              "client_seconds": round(stats["client_seconds"], 3)})
+            # 4. server: the data-size-weighted average (unchanged if nobody answered); evaluate it, write the round
+            if uploads:
+                run.global_w = server_aggregate(uploads, sizes)
             sync_model(model, run.global_w)
             log_round(run, rnd, t0, turns)
     finally:

@@ -735,24 +735,65 @@ def check_resume(args, out):
 # ----------------------------------------------------------------------------------------------------
 # the run: set up, a client's turn, the server's round end, the round loop
 # ----------------------------------------------------------------------------------------------------
-def setup(args):
-    """Everything the rounds need, in one namespace: model, blocks, data, the server state (every rank keeps a
-    replica), the schedule, the transport, the run's files and the progress display."""
-    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)))  # the flags as given
-    check_resume(args, run.out)
+def pick_device(args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: this torch build sees no CUDA device")
-    run.transport = transport = tasks.transport_from_env(device)
+    return device
+
+
+def setup(args, transport=None):
+    """Everything the rounds need, in one namespace: model, blocks, data, the server state (every rank keeps a
+    replica), the schedule, the transport, the run's files and the progress display. transport: Flower's
+    (tasks/flower.py); by default one process or torchrun's ranks, from the environment."""
+    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)))  # the flags as given
+    check_resume(args, run.out)
+    run.transport = transport = transport or tasks.transport_from_env(pick_device(args))
     run.device = transport.device
     if not transport.is_server:  # rank 0 speaks for the run and writes every output; the others print nothing
         sys.stdout = open(os.devnull, "w")
-    torch.manual_seed(args.seed)  # a randomly initialized head is the same on every run, rank and resume
+    load_parts(run, transport.describe())
+    transport.join(args.dist_timeout)  # after loading: see Ranks.join
+    run.server = init_server(run.model, run.units)  # under torchrun: every rank's replica, kept equal by the uploads
+    run.start = 0
+    if args.resume:  # every rank loads the checkpoint: on several machines --output_dir must be shared
+        run.start = load_checkpoint(run.out, run.server)
+        sync_model(run.model, run.server["weights"])
+        print(f"resumed from round {run.start}")
+    run.saved = run.start  # the round of the last checkpoint written (rank 0), for the fault message
+    run.files = tasks.RunFiles(run.out, active=transport.is_server)
+    run.files.start(run.config, resumed_round=run.start if args.resume else None)
+    run.progress = tasks.Progress(turns=(args.rounds * run.num_clients, run.start * run.num_clients))
+    return run
 
-    # model first: its layers decide the blocks, and the blocks decide the default number of clients
+
+def client_node(args):
+    """A Flower node's view of the run (tasks/flower.py): what a device holds -- the pretrained model, its clients'
+    data, the schedule -- and no server. The weights a client kept from its last turn come from the node's disk."""
+    run = SimpleNamespace(args=args, server=None, progress=tasks.Progress(), device=pick_device(args))
+    load_parts(run)
+    return run
+
+
+def client_state(run, c):
+    """Flower: what client c keeps between turns, to store on its node's disk: every weight it holds."""
+    return {n: p.detach() for n, p in run.model.named_parameters()}
+
+
+def set_client_state(run, c, state):
+    """Flower: client c's weights from its node's disk; None (a new client, or one the server treats as holding the
+    pretrained model again after it dropped out): the pretrained model, as loaded."""
+    if state is not None:
+        sync_model(run.model, state)
+
+
+def load_parts(run, transport_line=""):
+    """What every party loads, the server and each client's process alike: the model (its layers decide the blocks,
+    and the blocks the default number of clients), the data split, each client's turn length and the schedule."""
+    args = run.args
+    torch.manual_seed(args.seed)  # a randomly initialized head is the same on every run, rank, node and resume
     num_labels = tasks.glue.NUM_LABELS.get(args.dataset, 2)
     run.model, run.tokenizer = tasks.load_model(args.model, args.task, num_labels, args.dtype, run.device)
-    transport.join(args.dist_timeout)  # after loading: see Ranks.join
     run.model.requires_grad_(False).eval()
     run.cycle, run.units = find_blocks(run.model, args.train_embeddings)
     run.layers_per_turn = args.layers_per_turn or min(4, len(run.cycle))
@@ -770,8 +811,8 @@ def setup(args):
           f"{run.num_clients} clients, {run.layers_per_turn} block(s) a turn ({args.switch_mode}), download "
           f"{args.download}"
           + (f" with fraction {args.download_fraction}" if args.download_fraction < 1 else "")
-          + (f"; {transport.world} ranks (torchrun), client c on rank c % {transport.world}, rank 0 evaluates and "
-             "writes" if transport.world > 1 else ""))
+          + (f"; {run.transport.world} ranks (torchrun), client c on rank c % {run.transport.world}, rank 0 evaluates "
+             "and writes" if getattr(run, "transport", None) and run.transport.world > 1 else "") + transport_line)
 
     run.stream = args.iid == "stream"  # clients own no data: every turn takes the next batches of one stream
     data_args = SimpleNamespace(**{**vars(args), "iid": "iid"}) if run.stream else args
@@ -790,17 +831,8 @@ def setup(args):
     if skewed:
         print(f"warning: clients {', '.join(map(str, skewed))} hold one label in >= 95% of their examples; under such "
               "label skew the cycle tends to end predicting the last client's label (docs/label-skew.md)")
-    run.server = init_server(run.model, run.units)  # under torchrun: every rank's replica, kept equal by the uploads
     run.pretrained = ({n: p.detach().clone() for n, p in run.model.named_parameters()}
                       if args.download_fraction < 1 else None)  # the copy every client starts from
-    run.start = 0
-    if args.resume:  # every rank loads the checkpoint: on several machines --output_dir must be shared
-        run.start = load_checkpoint(run.out, run.server)
-        sync_model(run.model, run.server["weights"])
-        print(f"resumed from round {run.start}")
-    run.saved = run.start  # the round of the last checkpoint written (rank 0), for the fault message
-    run.files = tasks.RunFiles(run.out, active=transport.is_server)
-    run.files.start(run.config, resumed_round=run.start if args.resume else None)
     run.log_priors = ([label_log_prior(examples, num_labels) for examples in run.clients] if args.logit_adjust
                       else [None] * run.num_clients)
     # optimizer steps of each client's turn (the same every round), and of the whole run, for the schedule
@@ -809,8 +841,6 @@ def setup(args):
                       [args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
                        for examples in run.clients])
     run.warmup = round(args.warmup_ratio * sum(run.turn_steps)) if args.warmup_ratio else args.warmup_steps
-    run.progress = tasks.Progress(turns=(args.rounds * run.num_clients, run.start * run.num_clients))
-    return run
 
 
 def turn_learning_rates(run, r, c):
@@ -821,15 +851,28 @@ def turn_learning_rates(run, r, c):
             for k in range(run.turn_steps[c])]
 
 
-def client_turn(run, r, c, blocks, wire_down, lrs, seed):
-    """Client c's turn, on its own rank: bring its model up to date with the download, train its block (and the
-    head) on its data -> (upload message, stats). In the lossless modes the working model already holds the global
-    weights (every turn's upload is applied on every rank), so only the lossy modes rebuild the client's own copy
-    first (`held_weights`)."""
+def turn_plan(run, r, c):
+    """Client c's turn of round r -> (its blocks, its seed, its learning rates): functions of the flags alone, so the
+    server and the client's own process (its rank, its Flower node) compute the same."""
+    blocks = blocks_of_turn(run.cycle, run.args.switch_mode, run.args.seed, r, c, run.num_clients, run.layers_per_turn)
+    return blocks, derive_seed(run.args.seed, r, c), turn_learning_rates(run, r, c)
+
+
+def client_turn(run, r, c, wire_down):
+    """Client c's turn, wherever it lives (this process, its torchrun rank, its Flower node): bring its model up to
+    date with the download, train its block (and the head) on its data -> (upload message, stats). Every transport
+    calls this one function. In the lossless modes the working model already holds the global weights (every turn's
+    upload is applied on every rank; a Flower node loads what the client kept and applies the download), so only
+    the lossy modes rebuild the client's own copy first (`held_weights` from the server's record; on a node the
+    model already holds the client's copy, and --download_fraction < 1 resets what is not sent to pretrained)."""
     args = run.args
+    blocks, seed, lrs = turn_plan(run, r, c)
     lossy = args.download == "int8" or run.pretrained is not None
-    sync_model(run.model, tasks.unpack(wire_down),
-               base=held_weights(run.server, run.units, c, run.pretrained) if lossy else None)
+    if run.server is None:  # a Flower node
+        base = run.pretrained
+    else:
+        base = held_weights(run.server, run.units, c, run.pretrained) if lossy else None
+    sync_model(run.model, tasks.unpack(wire_down), base=base)
     if run.stream:  # the next local_steps batches of the stream, in stream order
         per_step, pool = args.batch_size * args.grad_accum, run.clients[0]
         order = stream_indices(len(pool), args.local_steps * per_step, (r - 1) * run.num_clients + c, args.seed)
@@ -844,11 +887,44 @@ def client_turn(run, r, c, blocks, wire_down, lrs, seed):
     return tasks.pack(upload), stats
 
 
+def check_upload(run, wire_up, blocks):
+    """-> (why a turn's upload cannot be taken, or None; the unpacked upload). It must unpack, and hold exactly the tensors of the client's
+    blocks and the head, each of the server's shape and dtype, all finite: a malformed or hostile upload is left out
+    (the turn is lost, the cycle goes on), so no client can crash the server or write a tensor it did not train."""
+    try:
+        upload = tasks.unpack(wire_up)
+    except Exception as e:  # noqa: BLE001  safetensors raises several types on bytes that are not a file
+        return f"not a safetensors message ({type(e).__name__})", None
+    want = [n for b in blocks for n in run.units[b]] + run.units["head"]
+    if sorted(upload) != sorted(want):
+        extra, missing = sorted(set(upload) - set(want)), sorted(set(want) - set(upload))
+        return f"tensors {extra[:2]} not of its turn, {missing[:2]} missing", None
+    weights = run.server["weights"]
+    for n, t in upload.items():
+        if t.shape != weights[n].shape or t.dtype != weights[n].dtype:
+            return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(weights[n].shape)} {weights[n].dtype}", None
+        if not torch.isfinite(t).all():
+            return f"{n} holds a value that is not finite", None
+    return None, upload
+
+
+def state_tags(server, units, c, blocks, held):
+    """Flower only: what client c holds before its turn (`held`: the server's record before the download, {unit:
+    version}) and after it (the record after the download, its trained units one version on), as tags its node
+    checks against what it keeps on disk; "" = the pretrained model (a new client, or one that dropped out)."""
+    after = dict(server["seen"].get(c, {}))
+    for u in {*blocks, "head"}:
+        after[u] = server["version"][u] + 1  # what server_aggregate will make them
+    tag = lambda record: json.dumps(sorted(record.items())) if any(record.values()) else ""  # noqa: E731
+    return tag(held), tag(after)
+
+
 def evaluate_round(run, r, t0, turns):
     """Server, end of round r: evaluate the global model, write the round's ledger lines, metrics row and
     checkpoint (a crash between them redoes the round), print its line."""
     args = run.args
-    row = {"round": r, "train_loss": sum(t["loss"] for t in turns) / len(turns)}
+    taken = [t for t in turns if "dropped" not in t]  # the turns whose upload the server took
+    row = {"round": r, "train_loss": sum(t["loss"] for t in taken) / len(taken) if taken else None}
     if r % args.eval_every == 0 or r == args.rounds:
         per_example = {}
         row.update(tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
@@ -858,9 +934,11 @@ def evaluate_round(run, r, t0, turns):
                download_bytes=sum(t["download_bytes"] for t in turns) / len(turns),
                upload_bytes_total=sum(t["upload_bytes"] for t in turns),
                download_bytes_total=sum(t["download_bytes"] for t in turns),
-               seconds=round(time.time() - t0, 2), peak_memory_bytes=max(t["peak_memory_bytes"] for t in turns),
+               seconds=round(time.time() - t0, 2),
+               peak_memory_bytes=max((t["peak_memory_bytes"] for t in taken), default=None),
                # the turns' wall time, summed; popped from the turns, so the ledger lines stay what they were
-               client_seconds=round(sum(t.pop("client_seconds") for t in turns), 2))
+               client_seconds=round(sum(t.pop("client_seconds") for t in turns), 2),
+               dropped=[t["client"] for t in turns if "dropped" in t])
     run.files.ledger(turns + run.transport.wire_ledger(r, list(range(run.num_clients))))
     run.files.metric(row)
     save_checkpoint(run.out, run.server, r)  # the round is complete: its last broadcast reached every rank
@@ -887,10 +965,11 @@ def evaluate_round_zero(run):
     save_checkpoint(run.out, run.server, 0)
 
 
-def main(argv=None):
+def main(argv=None, transport=None):
     """The rounds (the paper's Algorithm 1): in each, the clients take turns in a cycle; a turn downloads what the
-    client lacks, trains one block on the client's data, uploads the block, and the server takes it."""
-    run = setup(parse_args(argv))
+    client lacks, trains one block on the client's data, uploads the block, and the server takes it.
+    transport: Flower's (tasks/flower.py); by default one process or torchrun's ranks."""
+    run = setup(argv if isinstance(argv, argparse.Namespace) else parse_args(argv), transport)
     args, transport, progress, server, units = run.args, run.transport, run.progress, run.server, run.units
     if run.start == 0:
         transport.on_server(evaluate_round_zero, run)
@@ -900,22 +979,30 @@ def main(argv=None):
             t0 = time.time()
             turns = []
             for c in range(run.num_clients):
-                blocks = blocks_of_turn(run.cycle, args.switch_mode, args.seed, r, c, run.num_clients,
-                                        run.layers_per_turn)
-                seed = derive_seed(args.seed, r, c)
-                lrs = turn_learning_rates(run, r, c)
+                blocks, seed, lrs = turn_plan(run, r, c)
                 # 1. download: server -> client c. Every rank runs it on its replica (which records what c now
                 #    holds); no collective carries it: c's rank serialises it from its own replica, rank 0 too (for
                 #    the ledger), the other ranks skip that work.
+                held = dict(server["seen"].get(c, {}))
                 down = server_download(server, units, c, blocks, args.download, args.download_fraction, seed)
                 wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
-                # 2. client c's turn, on its rank: sync, train the block (and head) -> the upload, on every rank
+                tag = state_tags(server, units, c, blocks, held) if transport.keeps_client_state else None
+                # 2. client c's turn, where it lives: sync, train the block (and head) -> the upload, on every rank
                 tc = time.time()
-                wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, r, c, blocks, wire_down, lrs,
-                                                       seed)
+                wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, r, wire_down, tag)
                 turn_seconds = time.time() - tc  # the turn as this rank sees it: its own work, or waiting for it
-                # 3. server: take the upload (every rank's replica); every working copy follows the global model
-                upload = tasks.unpack(wire_up)
+                # 3. server: take a well-formed upload (every rank's replica); every working copy follows the global
+                #    model. A client that did not answer (Flower) or sent a malformed upload loses its turn, and the
+                #    server treats it as holding the pretrained model again (its next download says so).
+                why, upload = ((stats["dropped"], None) if wire_up is None else check_upload(run, wire_up, blocks))
+                if why is not None:
+                    server["seen"][c], server["lossy"][c] = {}, []
+                    turns.append({"round": r, "turn": (r - 1) * run.num_clients + c, "client": c,
+                                  "block": "+".join(blocks), "dropped": why, "download_bytes": len(wire_down),
+                                  "upload_bytes": 0, "client_seconds": round(turn_seconds, 3)})
+                    progress.log(f"round {r} client {c}: left out of the round: {why}")
+                    progress.advance("turns")
+                    continue
                 server_aggregate(server, c, upload, units)
                 sync_model(run.model, upload)
                 turns.append({"round": r, "turn": (r - 1) * run.num_clients + c, "turns_per_round": run.num_clients,

@@ -294,7 +294,7 @@ COMPUTE_DTYPE_DEFAULT = None  # None: the weights' own dtype  # rounds of the of
 TRAJECTORY = ("dataset", "data_path", "model", "num_clients", "m", "K", "local_steps", "batch_size", "lr",
               "zo_eps", "max_length", "iid", "bias_sampling", "bias_loss_clip", "grad_initial", "seed",
               "perturbation", "dtype", "compute_dtype", "fold", "val_samples", "estimator", "directions", "server_lr",
-              "server_momentum")
+              "server_momentum", "max_abs_g")
 
 
 def parse_args(argv=None):
@@ -348,6 +348,9 @@ def parse_args(argv=None):
       "coefficients: A += server_lr * m (1 = FedAvg's mean; the number of sampled clients = their sum)")
     a("--server_momentum", type=float, default=0.0, help="server momentum beta on the aggregated coefficients: "
       "m <- beta m + a(t) (float32[K], kept in the checkpoint); 0 = none")
+    a("--max_abs_g", type=float, default=0.0, help="robust aggregation: the server clips every uploaded scalar to "
+      "[-B, B] before aggregating, bounding what one client (a Byzantine one uploading g = 1e30 too) can move the "
+      "model; 0 = off (docs/flower.md measures what it costs honest clients)")
     a("--fold", action="store_true", help="two passes over the weights a step instead of three: each step's "
       "closing pass joins the next step's opening pass in one two-seed pass (the weights round once where they "
       "rounded twice, so the run differs in the last bits); off by default: on a CPU the passes are bound by the "
@@ -373,6 +376,8 @@ def check_config(args):
     for name in ("lr", "zo_eps", "bias_loss_clip", "dist_timeout", "server_lr"):  # nan fails every comparison: test it first
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number > 0")
+    if not (math.isfinite(args.max_abs_g) and args.max_abs_g >= 0):
+        raise ConfigError(f"--max_abs_g {args.max_abs_g}: must be a finite number >= 0 (0 = off)")
     if not math.isfinite(args.grad_initial):
         raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
     if not (math.isfinite(args.server_momentum) and 0.0 <= args.server_momentum < 1.0):
@@ -473,12 +478,14 @@ def encode_download(A, A_client, importance=None):
     Layout: uint8 flags (1 = sparse, 2 = importances follow); dense: float32[K], the whole of A; sparse:
     uint32 count, indices (uint16 for K <= 65536), float32 values; whichever is smaller. The values are A's
     own bits (never a difference), so the client's record becomes A exactly, after any number of missed
-    rounds: at most 1 + 4 K bytes (16,385 at K = 4096), plus K bytes for Pro.
+    rounds: at most 1 + 4 K bytes (16,385 at K = 4096), plus K bytes for Pro. A_client None (a client whose record
+    the server does not know: it dropped out mid-round, so it may or may not have applied its last download): dense.
     """
     K = len(A)
-    changed = np.flatnonzero(A.view(np.uint32) != A_client.view(np.uint32))  # bitwise: exact, -0.0 included
+    dense = A_client is None
+    changed = np.arange(K) if dense else np.flatnonzero(A.view(np.uint32) != A_client.view(np.uint32))  # bitwise
     sparse_size = 4 + len(changed) * (np.dtype(index_dtype(K)).itemsize + 4)
-    flags = (1 if sparse_size < 4 * K else 0) | (2 if importance is not None else 0)
+    flags = (1 if sparse_size < 4 * K and not dense else 0) | (2 if importance is not None else 0)
     parts = [np.uint8(flags).tobytes()]
     if flags & 1:
         parts += [np.uint32(len(changed)).tobytes(), changed.astype(index_dtype(K)).tobytes(),
@@ -518,6 +525,26 @@ def max_download_bytes(K, pro):
 def max_upload_bytes(K, local_steps, directions=1):
     """The longest upload: the data size, then a seed index and a float32 scalar per direction of every step."""
     return 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
+
+
+def check_upload(msg, K, local_steps, directions, num_examples):
+    """Server: why an upload cannot be aggregated, or None. A well-formed upload is the client's data size (the one
+    its partition gives it: the server holds the partition), then whole steps of (seed index < K, finite scalar)
+    pairs, at most --local_steps of them (a step with a non-finite loss uploads nothing). Whatever else arrives --
+    a truncated message, an index out of range, a NaN -- is dropped, so no client can crash the server with it."""
+    width = np.dtype(index_dtype(K)).itemsize + 4
+    if len(msg) < 4 or (len(msg) - 4) % width:
+        return f"{len(msg)} bytes are not a data size and whole (seed index, scalar) pairs"
+    n, idx, g = decode_upload(msg, K)
+    if len(idx) % directions or len(idx) > local_steps * directions:
+        return f"{len(idx)} pairs: expected whole steps of {directions}, at most {local_steps} steps"
+    if n != num_examples:
+        return f"data size {n}, but the client holds {num_examples} examples"
+    if len(idx) and int(idx.max()) >= K:
+        return f"seed index {int(idx.max())} out of range (K = {K})"
+    if not np.isfinite(g).all():
+        return "a scalar is not finite"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,19 +693,28 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
 # ----------------------------------------------------------------------------------------------------
 # server: aggregate the round's pairs into per-seed coefficients; Pro's seed probabilities
 # ----------------------------------------------------------------------------------------------------
-def server_aggregate(uploads, K, lr):
+def server_aggregate(uploads, K, lr, max_abs_g=0.0):
     """The round's uploads -> the round's update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k.
 
     a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's g on seed k); client weights by data size as
     the official code; sums in float64 in client order, rounded once to float32. The server then adds a to
     its cumulative A in float32: A(t) = A(t-1) + a(t), which defines the global model w(t) (see `sync_model`).
+    No upload (every sampled client dropped out): a = 0.
+
+    max_abs_g > 0 (--max_abs_g, a robust option, off by default): every uploaded scalar is clipped to
+    [-max_abs_g, max_abs_g] first, so one client's step moves the model by at most lr * max_abs_g along its z,
+    whatever it uploads (a Byzantine g = 1e30 included). When no honest |g| reaches the bound the result is the
+    same bits as without it.
     """
     decoded = [decode_upload(u, K) for u in uploads]
+    acc = np.zeros(K, dtype=np.float64)
+    if not decoded:
+        return acc.astype(np.float32)
     sizes = np.array([n for n, _, _ in decoded], dtype=np.float64)
     weights = sizes / sizes.sum()
-    acc = np.zeros(K, dtype=np.float64)
     for w, (_, idx, g) in zip(weights, decoded):
-        np.add.at(acc, idx, w * g.astype(np.float64))
+        g = g.astype(np.float64)
+        np.add.at(acc, idx, w * (np.clip(g, -max_abs_g, max_abs_g) if max_abs_g > 0 else g))
     return (-lr * acc).astype(np.float32)
 
 
@@ -778,20 +814,31 @@ def save_checkpoint(path, server, config):
 def server_downloads(server, sampled, pro):
     """Server, start of round t: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's seed
     importances). The clients are synced to round t-1 from here on."""
-    A = server["A_history"]
+    A, last = server["A_history"], server["last_sync"]
     importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None
-    sent = {c: encode_download(A[-1], A[server["last_sync"][c]], importance) for c in sampled}
-    server["last_sync"][sampled] = len(A) - 1
+    sent = {c: encode_download(A[-1], A[last[c]] if last[c] >= 0 else None, importance) for c in sampled}
+    last[sampled] = len(A) - 1
     return sent
 
 
-def server_update(server, gathered, args, seeds, w0, offsets, kind):
-    """Server, end of round t: aggregate the uploads into a(t), step A(t) = A(t-1) + server_lr * m(t) (`server_step`;
-    = A(t-1) + a(t) by default), compute the global model w(t) that A(t) defines (into server["w"]), and add the
-    round's |g| to Pro's history. -> the increment A(t) - A(t-1)."""
-    uploads = [u for u, _ in gathered]
-    coefs, server["momentum"] = server_step(server_aggregate(uploads, args.K, args.lr), server["momentum"],
-                                            args.server_lr, args.server_momentum)
+def state_tags(server, sampled):
+    """Flower only: what each sampled client is assumed to hold before and after this round's download, as tags its
+    node checks against the record it keeps on disk: (round of A it synced to, or "" for A = 0 or a record the server
+    does not know -- the download is then dense and the node starts from zeros --, the round it syncs to now)."""
+    last, now = server["last_sync"], len(server["A_history"]) - 1
+    return {c: (str(last[c]) if last[c] > 0 else "", str(now)) for c in sampled}
+
+
+def server_update(server, accepted, dropped, args, seeds, w0, offsets, kind):
+    """Server, end of round t: aggregate the accepted uploads into a(t), step A(t) = A(t-1) + server_lr * m(t)
+    (`server_step`; = A(t-1) + a(t) by default), compute the global model w(t) that A(t) defines (into server["w"]),
+    and add the round's |g| to Pro's history. A client that dropped out may or may not hold its download: its record
+    becomes unknown (last_sync -1), so its next download is dense and it syncs exactly whatever it holds.
+    -> the increment A(t) - A(t-1)."""
+    uploads = [u for u, _ in accepted.values()]
+    server["last_sync"][sorted(dropped)] = -1
+    coefs, server["momentum"] = server_step(server_aggregate(uploads, args.K, args.lr, args.max_abs_g),
+                                            server["momentum"], args.server_lr, args.server_momentum)
     server["A_history"].append(server["A_history"][-1] + coefs)  # float32 + float32
     sync_model(server["w"], w0, offsets, seeds, server["A_history"][-1], kind)
     if args.bias_sampling:
@@ -817,6 +864,49 @@ def replay(run, A, replays, keep=True):
     if run.server is not None:
         run.diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(run.params, run.server["w"])))
     return replays[key][1]
+
+
+def client_round(run, rnd, c, download):
+    """Client c's part of round rnd, wherever it lives (this process, its torchrun rank, its Flower node): apply the
+    download to its record of A and replay w0 + sum_k A_k z_k, then take --local_steps ZO steps on its own data (seeds
+    drawn uniformly, or by Pro's probabilities) -> (upload: its (seed index, g) pairs, stats for the metrics). Every
+    transport calls this one function."""
+    args, progress = run.args, run.progress
+    run.client_A[c], importance = decode_download(download, run.client_A[c])
+    sync_seconds = replay(run, run.client_A[c], run.replays, keep=c != run.last_client)
+    probs = seed_probabilities(importance) if importance is not None else None
+    examples = client_examples(run, c)
+    progress.reset("steps", args.local_steps, f"client {c}")
+    t = time.time()
+    up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c, run.pad_id,
+                             on_step=lambda *_: progress.advance("steps"), copies=run.copies)
+    train_seconds = time.time() - t
+    progress.log(f"round {rnd} client {c}: {len(examples)} examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
+                 f"{train_seconds / args.local_steps:.2f} s/step, down {len(download)} B, up {len(up)} B")
+    progress.advance("clients")
+    return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds}
+
+
+UPLOAD_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
+
+
+def check_uploads(run, replies, sampled, dropped):
+    """Server: the replies -> the uploads it aggregates, {client: (upload, stats)} in round order. A sampled client
+    that did not answer (`dropped`: the transport's reason) or whose upload is malformed (`check_upload`) is left
+    out with one logged line, and `dropped` gets its reason."""
+    accepted = {}
+    for c in sampled:
+        if c not in replies:
+            dropped.setdefault(c, "no reply")
+            continue
+        why = check_upload(replies[c][0], run.args.K, run.args.local_steps, run.args.directions, len(run.clients[c]))
+        if why is None:
+            accepted[c] = replies[c]
+        else:
+            dropped[c] = f"bad upload: {why}"
+    for c, why in dropped.items():
+        run.progress.log(f"client {c} left out of the round: {why}")
+    return accepted
 
 
 def client_examples(run, c):
@@ -860,55 +950,46 @@ def log_round_zero(run):
                      + (f", validation loss {ev['val_loss']:.4f}" if ev.get("val_loss") is not None else ""))
 
 
-def log_round(run, rnd, t0, sent, uploads, coefs, evaluation, replays_checked):
+def log_round(run, rnd, t0, sent, accepted, dropped, coefs, evaluation, replays_checked):
     """The round's ledger lines, metrics row and checkpoint (in that order: a crash between them redoes the round),
     and its summary line."""
     sampled = list(sent)
     loss, rouge = evaluation["eval_loss"], evaluation["rougeL"]
-    run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(u)} for c, (u, _) in zip(sampled, uploads)]
-                     + run.transport.wire_ledger(rnd, sampled))
+    uploads = list(accepted.values())
+    run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(accepted[c][0])} if c in accepted
+                      else {"round": rnd, "client": c, "down": len(sent[c]), "up": 0, "dropped": dropped[c]}
+                      for c in sampled] + run.transport.wire_ledger(rnd, sampled))
     finite = [s["loss"] for _, s in uploads if math.isfinite(s["loss"])]
     row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, **evaluation,
-           "upload_bytes": float(np.mean([len(u) for u, _ in uploads])),
+           "upload_bytes": float(np.mean([len(u) for u, _ in uploads])) if uploads else None,
            "download_bytes": float(np.mean([len(m) for m in sent.values()])),
            "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
            "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)),
-           "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])),
+           "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])) if uploads else None,
            "client_seconds": sum(s["sync_seconds"] + s["train_seconds"] for _, s in uploads),  # replays + steps, summed
            "replay_max_abs_diff": max(replays_checked) if replays_checked else None,
-           "peak_memory_bytes": run.client_memory}
+           "peak_memory_bytes": run.client_memory, "dropped": sorted(dropped)}
     save_checkpoint(run.out / "checkpoint.pt", run.server, run.config)
     run.files.metric(row)
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss {fmt(loss)}, "
                      + (f"validation loss {fmt(row['val_loss'])}, " if "val_loss" in row else "")
-                     + f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {row['sync_seconds']:.2f} s per client, "
+                     + f"Rouge-L {fmt(rouge)}, {row['seconds']:.0f} s (sync {fmt(row['sync_seconds'])} s per client, "
                      f"replay max |diff| {'-' if row['replay_max_abs_diff'] is None else format(row['replay_max_abs_diff'], 'g')}"
-                     f"; {row['seeds_touched']} seeds touched)")
+                     f"; {row['seeds_touched']} seeds touched"
+                     + (f"; left out: clients {', '.join(map(str, row['dropped']))}" if row["dropped"] else "") + ")")
 
 
 # ----------------------------------------------------------------------------------------------------
 # the run: set up, the round loop, the end
 # ----------------------------------------------------------------------------------------------------
-def setup(args):
-    """Everything the rounds need, in one namespace: model and w0, data, seeds, the server's state (on the server's
-    process), each client's record of A (on its own rank), the transport, the run's files and the progress bars."""
-    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)), diffs=[])
+def load_parts(run):
+    """What every party loads, the server and each client's process alike: the model and its working weights, w0,
+    the data split, the K seeds."""
+    args = run.args
     run.kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
-    run.transport = transport = tasks.transport_from_env(args.device)
-    args.device = transport.device
-    # fail fast, before the slow parts; under torchrun every rank loads it (a shared --output_dir, or a copy)
-    state = load_checkpoint(run.out / "checkpoint.pt", run.config) if args.resume else None
-    if not transport.is_server:  # rank 0 speaks for the run: the other ranks print nothing (errors aside)
-        sys.stdout = open(os.devnull, "w")
-    if args.dtype != "float32":
-        print(f"warning: --dtype {args.dtype}: ZO updates lr*g*z (~1e-7) are below its resolution and mostly "
-              "round away; float32 is recommended", file=sys.stderr)
-    if not HAVE_COMPILED_OPS:
-        print("note: compiled ops not found (pip install --no-build-isolation -e .): using the slow Python reference of z")
     run.model, run.tokenizer = tasks.load_model(args.model, "sft", dtype=args.dtype, device=args.device)
     run.model.eval()
-    transport.join(args.dist_timeout)  # after loading: see Ranks.join
     run.params, run.offsets = trainable(run.model)  # the working weights: a client's, while it syncs and trains
     run.w0 = [p.clone() for p in run.params]  # the pretrained weights every party holds (read-only from here on)
     run.copies = None  # --compute_dtype: the model's parameters become a copy in that dtype, which the forwards read
@@ -919,16 +1000,57 @@ def setup(args):
         for c, p in zip(run.copies, run.params):
             c.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
-    data, run.n_sampled = load_data(args, run.tokenizer)
-    run.clients, N, K = data.clients, len(data.clients), args.K
-    run.seeds = candidate_seeds(args.seed, K)
+    run.data, run.n_sampled = load_data(args, run.tokenizer)
+    run.clients = run.data.clients
+    run.seeds = candidate_seeds(args.seed, args.K)
+    run.tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
+    run.replays, run.last_client = {}, None  # a round's replay, kept for the next client of the same process
+
+
+def client_node(args):
+    """A Flower node's view of the run (tasks/flower.py): what a device holds -- w0, the seeds, its clients' data,
+    their records of A (filled in from the node's disk) -- and no server."""
+    run = SimpleNamespace(args=args, diffs=[], server=None, client_A={}, progress=tasks.Progress())
+    load_parts(run)
+    return run
+
+
+def client_state(run, c):
+    """Flower: what client c keeps between rounds, to store on its node's disk: its record of A (K float32)."""
+    return {"A": torch.from_numpy(run.client_A[c])}
+
+
+def set_client_state(run, c, state):
+    """Flower: client c's record of A from its node's disk; None (a new client, or one whose record the server does
+    not know and so sends dense): zeros."""
+    run.client_A[c] = state["A"].numpy().copy() if state is not None else np.zeros(run.args.K, dtype=np.float32)
+
+
+def setup(args, transport=None):
+    """Everything the rounds need, in one namespace: model and w0, data, seeds, the server's state (on the server's
+    process), each client's record of A (on its own rank), the transport, the run's files and the progress bars.
+    transport: Flower's (tasks/flower.py); by default one process or torchrun's ranks, from the environment."""
+    run = SimpleNamespace(args=args, out=Path(args.output_dir), config=dict(vars(args)), diffs=[])
+    run.transport = transport = transport or tasks.transport_from_env(args.device)
+    args.device = transport.device
+    # fail fast, before the slow parts; under torchrun every rank loads it (a shared --output_dir, or a copy)
+    state = load_checkpoint(run.out / "checkpoint.pt", run.config) if args.resume else None
+    if not transport.is_server:  # rank 0 speaks for the run: the other ranks print nothing (errors aside)
+        sys.stdout = open(os.devnull, "w")
+    if args.dtype != "float32":
+        print(f"warning: --dtype {args.dtype}: ZO updates lr*g*z (~1e-7) are below its resolution and mostly "
+              "round away; float32 is recommended", file=sys.stderr)
+    if not HAVE_COMPILED_OPS:
+        print("note: compiled ops not found (pip install --no-build-isolation -e .): using the slow Python reference of z")
+    load_parts(run)
+    transport.join(args.dist_timeout)  # after loading: see Ranks.join
+    data, N, K = run.data, len(run.clients), args.K
     eval_set = tasks.subsample(data.test, args.eval_samples, args.seed)  # the same examples as the other scripts
     run.eval_tok = tasks.tokenize_examples(run.tokenizer, eval_set, args.max_length)
     rouge_set = eval_set if args.rouge_samples is None else tasks.subsample(data.test, args.rouge_samples, args.seed)
     run.rouge_set = rouge_set if args.rouge_samples != 0 else []
     run.rouge_tok = tasks.tokenize_examples(run.tokenizer, run.rouge_set, args.max_length, log=None)
     run.val_tok = tasks.tokenize_examples(run.tokenizer, data.val, args.max_length, log=None)  # [] without val
-    run.tokenized = {}  # client -> tokenized examples, built the first time the client is sampled
     total = sum(p.numel() for p in run.params)
     # a client's memory, counted as the other scripts count it (weights held + gradients + optimizer state + saved
     # activations): the model and its copy of w0; a ZO step keeps no gradients, no optimizer state, and saves no
@@ -945,7 +1067,7 @@ def setup(args):
           + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}"
              if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
-             if transport.world > 1 else ""), flush=True)
+             if transport.world > 1 else "") + transport.describe(), flush=True)
 
     # server state: A(t) for every round so far, the round each client last synced to, Pro's history, the server
     # momentum buffer, and w(t).
@@ -975,11 +1097,12 @@ def setup(args):
     return run
 
 
-def train(args):
+def train(args, transport=None):
     """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
     client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
-    run = setup(args)
+    run = setup(args, transport)
     transport, progress = run.transport, run.progress
+    widths = (max_download_bytes(args.K, args.bias_sampling), max_upload_bytes(args.K, args.local_steps, args.directions))
     if run.start == 0:
         transport.on_server(log_round_zero, run)  # the pretrained model
     rnd = run.start
@@ -987,39 +1110,24 @@ def train(args):
         for rnd in range(run.start + 1, args.rounds + 1):
             t0 = time.time()
             sampled = sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
-            # 1. server -> clients: the entries of A(t-1) each client lacks; each rank receives its own clients'
+            # 1. server -> clients: the entries of A(t-1) each client lacks (Flower also checks what it holds)
+            tags = transport.on_server(state_tags, run.server, sampled) if transport.keeps_client_state else None
             sent = transport.on_server(server_downloads, run.server, sampled, args.bias_sampling)
-            downloads = transport.scatter(sent, sampled, max_download_bytes(args.K, args.bias_sampling))
-            results, replays, run.diffs = {}, {}, []
-            mine = transport.mine(sampled)  # this rank's clients of the round (all of them in one process)
+            # 2.-3. each client, where it lives (`client_round`): apply the download to its record of A and replay
+            #    w(t-1) = w0 + sum_k A_k z_k; local ZO steps on its data -> its (seed, g) pairs, back to the server
+            mine = transport.mine(sampled)  # this process's clients of the round (all of them in one process)
+            run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None
             progress.reset("clients", len(mine))
-            for j, c in enumerate(mine):
-                # 2. client c: apply the download to its own state (w0, its record of A): replay to w(t-1)
-                run.client_A[c], importance = decode_download(downloads[c], run.client_A[c])
-                sync_seconds = replay(run, run.client_A[c], replays, keep=j + 1 < len(mine))
-                # 3. local ZO steps on its data (seeds drawn uniformly, or by Pro's probabilities) -> (seed, g) pairs
-                probs = seed_probabilities(importance) if importance is not None else None
-                examples = client_examples(run, c)
-                progress.reset("steps", args.local_steps, f"client {c}")
-                tc = time.time()
-                up, loss = client_update(run.model, run.params, run.offsets, examples, probs, run.seeds, args, rnd, c,
-                                         run.pad_id, on_step=lambda *_: progress.advance("steps"), copies=run.copies)
-                train_seconds = time.time() - tc
-                results[c] = (up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds})
-                progress.log(f"round {rnd} client {c} ({j + 1}/{len(mine)}): {len(examples)} "
-                             f"examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
-                             f"{train_seconds / args.local_steps:.2f} s/step, down {len(downloads[c])} B, up {len(up)} B")
-                progress.advance("clients")
-            replays.clear()
-            # 4. clients -> server: the uploads, in the round's client order
-            uploads = transport.gather(results, sampled, max_upload_bytes(args.K, args.local_steps, args.directions),
-                                       ("loss", "sync_seconds", "train_seconds"))
-            # 5. server: A(t) = A(t-1) + a(t) (+ --server_lr/--server_momentum) and the model w(t) it defines;
-            #    evaluate it; write the round
-            coefs = transport.on_server(server_update, run.server, uploads, args, run.seeds, run.w0, run.offsets,
-                                        run.kind)
+            replies = transport.exchange(client_round, run, rnd, sent, sampled, widths, UPLOAD_STATS, tags)
+            run.replays.clear()
+            # 4. server: keep the well-formed uploads of the clients that answered; A(t) = A(t-1) + a(t) (+
+            #    --server_lr/--server_momentum) and the model w(t) it defines; evaluate it; write the round
+            dropped = dict(transport.dropped)  # who did not answer, and why (Flower; nobody otherwise)
+            accepted = transport.on_server(check_uploads, run, replies, sampled, dropped)
+            coefs = transport.on_server(server_update, run.server, accepted, dropped, args, run.seeds, run.w0,
+                                        run.offsets, run.kind)
             evaluation = transport.on_server(evaluate, run, rnd)
-            transport.on_server(log_round, run, rnd, t0, sent, uploads, coefs, evaluation, run.diffs)
+            transport.on_server(log_round, run, rnd, t0, sent, accepted, dropped, coefs, evaluation, run.diffs)
             progress.advance("rounds")
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
         raise transport.lost_rank(e, rnd, rnd - 1 if rnd > 1 else None, args.dist_timeout) from None
@@ -1066,7 +1174,8 @@ def summarize(rows, ledger_path, log):
         diffs = [r["replay_max_abs_diff"] for r in synced if r.get("replay_max_abs_diff") is not None]
         log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client"
             + (f"; replayed weights vs the server's: max |diff| {max(diffs):g}"
-               + (" (bit for bit)" if max(diffs) == 0 else "") if diffs else " (not checked under torchrun)"))
+               + (" (bit for bit)" if max(diffs) == 0 else "") if diffs
+               else " (not checked: no client lives in the server's process under torchrun or Flower)"))
     rg = [r for r in rows if r["rougeL"] is not None]
     if len(rg) > 1:
         log(f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} {rg[-1]['rougeL']:.4f}")

@@ -8,12 +8,21 @@ progress display, the run's files (config, metrics, ledger, plot, atomic writes)
     transport.scatter(messages, clients, width)      # server's {client: bytes} -> each client's rank
     transport.gather(items, clients, width, keys)    # every rank's {client: (bytes, stats)} -> the server, in order
     transport.broadcast(message, stats, client, keys)  # client's rank -> every rank
-    transport.from_client(client, keys, fn, *args)   # fn(*args) -> (message, stats) on client's rank, then broadcast
+    transport.exchange(fn, run, rnd, sent, clients, widths, keys, tags)  # every client's fn(run, rnd, c, sent[c])
+                                                     # where it lives -> {c: (upload, stats)} of those that answered
+    transport.from_client(client, keys, fn, run, rnd, download, tag)  # one client's fn, its result on every rank
     transport.wire_ledger(round, clients)            # ledger lines: bytes each rank's collectives moved this round
 
 A round loop calls these without asking which transport it has: in one process `scatter`/`gather`/`broadcast`
 hand the messages through, `on_server` calls, and `wire_ledger` is empty. Under torchrun every message crosses
-as a uint8 tensor of exactly the bytes the ledger counts.
+as a uint8 tensor of exactly the bytes the ledger counts. On Flower (tasks/flower.py) the server's process runs
+the loop and every client lives on a SuperNode: `exchange` and `from_client` send each node its clients'
+downloads and return the replies that came back in time; a client that is offline, late or failing is left out
+(`dropped`), and the loop goes on without it.
+
+What a client does with one message is one function of the script, fn(run, rnd, client, download) -> (upload
+bytes, stats dict), and every transport calls that same function: here in this process, under torchrun on the
+client's rank, on Flower in the ClientApp of the client's node.
 
     progress = tasks.Progress(rounds=(total, done), clients=n, ...)   # rich bars on a terminal; none elsewhere
     progress.reset(name, total, description); progress.advance(name); progress.log(text); progress.close()
@@ -101,9 +110,15 @@ def sample_clients(seed, rnd, num_clients, n_sampled):
 class Transport:
     """One process: every client lives here and nothing crosses a process boundary."""
     rank, world = 0, 1
+    keeps_client_state = False  # Flower: each client's state lives on its node, which checks it (tags)
 
     def __init__(self, device="cpu"):
         self.device = device  # each rank's compute device
+        self.dropped = {}  # the last exchange's clients that did not answer -> why (Flower only)
+
+    def describe(self):
+        """What the start-up line says of the transport ("" here)."""
+        return ""
 
     @property
     def is_server(self):
@@ -133,10 +148,22 @@ class Transport:
     def broadcast(self, message, stats, client, keys):
         return message, stats
 
-    def from_client(self, client, keys, fn, *args):
-        """Client `client`'s work: fn(*args) -> (message, stats) on the rank where the client lives, then its
-        message and the stats named by `keys` on every rank (`broadcast`)."""
-        message, stats = fn(*args) if client % self.world == self.rank else (b"", None)
+    def exchange(self, fn, run, rnd, sent, clients, widths, keys, tags=None):
+        """Round `rnd`'s client work, each client where it lives: fn(run, rnd, c, download) -> (upload, stats) for
+        every c in `clients` -> {c: (upload, stats)} on the server (None elsewhere), for the clients that answered,
+        in `clients` order: in one process and under torchrun every client answers (a lost rank is a GroupError).
+        sent: the server's {client: download} (None off the server); widths: (longest download, longest upload);
+        keys: the stats that travel with an upload; tags: Flower's record of client state (ignored here)."""
+        downloads = self.scatter(sent, clients, widths[0])
+        results = {c: fn(run, rnd, c, downloads[c]) for c in self.mine(clients)}
+        gathered = self.gather(results, clients, widths[1], keys)
+        return dict(zip(clients, gathered)) if self.is_server else None
+
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None):
+        """Client `client`'s work: fn(run, rnd, client, download) -> (message, stats) on the rank where the client
+        lives, then its message and the stats named by `keys` on every rank (`broadcast`). Flower returns
+        (None, {"dropped": why}) for a client that did not answer."""
+        message, stats = fn(run, rnd, client, download) if client % self.world == self.rank else (b"", None)
         return self.broadcast(message, stats, client, keys)
 
     def wire_ledger(self, rnd, clients):

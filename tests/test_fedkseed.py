@@ -650,7 +650,7 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     server_update = fk.server_update
 
     def spy(server, gathered, *rest):
-        captured.append([u for u, _ in gathered])
+        captured.append([u for u, _ in gathered.values()])
         return server_update(server, gathered, *rest)
 
     monkeypatch.setattr(fk, "server_update", spy)

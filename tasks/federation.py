@@ -1,0 +1,175 @@
+"""A Flower federation on this machine, in one command: a SuperLink and N SuperNodes on 127.0.0.1, one run of a
+script through the Flower App (flower/), then every process stopped by its PID.
+
+    python -m tasks.federation --nodes 2 fedkseed --dataset dolly --num_clients 4 -m 0.5 --rounds 2 ...
+    python -m tasks.federation --nodes 2 fedcybgd --task sft --download delta --rounds 1 ...
+
+The order is what keeps it deterministic: the SuperLink (with a database file, not :memory:) is up before the
+first SuperNode starts, and each SuperNode has registered (the SuperLink logged it) before the next one starts;
+the run is submitted once all have. Nothing is installed (--disable-runtime-dependency-installation) and nothing
+calls out (FLWR_TELEMETRY_ENABLED=0, FLWR_DISABLE_UPDATE_CHECK=1); each federation has its own FLWR_HOME.
+"""
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APP = Path(__file__).resolve().parent.parent / "flower"  # the Flower App folder (its own pyproject.toml)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home):
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.pop("WORLD_SIZE", None)  # never a torchrun group inside a Flower process
+    return env
+
+
+def binary(name):
+    """A Flower command from the same environment as this Python (a venv's bin/)."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+class LocalFederation:
+    """SuperLink + SuperNodes on 127.0.0.1 under `folder` (FLWR_HOME, the database, logs, the nodes' states)."""
+
+    def __init__(self, folder, nodes=2, timeout=60.0):
+        self.folder, self.nodes, self.timeout = Path(folder), nodes, timeout
+        self.home = self.folder / "flwr-home"
+        self.port = free_port()
+        self.env = flower_env(self.home)
+        self.superlink, self.supernodes, self.logs = None, {}, {}
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _spawn(self, name, cmd):
+        log = self.folder / f"{name}.log"
+        self.logs[name] = log
+        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: stopped with its children
+
+    def _wait(self, what, ready, proc):
+        t = time.time()
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}: see {self.logs}")
+            if time.time() - t > self.timeout:
+                raise TimeoutError(f"{what} not ready within {self.timeout:g} s: see {self.logs}")
+            time.sleep(0.1)
+
+    def activated(self):
+        """How many SuperNode registrations the SuperLink has logged."""
+        log = self.logs.get("superlink")
+        return log.read_text(errors="replace").count("Activated node_id=") if log and log.exists() else 0
+
+    def start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.superlink = self._spawn("superlink", [
+            binary("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.folder / "superlink.db"), "--disable-runtime-dependency-installation"])
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return "Uvicorn running" in self.logs["superlink"].read_text(errors="replace")
+            except OSError:
+                return False
+
+        self._wait("the SuperLink", listening, self.superlink)
+        for p in range(self.nodes):
+            self.start_node(p)
+
+    def start_node(self, p):
+        """Start the SuperNode of partition p and wait until the SuperLink has registered it."""
+        before = self.activated()
+        proc = self._spawn(f"supernode{p}", [
+            binary("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(free_port()), "--node-config",
+            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}"'])
+        self.supernodes[p] = proc
+        self._wait(f"SuperNode {p}", lambda: self.activated() > before, proc)
+        return proc
+
+    def stop_node(self, p, sig=signal.SIGKILL):
+        proc = self.supernodes.pop(p)
+        _stop(proc, sig)
+
+    def submit(self, script, argv, timeout, **config):
+        """`flwr run` the app with the script and its flags; -> the finished `flwr run --stream` process."""
+        import tomli_w
+        overrides = self.folder / "run-config.toml"
+        overrides.write_text(tomli_w.dumps({"script": script, "argv": " ".join(_quote(a) for a in argv),
+                                            "num-nodes": self.nodes, **config}))
+        return subprocess.run([binary("flwr"), "run", str(APP), "local", "--stream", "--run-config", str(overrides)],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self):
+        for p in list(self.supernodes):
+            self.stop_node(p, signal.SIGTERM)
+        if self.superlink is not None:
+            _stop(self.superlink, signal.SIGTERM)
+            self.superlink = None
+
+
+def _quote(arg):
+    import shlex
+    return shlex.quote(str(arg))
+
+
+def _stop(proc, sig):
+    """Signal the process's group (it and the processes it started), then make sure it is gone."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=15)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Run a fedfull script on a local Flower federation: a SuperLink and "
+                                "--nodes SuperNodes on 127.0.0.1, stopped when the run ends.")
+    p.add_argument("--nodes", type=int, default=2, help="SuperNodes (client c lives on node c %% nodes)")
+    p.add_argument("--folder", default="out/federation", help="FLWR_HOME, logs, database and the nodes' states")
+    p.add_argument("--round_timeout", type=float, default=600.0, help="seconds a round waits for a node's reply")
+    p.add_argument("--timeout", type=float, default=86400.0, help="seconds the whole run may take")
+    p.add_argument("script", choices=["fedkseed", "fedcybgd", "fedavg"])
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="the script's own flags")
+    a = p.parse_args(argv)
+    flags = list(a.flags)
+    if "--output_dir" in flags:  # the ServerApp runs in Flower's folder: make the path absolute
+        i = flags.index("--output_dir") + 1
+        flags[i] = str(Path(flags[i]).resolve())
+    else:
+        flags += ["--output_dir", str(Path(f"out/{a.script}").resolve())]
+    with LocalFederation(Path(a.folder).resolve(), a.nodes) as fed:
+        print(f"SuperLink on 127.0.0.1:{fed.port}, {a.nodes} SuperNodes; logs in {fed.folder}", flush=True)
+        done = fed.submit(a.script, flags, a.timeout, **{"round-timeout": a.round_timeout})
+        print(done.stdout, end="")
+        print(done.stderr, end="", file=sys.stderr)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

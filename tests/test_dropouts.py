@@ -1,0 +1,205 @@
+"""Clients that drop out and hostile uploads, in one process: the server goes on without them, stays exact, and
+(FedKSeed, --max_abs_g) bounds what a Byzantine client can do. tests/test_flower.py runs the same over Flower."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fedcybgd as cy
+import fedkseed as fk
+import tasks
+from test_fedcybgd import tiny_argv, tiny_run_files  # noqa: F401  (a fixture)
+from test_fedkseed import argv, dolly, tiny_dir  # noqa: F401  (fixtures)
+
+
+class Dropping(tasks.Transport):
+    """One process, but the clients in drops[round] do not answer (their work is done and thrown away, as when a
+    node fails after computing): what a Flower run with those drop-outs must equal."""
+
+    def __init__(self, drops):
+        super().__init__("cpu")
+        self.drops = drops
+
+    def exchange(self, fn, run, rnd, sent, clients, widths, keys, tags=None):
+        got = super().exchange(fn, run, rnd, sent, clients, widths, keys, tags)
+        self.dropped = {c: "no reply" for c in self.drops.get(rnd, ()) if c in clients}
+        return {c: v for c, v in got.items() if c not in self.dropped}
+
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None):
+        got = super().from_client(client, keys, fn, run, rnd, download, tag)
+        return (None, {"dropped": "no reply"}) if client in self.drops.get(rnd, ()) else got
+
+
+def exported(out):
+    from safetensors.torch import load_file
+    return load_file(out / "model" / "model.safetensors")
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def rows(out, name="metrics.jsonl"):
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def corrupt(monkeypatch, module, name, client, how):
+    """Client `client`'s upload replaced by how(upload bytes) in every round."""
+    real = getattr(module, name)
+
+    def hostile(run, rnd, c, download):
+        up, stats = real(run, rnd, c, download)
+        return (how(up) if c == client else up), stats
+
+    monkeypatch.setattr(module, name, hostile)
+
+
+def run_fk(tiny_dir, dolly, out, *extra, transport=None):  # noqa: F811
+    fk.train(fk.parse_args(argv(tiny_dir, dolly, out, "--rounds", "3", "-m", "0.75", "--rouge_samples", "0", *extra)),
+             transport)
+    return out
+
+
+def test_dropped_client_syncs_exactly_when_it_comes_back(tiny_dir, dolly, tmp_path):  # noqa: F811
+    """Clients 1 and 2 (sampled in rounds 1-3) drop out of round 1: the round goes on with the others, the drop is in
+    the metrics and ledger, and their next download is dense (the server no longer knows their record), so the
+    run's global model equals w0 + sum_k A_k z_k rebuilt from the checkpoint -- and replays stay bit for bit."""
+    out = run_fk(tiny_dir, dolly, tmp_path / "a", transport=Dropping({1: (1, 2)}))
+    metrics = rows(out)
+    assert metrics[1]["dropped"] == [1, 2] and metrics[2]["dropped"] == [] and metrics[3]["replay_max_abs_diff"] == 0
+    ledger = rows(out, "ledger.jsonl")
+    assert [e["client"] for e in ledger if e.get("dropped")] == [1, 2]
+    K = 16
+    for e in ledger:  # after its drop, a client's next download is dense A (1 + 4 K bytes)
+        if e["round"] > 1 and e["client"] in (1, 2) and e["round"] == min(
+                x["round"] for x in ledger if x["client"] == e["client"] and x["round"] > 1):
+            assert e["down"] == 1 + 4 * K
+    honest = run_fk(tiny_dir, dolly, tmp_path / "b")
+    assert not same_weights(exported(out), exported(honest))  # the drop changed the run
+
+
+BAD = {"truncated": lambda up: up[:-3],
+       "seed_index_out_of_range": lambda up: up[:4] + np.full((len(up) - 4) // 6, 999, np.uint16).tobytes()
+       + up[4 + 2 * ((len(up) - 4) // 6):],
+       "nan": lambda up: up[:-4] + np.float32(np.nan).tobytes(),
+       "wrong_data_size": lambda up: np.uint32(10**6).tobytes() + up[4:]}
+
+
+@pytest.mark.parametrize("how", BAD, ids=list(BAD))
+def test_bad_fedkseed_upload_is_left_out(tiny_dir, dolly, tmp_path, monkeypatch, how):  # noqa: F811
+    """Client 1 sends a malformed upload every round: the server logs it, leaves the client out and goes on; the
+    model equals the run in which client 1 never answers."""
+    corrupt(monkeypatch, fk, "client_round", 1, BAD[how])
+    bad = run_fk(tiny_dir, dolly, tmp_path / "bad")
+    monkeypatch.undo()
+    sampled = {r: tasks.sample_clients(42, r, 4, 3) for r in (1, 2, 3)}
+    silent = run_fk(tiny_dir, dolly, tmp_path / "silent",
+                    transport=Dropping({r: [1] for r, s in sampled.items() if 1 in s}))
+    assert same_weights(exported(bad), exported(silent))
+    reasons = [e["dropped"] for e in rows(bad, "ledger.jsonl") if "dropped" in e]
+    assert reasons and all(r.startswith("bad upload:") for r in reasons)
+
+
+def test_byzantine_client_is_bounded_by_max_abs_g(tiny_dir, dolly, tmp_path, monkeypatch):  # noqa: F811
+    """Client 1 uploads g = 1e30 for every pair. Without --max_abs_g the model is wrecked; with it the held-out loss
+    stays within 1% of the honest run's. Honest clients' |g| stay below the bound here, so the option alone
+    changes no bit."""
+    bound = ("--max_abs_g", "10")  # honest |g| reach 8.7 here (median 2.5)
+    honest = run_fk(tiny_dir, dolly, tmp_path / "honest")
+    honest_bounded = run_fk(tiny_dir, dolly, tmp_path / "honest_bounded", *bound)
+    assert same_weights(exported(honest), exported(honest_bounded))
+
+    def byzantine(up):
+        n = (len(up) - 4) // 6
+        return up[:4 + 2 * n] + np.full(n, 1e30, np.float32).tobytes()
+
+    corrupt(monkeypatch, fk, "client_round", 1, byzantine)
+    attacked = run_fk(tiny_dir, dolly, tmp_path / "attacked")
+    defended = run_fk(tiny_dir, dolly, tmp_path / "defended", *bound)
+    loss = lambda out: rows(out)[-1]["eval_loss"]  # noqa: E731
+    assert not (abs(loss(attacked) - loss(honest)) < 0.01 * loss(honest))  # inf/nan or far off
+    assert abs(loss(defended) - loss(honest)) < 0.01 * loss(honest)
+
+
+def test_server_aggregate_clips_by_hand():
+    """--max_abs_g clips each scalar before the weighted sum: a by-hand example."""
+    K = 4
+    ups = [fk.encode_upload(1, [0, 1], [1e30, -0.5], K), fk.encode_upload(3, [1, 2], [2.0, -7.0], K)]
+    got = fk.server_aggregate(ups, K, 0.1, max_abs_g=3.0)
+    want = -0.1 * np.array([0.25 * 3.0, 0.25 * -0.5 + 0.75 * 2.0, 0.75 * -3.0, 0.0])
+    assert np.array_equal(got, want.astype(np.float32))
+
+
+def test_check_upload_reasons():
+    K = 16
+    good = fk.encode_upload(7, [3, 5], [0.5, -1.0], K)
+    assert fk.check_upload(good, K, 2, 1, 7) is None
+    assert "bytes" in fk.check_upload(good[:-1], K, 2, 1, 7)
+    assert "at most" in fk.check_upload(good, K, 1, 1, 7)
+    assert "data size" in fk.check_upload(good, K, 2, 1, 8)
+    assert "out of range" in fk.check_upload(fk.encode_upload(7, [3, 16], [0.5, 1.0], K), K, 2, 1, 7)
+    assert "not finite" in fk.check_upload(fk.encode_upload(7, [3, 5], [np.inf, 1.0], K), K, 2, 1, 7)
+
+
+def wrong_shape(up):
+    tensors = tasks.unpack(up)
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(3, 3)
+    return tasks.pack(tensors)
+
+
+def foreign_tensor(up):
+    tensors = tasks.unpack(up)
+    tensors["model.embed_tokens.weight"] = torch.zeros(1)
+    return tasks.pack(tensors)
+
+
+CY_BAD = {"wrong_block_shape": wrong_shape, "foreign_tensor": foreign_tensor, "garbage": lambda up: b"\x00" * 20,
+          "nan": lambda up: tasks.pack({k: torch.full_like(v, float("nan")) for k, v in tasks.unpack(up).items()})}
+
+
+@pytest.mark.parametrize("how", CY_BAD, ids=list(CY_BAD))
+def test_bad_fedcybgd_upload_loses_its_turn(tiny_run_files, tmp_path, monkeypatch, how):  # noqa: F811
+    """Client 1's upload is malformed every round: its turn is lost (logged, in the ledger), the cycle goes on, and
+    the model equals the run in which client 1 never answers; its next download treats it as pretrained."""
+    flags = lambda out: tiny_argv(tiny_run_files, out, "--num_clients", "3", "--rounds", "2", "--device", "cpu",  # noqa: E731
+                                  "--download", "delta")
+    corrupt(monkeypatch, cy, "client_turn", 1, CY_BAD[how])
+    cy.main(flags(tmp_path / "bad"))
+    monkeypatch.undo()
+    cy.main(cy.parse_args(flags(tmp_path / "silent")), Dropping({1: [1], 2: [1]}))
+    a, b = (cy_weights(tmp_path / d) for d in ("bad", "silent"))
+    assert same_weights(a, b)
+    turns = [e for e in rows(tmp_path / "bad", "ledger.jsonl") if "turn" in e]
+    assert [e["client"] for e in turns if "dropped" in e] == [1, 1]
+    assert all(e["dropped"].startswith(("not a safetensors", "tensors", "model.", "lm_head", "head"))
+               or "not finite" in e["dropped"] or " is (" in e["dropped"] for e in turns if "dropped" in e)
+    metrics = rows(tmp_path / "bad")
+    assert metrics[1]["dropped"] == [1] and metrics[2]["dropped"] == [1]
+
+
+def cy_weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / (out / "latest").read_text() / "weights.safetensors")
+
+
+@pytest.mark.parametrize("how", ["wrong_shape", "nan"])
+def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how):
+    """FedAvg/FedIT: client 1's malformed upload is left out of the average; the model equals the run in which
+    client 1 never answers."""
+    import fedavg as fa
+    from test_fedavg import argv as fa_argv
+    from conftest import make_tiny_llama, make_tiny_tokenizer
+    from test_fedkseed import write_dolly
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    files = (tmp_path / "model", write_dolly(tmp_path / "dolly.jsonl"))
+    flags = lambda out: fa_argv(files, out, "--rounds", "2", "-m", "1", "--method", "lora")  # noqa: E731
+    corrupt(monkeypatch, fa, "client_round", 1, {"wrong_shape": wrong_shape, "nan": CY_BAD["nan"]}[how])
+    fa.main(flags(tmp_path / "bad"))
+    monkeypatch.undo()
+    fa.train(fa.parse_args(flags(tmp_path / "silent")), Dropping({1: [1], 2: [1]}))
+    assert same_weights(exported(tmp_path / "bad"), exported(tmp_path / "silent"))
+    assert [m["dropped"] for m in rows(tmp_path / "bad")[1:]] == [[1], [1]]
