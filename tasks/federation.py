@@ -47,6 +47,10 @@ class LocalFederation:
         self.home = self.folder / "flwr-home"
         self.port = free_port()
         self.env = flower_env(self.home)
+        # the nodes share this machine's cores: each ClientApp gets its share of threads (unless OMP_NUM_THREADS is
+        # set), since N nodes training at once with a thread per core each slow one another down several times
+        self.node_env = dict(self.env)
+        self.node_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nodes)))
         self.superlink, self.supernodes, self.logs = None, {}, {}
 
     def __enter__(self):
@@ -56,10 +60,10 @@ class LocalFederation:
     def __exit__(self, *exc):
         self.stop()
 
-    def _spawn(self, name, cmd):
+    def _spawn(self, name, cmd, env=None):
         log = self.folder / f"{name}.log"
         self.logs[name] = log
-        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, env=env or self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: stopped with its children
 
     def _wait(self, what, ready, proc):
@@ -102,7 +106,7 @@ class LocalFederation:
         proc = self._spawn(f"supernode{p}", [
             binary("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
             "--port", str(free_port()), "--node-config",
-            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}"'])
+            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}"'], self.node_env)
         self.supernodes[p] = proc
         self._wait(f"SuperNode {p}", lambda: self.activated() > before, proc)
         return proc
