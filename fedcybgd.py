@@ -32,9 +32,14 @@ server_aggregate), so the same functions run in one process or on many.
 The script reads top to bottom: config, blocks (`find_blocks`, `block_of_turn`), the schedule, the wire (int8),
 the server (`server_download`, `held_weights`, `sync_model`, `server_aggregate`), the client (`client_update`),
 checkpoints, `setup`, a client's turn (`client_turn`), the server's round end (`evaluate_round`), then `main`:
-the round loop on one screen. One process or torchrun ranks sit behind `tasks.Transport` (`from_client` runs a
-turn where the client lives and brings its upload to every rank), so the loop has no rank branches; the
-progress bars, the run's files and the one-line errors are tasks/run.py's.
+the round loop on one screen. One process, torchrun ranks or a Flower federation sit behind `tasks.Transport`
+(`from_client` runs `client_turn` where the client lives and brings its upload to every rank), so the loop has no
+rank branches; the progress bars, the run's files and the one-line errors are tasks/run.py's.
+
+On Flower (tasks/flower.py, docs/flower.md) each client lives on a SuperNode, which keeps the weights the client
+holds on its disk between turns. The server checks every upload (`check_upload`: the turn's tensors, their shapes,
+finite values); a client that does not answer or sends a malformed upload loses its turn, the cycle goes on, and
+the server treats it as holding the pretrained model again, so its next download brings it back exactly.
 
 In one process the clients take turns on ONE model (no per-client copies); the server keeps one copy of the
 exact global weights, and a record of what each client holds (version per block, and which blocks only as

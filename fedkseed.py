@@ -82,12 +82,19 @@ Ranks exchange only the wire messages above, as uint8 tensors: each rank receive
 scatter), the uploads go to rank 0 (one gather). No weight tensor ever crosses; the clients' replays give the
 server's bits because they compute the same function of the same (w0, A).
 
+On Flower (a real federation: tasks/flower.py, docs/flower.md) each client lives on a SuperNode, which keeps its
+record of A on its disk; the server's process runs this same loop, every client runs this same `client_round`.
+A client that does not answer, or whose upload is malformed (`check_upload`), is left out of the round; the
+server no longer knows its record, so its next download is dense and it syncs bit for bit when it comes back.
+`--max_abs_g B` (off by default) clips every uploaded scalar to [-B, B] against a Byzantine client.
+
 The script reads top to bottom: z (the kernel contract), config, model, data, messages, the ZO step,
 `client_update`, `server_aggregate` / `seed_importance` / `seed_probabilities`, `sync_model`, the server's side
-of a round (`server_downloads`, `server_update`, `evaluate`, `log_round`) and the client's `replay`, `setup`,
-then `train`: the round loop on one screen, in the order of the paper's algorithm. One process or torchrun ranks
-sit behind `tasks.Transport` (`scatter`, `gather`, `on_server`), so the loop has no rank branches; the progress
-bars, the run's files and the one-line errors are tasks/run.py's.
+of a round (`server_downloads`, `server_update`, `evaluate`, `log_round`) and the client's (`replay`,
+`client_round`), `setup`, then `train`: the round loop on one screen, in the order of the paper's algorithm. One
+process, torchrun ranks or a Flower federation sit behind `tasks.Transport` (`exchange` runs `client_round` where
+each client lives, `on_server`), so the loop has no rank branches; the progress bars, the run's files and the
+one-line errors are tasks/run.py's.
 """
 import argparse
 import json
@@ -1158,7 +1165,7 @@ def finish(run):
 def summarize(rows, ledger_path, log):
     entries = [json.loads(l) for l in Path(ledger_path).read_text().splitlines()]
     wire = [e for e in entries if "rank" in e]  # torchrun: what each rank's collectives moved per round
-    entries = [e for e in entries if "client" in e]
+    entries = [e for e in entries if "client" in e and "dropped" not in e]  # the messages of clients that answered
     if wire:
         for r in sorted({e["rank"] for e in wire}):
             mine = [e for e in wire if e["rank"] == r]

@@ -49,6 +49,8 @@ Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of
 Run:         (tasks/run.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.run_cli(name, fn, *args);
              tasks.ConfigError, tasks.GroupError; sample_clients, sampled_per_round; check_* for flags
+Flower:      (tasks/flower.py, imported only by the Flower App) tasks.flower.Flower, the third transport; serve (the
+             ServerApp), handle / answer_query (the ClientApp); python -m tasks.federation: a local federation
 Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub

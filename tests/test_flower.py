@@ -84,7 +84,7 @@ def test_scripts_on_flower_equal_one_process(tiny_dir, dolly, tiny_run_files, tm
     assert [m["dropped"] for m in lines(tmp_path / "fk_flower" / "metrics.jsonl")[1:]] == [[], []]
 
 
-def wait_for(what, ready, timeout, proc=None):
+def wait_for(what, ready, timeout):
     t = time.time()
     while not ready():
         assert time.time() - t < timeout, f"{what}: not within {timeout} s"
