@@ -365,22 +365,10 @@ CLIENT_STATS = ("loss", "peak_memory_bytes", "client_seconds")  # what travels w
 
 
 def check_upload(run, wire_up):
-    """-> (why an upload cannot be averaged, or None; the unpacked upload). It must unpack and hold exactly the
-    trained tensors, each of the global weights' shape and dtype, all finite: a malformed or hostile upload is left
-    out of the average."""
-    try:
-        upload = tasks.unpack(wire_up)
-    except Exception as e:  # noqa: BLE001  safetensors raises several types on bytes that are not a file
-        return f"not a safetensors message ({type(e).__name__})", None
-    if sorted(upload) != sorted(run.names):
-        return "not the trained tensors", None
-    for n, t in upload.items():
-        w = run.global_w[n]
-        if t.shape != w.shape or t.dtype != w.dtype:
-            return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(w.shape)} {w.dtype}", None
-        if not torch.isfinite(t).all():
-            return f"{n} holds a value that is not finite", None
-    return None, upload
+    """-> (why an upload cannot be averaged, or None; the unpacked upload). It must hold exactly the trained
+    tensors, of the global weights' shapes and dtypes, all finite (`tasks.check_tensors`): a malformed or hostile
+    upload is left out of the average."""
+    return tasks.check_tensors(wire_up, run.names, run.global_w)
 
 
 def train(args, transport=None):

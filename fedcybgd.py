@@ -893,27 +893,14 @@ def client_turn(run, r, c, wire_down):
 
 
 def check_upload(run, wire_up, blocks):
-    """-> (why a turn's upload cannot be taken, or None; the unpacked upload). It must unpack, and hold exactly the tensors of the client's
-    blocks and the head, each of the server's shape and dtype, all finite: a malformed or hostile upload is left out
-    (the turn is lost, the cycle goes on), so no client can crash the server or write a tensor it did not train."""
-    try:
-        upload = tasks.unpack(wire_up)
-    except Exception as e:  # noqa: BLE001  safetensors raises several types on bytes that are not a file
-        return f"not a safetensors message ({type(e).__name__})", None
+    """-> (why a turn's upload cannot be taken, or None; the unpacked upload). It must hold exactly the tensors of
+    the client's blocks and the head, of the server's shapes and dtypes, all finite (`tasks.check_tensors`): a bad
+    upload is left out (the turn is lost, the cycle goes on), so no client writes a tensor it did not train."""
     want = [n for b in blocks for n in run.units[b]] + run.units["head"]
-    if sorted(upload) != sorted(want):
-        extra, missing = sorted(set(upload) - set(want)), sorted(set(want) - set(upload))
-        return f"tensors {extra[:2]} not of its turn, {missing[:2]} missing", None
-    weights = run.server["weights"]
-    for n, t in upload.items():
-        if t.shape != weights[n].shape or t.dtype != weights[n].dtype:
-            return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(weights[n].shape)} {weights[n].dtype}", None
-        if not torch.isfinite(t).all():
-            return f"{n} holds a value that is not finite", None
-    return None, upload
+    return tasks.check_tensors(wire_up, want, run.server["weights"])
 
 
-def state_tags(server, units, c, blocks, held):
+def state_tags(server, c, blocks, held):
     """Flower only: what client c holds before its turn (`held`: the server's record before the download, {unit:
     version}) and after it (the record after the download, its trained units one version on), as tags its node
     checks against what it keeps on disk; "" = the pretrained model (a new client, or one that dropped out)."""
@@ -991,7 +978,7 @@ def main(argv=None, transport=None):
                 held = dict(server["seen"].get(c, {}))
                 down = server_download(server, units, c, blocks, args.download, args.download_fraction, seed)
                 wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
-                tag = state_tags(server, units, c, blocks, held) if transport.keeps_client_state else None
+                tag = state_tags(server, c, blocks, held) if transport.keeps_client_state else None
                 # 2. client c's turn, where it lives: sync, train the block (and head) -> the upload, on every rank
                 tc = time.time()
                 wire_up, stats = transport.from_client(c, TURN_STATS, client_turn, run, r, wire_down, tag)

@@ -59,7 +59,7 @@ is tried. Every problem a user can cause raises tasks.DataError with a one-line 
 from . import glue, squad
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
-from .outputs import export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
+from .outputs import check_tensors, export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
 from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
                  heldout_prompt_ids, heldout_rouge_l, heldout_token_losses, paired_interval, rouge_l, rouge_l_scores,
                  token_weighted_loss, tokenize_example, tokenize_examples)

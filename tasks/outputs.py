@@ -45,6 +45,27 @@ def unpack(wire):
     return load(wire)
 
 
+def check_tensors(wire, names, reference):
+    """A client's upload of tensors -> (why the server cannot take it, or None; the unpacked upload). It must
+    unpack and hold exactly `names`, each of its `reference` tensor's shape and dtype, all finite: a malformed or
+    hostile upload is left out, so no client can crash the server or write a tensor it was not asked for."""
+    import torch
+    try:
+        upload = unpack(wire)
+    except Exception as e:  # noqa: BLE001  safetensors raises several types on bytes that are not a file
+        return f"not a safetensors message ({type(e).__name__})", None
+    if sorted(upload) != sorted(names):
+        extra, missing = sorted(set(upload) - set(names)), sorted(set(names) - set(upload))
+        return f"tensors {extra[:2]} not asked for, {missing[:2]} missing", None
+    for n, t in upload.items():
+        w = reference[n]
+        if t.shape != w.shape or t.dtype != w.dtype:
+            return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(w.shape)} {w.dtype}", None
+        if not torch.isfinite(t).all():
+            return f"{n} holds a value that is not finite", None
+    return None, upload
+
+
 def fmt_bytes(n):
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

@@ -142,6 +142,23 @@ def test_check_upload_reasons():
     assert "not finite" in fk.check_upload(fk.encode_upload(7, [3, 5], [np.inf, 1.0], K), K, 2, 1, 7)
 
 
+def test_check_tensors_reasons():
+    """tasks.check_tensors, which fedcybgd's and fedavg's check_upload call: one reason per kind of bad upload."""
+    ref = {"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    good = {"a": torch.ones(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    why, got = tasks.check_tensors(tasks.pack(good), ["b", "a"], ref)
+    assert why is None and all(torch.equal(got[k], good[k]) for k in good)
+    cases = {b"\x00" * 20: "not a safetensors message",
+             tasks.pack({"a": good["a"]}): "tensors [] not asked for, ['b'] missing",
+             tasks.pack({**good, "c": torch.ones(1)}): "tensors ['c'] not asked for, [] missing",
+             tasks.pack({**good, "a": torch.ones(3, 2)}): "a is (3, 2) torch.float32, expected (2, 3) torch.float32",
+             tasks.pack({**good, "b": torch.ones(4)}): "b is (4,) torch.float32, expected (4,) torch.bfloat16",
+             tasks.pack({**good, "a": torch.tensor([[1.0, 2, 3], [4, float("inf"), 6]])}): "a holds a value that is"}
+    for wire, reason in cases.items():
+        why, got = tasks.check_tensors(wire, ["a", "b"], ref)
+        assert why.startswith(reason) and got is None, (why, reason)
+
+
 def wrong_shape(up):
     tensors = tasks.unpack(up)
     name = next(iter(tensors))
