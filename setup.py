@@ -53,7 +53,8 @@ setup(
     version="0.1.0",
     description="Federated full-parameter tuning of LLMs: FedKSeed and FedCyBGD, with fused seed-based kernels",
     py_modules=["fedkseed", "fedcybgd", "fedavg"],
-    packages=["tasks"],
+    packages=["tasks", "seedops", "fedfull_flower"],
+    package_dir={"fedfull_flower": "flower/fedfull_flower"},  # the Flower App's code, importable where fedfull is
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

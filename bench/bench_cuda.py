@@ -21,7 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fedkseed as fk  # noqa: E402
+import fedkseed as fk
+import seedops  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default=fk.DEFAULT_MODEL, help="model whose parameters the multi-tensor pass covers")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or not fk.HAVE_COMPILED_OPS:
+    if not torch.cuda.is_available() or not seedops.HAVE_COMPILED_OPS:
         sys.exit("bench_cuda: needs a CUDA device and the compiled ops built with CUDA")
     ops, dev = torch.ops.fedfull, torch.device(args.device)
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, n = {args.n:,}, medians of {args.repeats}")

@@ -3,7 +3,7 @@
     python bench/bench_flower.py                   # SmolLM2 on Dolly (data/dolly), 2 SuperNodes, 2 rounds
     python bench/bench_flower.py --local_steps 50  # any fedkseed.py flag after the bench's own
 
-1. Framing: the Message our transport sends (tasks/flower.py) for a download and an upload of FedKSeed's sizes,
+1. Framing: the Message our transport sends (flower/fedfull_flower/transport.py) for a download and an upload of FedKSeed's sizes,
    serialized as Flower serializes it (every nested object's `deflate()`), minus the payload bytes the ledger
    counts. HTTP and TLS framing come on top and are not measured here.
 2. Time: the same flags run once in one process and once on a local federation (a SuperLink and --nodes
@@ -37,7 +37,7 @@ def framing():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 2**63 - 1, 2**63 - 1, 2**63 - 1  # 8-byte ids
 
     import fedkseed as fk
-    from tasks.flower import MESSAGE_KEY
+    from fedfull_flower.transport import MESSAGE_KEY
 
     def size(msg):
         return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
@@ -73,7 +73,7 @@ def main():
     for what, payload, total in framing():
         print(f"{what}: payload {payload:,} B, message {total:,} B, framing {total - payload:,} B")
 
-    from tasks.federation import LocalFederation
+    from fedfull_flower.local import LocalFederation
     work = Path(tempfile.mkdtemp(prefix="bench_flower_"))
     print(f"\n== time, flags: {' '.join(flags)}")
     t = time.time()

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import fedkseed as F
+import seedops as F
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--n", type=int, default=32 * 2**20, help="elements (float32)")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fedkseed as fk  # noqa: E402
+import fedkseed as fk
+import seedops  # noqa: E402
 import tasks  # noqa: E402
 from bench_zo_step import timed  # noqa: E402
 
@@ -67,7 +68,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not fk.HAVE_COMPILED_OPS:
+    if not seedops.HAVE_COMPILED_OPS:
         sys.exit("bench_sync: the compiled ops are not built (pip install --no-build-isolation -e .)")
     model, _ = tasks.load_model(args.model, "sft")
     params, offsets = fk.trainable(model)

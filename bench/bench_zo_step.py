@@ -32,7 +32,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fedkseed as fk  # noqa: E402
+import fedkseed as fk
+import seedops  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not fk.HAVE_COMPILED_OPS:
+    if not seedops.HAVE_COMPILED_OPS:
         sys.exit("the compiled ops are not built (pip install --no-build-isolation -e .): nothing fused to measure")
 
     model, tok = (llama_1b(args.device), None) if args.model == "llama-1b" else tasks.load_model(
@@ -120,18 +121,18 @@ def main():
     copies, _ = fk.trainable(low)
     fk.batch_loss(model, batch)  # warm-up
     fk.batch_loss(low, batch)
-    fk.perturb_multi_(params, seed, offsets, 0.0, fk.GAUSSIAN)  # first write to the loaded weights' pages (adds 0)
+    seedops.perturb_multi_(params, seed, offsets, 0.0, fk.GAUSSIAN)  # first write to the loaded weights' pages (adds 0)
     fused, mezo, forward, fused_pass, mezo_pass, rad_pass = [], [], [], [], [], []
     low_step, low_forward, low_pass, folded, fold = [], [], [], [], []
     for r in range(args.repeats):  # interleaved, so drift in the machine's load hits every kind alike
         forward.append(timed(lambda: fk.batch_loss(model, batch)))
         low_forward.append(timed(lambda: fk.batch_loss(low, batch)))
-        low_pass.append(timed(lambda: fk.perturb_copy_multi_(params, copies, seed, offsets, 1e-12, fk.GAUSSIAN)))
+        low_pass.append(timed(lambda: seedops.perturb_copy_multi_(params, copies, seed, offsets, 1e-12, fk.GAUSSIAN)))
         low_step.append(timed(lambda: fk.zo_step(low, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN, copies)))
         folded.append(timed(lambda: fk.zo_step(model, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN, None,
                                                fold)))  # --fold: 2 passes (the first step: 2 without a closing one)
-        fused_pass.append(timed(lambda: fk.perturb_multi_(params, seed, offsets, 1e-12, fk.GAUSSIAN)))
-        rad_pass.append(timed(lambda: fk.perturb_multi_(params, seed, offsets, 1e-12, fk.RADEMACHER)))
+        fused_pass.append(timed(lambda: seedops.perturb_multi_(params, seed, offsets, 1e-12, fk.GAUSSIAN)))
+        rad_pass.append(timed(lambda: seedops.perturb_multi_(params, seed, offsets, 1e-12, fk.RADEMACHER)))
         mezo_pass.append(timed(lambda: mezo_style_pass(named, seed, 1e-12)))
         params, offsets = fk.trainable(model)  # the MeZO-style pass replaced the parameter tensors
         fused.append(timed(lambda: fk.zo_step(model, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN)))
@@ -194,9 +195,9 @@ def probe_estimate(model, low, tok, args, eps):
                 break
             losses = []
             for scale in (eps, -2 * eps):  # the float32 weights and their copy, as the step has them
-                fk.perturb_copy_multi_(params, copies, s, offsets, scale, fk.GAUSSIAN)
+                seedops.perturb_copy_multi_(params, copies, s, offsets, scale, fk.GAUSSIAN)
                 losses.append((fk.batch_loss(model, b), fk.batch_loss(low, b)))
-            fk.perturb_copy_multi_(params, copies, s, offsets, eps, fk.GAUSSIAN)
+            seedops.perturb_copy_multi_(params, copies, s, offsets, eps, fk.GAUSSIAN)
             g32.append((losses[0][0] - losses[1][0]) / (2 * eps))
             g16.append((losses[0][1] - losses[1][1]) / (2 * eps))
     g32, g16 = np.array(g32), np.array(g16)

@@ -1,6 +1,6 @@
 // z(seed, i): the one definition of the perturbation, shared by the CPU (C++) and CUDA kernels.
 //
-// The pure-PyTorch reference in fedkseed.py (z_reference) computes exactly the same float32 bits,
+// The pure-PyTorch reference in seedops/reference.py (z_reference) computes exactly the same float32 bits,
 // operation for operation. Change one, change all three, and the tests will tell.
 //
 //   RNG        Philox4x32-10, key = the 64-bit seed (low word first), counter = (i / 4, 0, 0) as a

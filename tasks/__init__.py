@@ -34,7 +34,8 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
 
 Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
              tasks.split_validation(examples, n, seed) -> (rest, validation): carved before partitioning
-             tasks.partition_summary(parts, labels) -> str
+             tasks.partition_summary(parts, labels) -> str; sample_clients(seed, round, N, n), sampled_per_round(N, m),
+             derive_seed(seed, round, client, ...): every random draw is a function of these numbers
 GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
              compute_metrics(task, predictions, labels) -> dict; example {"text_a", "text_b" or None, "label"}
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
@@ -43,29 +44,33 @@ SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_fea
 Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError;
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
 Training:    tasks.load_task_data, local_batches, make_batch, evaluate, glue_predictions, param_groups, SavedActivations, tensor_bytes
-             (tasks/training.py: supervised plumbing of fedcybgd.py and fedavg.py)
+             train_steps (a client's local optimizer steps and their memory) (tasks/training.py: supervised plumbing
+             of fedcybgd.py and fedavg.py)
 Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
              tasks.write_atomic(path, text), tasks.save_atomic(path, write), tasks.read_jsonl(path), fmt_bytes(n)
-Run:         (tasks/run.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
-             tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.run_cli(name, fn, *args);
-             tasks.ConfigError, tasks.GroupError; sample_clients, sampled_per_round; check_* for flags
-Flower:      (tasks/flower.py, imported only by the Flower App) tasks.flower.Flower, the third transport; serve (the
-             ServerApp), handle / answer_query (the ClientApp); python -m tasks.federation: a local federation
+Flags:       (tasks/flags.py) the flags the scripts share, one table with the checks: tasks.flags.add / check
+Checkpoints: (tasks/checkpoint.py) one format and one resume rule: tasks.checkpoint.save / load / read
+Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.run_cli(name, fn, *args),
+             tasks.round_row(rnd, t0, turns, evaluation) (a round's metrics row), tasks.round_line(row)
+Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
+             Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
+Errors:      tasks.ConfigError, tasks.GroupError, tasks.DataError, tasks.ModelError: one line each (run_cli)
 Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
-from . import glue, squad
+from . import checkpoint, flags, glue, squad
+from .errors import ConfigError, GroupError
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
-from .outputs import check_tensors, export_model, fmt_bytes, pack, read_jsonl, unpack, write_atomic
+from .outputs import check_tensors, export_model, fmt_bytes, pack, read_jsonl, save_atomic, unpack, write_atomic
 from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
                  heldout_prompt_ids, heldout_rouge_l, heldout_token_losses, paired_interval, rouge_l, rouge_l_scores,
                  token_weighted_loss, tokenize_example, tokenize_examples)
-from .partitions import partition, partition_summary, split_validation
-from .run import (ConfigError, GroupError, Progress, Ranks, RunFiles, Transport, check_at_least, check_finite,
-                  check_sampling, fill_task_defaults, run_cli, sample_clients, sampled_per_round, save_atomic, transport_from_env)
+from .partitions import derive_seed, partition, partition_summary, sample_clients, sampled_per_round, split_validation
+from .runfiles import Progress, RunFiles, round_line, round_row, run_cli
 from .sources import DataError, hub_reachable
 from .training import (SavedActivations, evaluate, glue_predictions, load_task_data, local_batches, make_batch,
-                       param_groups, subsample, tensor_bytes)
+                       param_groups, subsample, tensor_bytes, train_steps)
+from .transport import Ranks, Transport, accept_replies, transport_from_env

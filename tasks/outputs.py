@@ -71,3 +71,10 @@ def fmt_bytes(n):
         if n < 1000 or unit == "GB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1000
+
+
+def save_atomic(path, write):
+    """write(temporary path), then rename it over `path`: a crash mid-write leaves the previous file intact."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

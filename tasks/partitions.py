@@ -106,3 +106,22 @@ def partition_summary(parts, labels, max_rows=10):
         text = ", ".join(f"{k} {v}" for k, v in mix) + (f", +{rest} more labels" if rest > 0 else "")
         lines.append(f"{j:>6}  {len(parts[j]):>6}  {text}")
     return "\n".join(lines)
+
+
+def sampled_per_round(num_clients, m):
+    return int(num_clients * m + 1e-9)  # int(N*m) as the official codes, without 200*0.29 -> 57.99 -> 57
+
+
+def sample_clients(seed, rnd, num_clients, n_sampled):
+    """The round's clients, sorted: a function of (seed, round) only, so resume and every rank agree."""
+    return np.sort(np.random.default_rng([seed, 1, rnd]).choice(num_clients, n_sampled, replace=False)).tolist()
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from (seed, round, client, ...) and an optional purpose ("stream"): FNV-1a over their decimal
+    text, so a resumed run, every rank and every node derive the same randomness from nothing but these numbers."""
+    h = 1469598103934665603
+    for part in parts:
+        for byte in str(part).encode() + b"|":
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h >> 1

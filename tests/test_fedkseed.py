@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import fedkseed as fk
+import seedops
 import tasks
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
@@ -95,7 +97,7 @@ def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
-    zs = [fk.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)]
+    zs = [seedops.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)]
 
     def loss_at(ws):
         for p, w in zip(params, ws):
@@ -123,7 +125,7 @@ def test_zo_step_with_a_compute_copy_equals_explicit_formula(tiny_tokenizer, com
     model = make_tiny_llama(len(tiny_tokenizer)).to(compute_dtype)  # the copy the forwards read
     copies, offsets = fk.trainable(model)
     w0 = [p.float().clone() for p in copies]
-    zs = [fk.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(w0, offsets)]
+    zs = [seedops.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(w0, offsets)]
 
     def loss_at(ws):
         for c, w in zip(copies, ws):
@@ -148,7 +150,7 @@ def test_folded_steps_equal_their_explicit_formula(tiny_llama, tiny_tokenizer):
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
-    z1, z2 = ([fk.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in (s1, s2))
+    z1, z2 = ([seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in (s1, s2))
 
     def loss_at(ws):
         for p, w in zip(params, ws):
@@ -180,7 +182,7 @@ def test_fold_run_resumes_exactly(tiny_dir, dolly, tmp_path):
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "1", *flags))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "2", "--resume", *flags))
     fk.main(argv(tiny_dir, dolly, tmp_path / "c", "--rounds", "2", "--rouge_samples", "0"))
-    a, b, c = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True)["A_history"] for x in "abc")
+    a, b, c = (tasks.checkpoint.read(tmp_path / x)["A_history"] for x in "abc")
     assert torch.equal(a, b) and not torch.equal(a, c)  # exact on resume; the three-pass run differs in its bits
 
 
@@ -209,7 +211,7 @@ def test_compute_dtype_run_resumes_exactly_and_exports_float32(tiny_dir, dolly, 
     fk.main(argv(tiny_dir, dolly, tmp_path / "a", "--rounds", "2", *flags))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "1", *flags))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "2", "--resume", *flags))
-    a, b = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True) for x in "ab")
+    a, b = (tasks.checkpoint.read(tmp_path / x) for x in "ab")
     assert torch.equal(a["A_history"], b["A_history"])
     rows = {x: [json.loads(l) for l in (tmp_path / x / "metrics.jsonl").read_text().splitlines()] for x in "ab"}
     assert [(r["train_loss"], r["eval_loss"]) for r in rows["a"]] == [(r["train_loss"], r["eval_loss"]) for r in rows["b"]]
@@ -241,8 +243,8 @@ def test_non_finite_loss_is_skipped(tiny_llama, tiny_tokenizer):
     for p, w in zip(params, w0):
         torch.testing.assert_close(p, w, rtol=0, atol=1e-6)
 
-    class Args:
-        seed, perturbation, local_steps, batch_size, zo_eps, lr = 0, "gaussian", 2, 1, 1e-2, 1e-2
+    Args = fk.parse_args(["--seed", "0", "--local_steps", "2", "--batch_size", "1", "--zo_eps", "1e-2", "--lr", "1e-2",
+                          "--device", "cpu"])  # the paper's step: two-point, no fold
 
     ex = [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]
     up, loss = fk.client_update(tiny_llama, params, offsets, ex, None, fk.candidate_seeds(0, 4), Args, 1, 0,
@@ -333,8 +335,8 @@ def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(
     cp, _ = fk.trainable(client)
     record = np.zeros(K, dtype=np.float32)  # client B's own state besides w0
 
-    class Args:
-        seed, perturbation, local_steps, batch_size, zo_eps, lr = 0, "gaussian", 2, 1, 1e-2, 1e-2
+    Args = fk.parse_args(["--seed", "0", "--local_steps", "2", "--batch_size", "1", "--zo_eps", "1e-2", "--lr", "1e-2",
+                          "--device", "cpu"])  # the paper's step: two-point, no fold
 
     ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
     fk.client_update(client, cp, offsets, ex, None, seeds, Args, 1, 0, tiny_tokenizer.pad_token_id)  # local steps
@@ -354,7 +356,7 @@ def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(
     assert len(touched) > 10
     for p, p0, off in zip(cp, w0, offsets):
         expected = p0.clone()
-        fk.apply_seeds_reference_(expected, [seeds[k] for k in touched], [float(independent[k]) for k in touched],
+        seedops.apply_seeds_reference_(expected, [seeds[k] for k in touched], [float(independent[k]) for k in touched],
                                   off, kind)
         assert torch.equal(p, expected)
     assert any(not torch.equal(a, b) for a, b in zip(cp, w0))  # the rounds did move the weights
@@ -364,7 +366,7 @@ def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(
 def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly, tmp_path):
     out = tmp_path / "run"
     fk.main(argv(tiny_dir, dolly, out))
-    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "checkpoint.pt"):
+    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "checkpoint.safetensors"):
         assert (out / name).is_file(), name
     # the plot is optional: written exactly when matplotlib is installed
     assert (out / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
@@ -382,7 +384,7 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 2 * 2 and all(e["up"] > 0 and e["down"] > 0 for e in ledger)
     # the exported model is the global model A defines: the pretrained weights + sum_k A_k z_k
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = tasks.checkpoint.read(out)
     assert state["A_history"].shape == (3, 16) and all(r["replay_max_abs_diff"] == 0.0 for r in rows[1:])
     model, _ = tasks.load_model(str(tiny_dir), "sft")
     params, offsets = fk.trainable(model)
@@ -401,8 +403,8 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path, option):
     fk.main(argv(tiny_dir, dolly, tmp_path / "a", "--rounds", "4", *pro))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "2", *pro))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "4", "--resume", *pro))
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    a = tasks.checkpoint.read(tmp_path / "a")
+    b = tasks.checkpoint.read(tmp_path / "b")
     assert a["round"] == b["round"] == 4
     assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["last_sync"], b["last_sync"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
@@ -483,11 +485,11 @@ def test_empty_data_file_is_one_line(tiny_dir, tmp_path, capsys):
 def test_truncated_or_foreign_checkpoint_is_one_line(tiny_dir, dolly, tmp_path, capsys, damage, words):
     out = tmp_path / "run"
     fk.main(argv(tiny_dir, dolly, out, "--rounds", "1", "--rouge_samples", "0"))
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "checkpoint.safetensors"
     if damage == "truncate":
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     else:
-        torch.save({"weights": [torch.zeros(3)]}, ckpt)  # a torch file, but not ours
+        save_file({"weights": torch.zeros(3)}, str(ckpt))  # a safetensors file, but not ours
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         fk.main(argv(tiny_dir, dolly, out, "--rounds", "2", "--rouge_samples", "0", "--resume"))
@@ -503,7 +505,7 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     out = tmp_path / "run"
     flags = ("--rounds", "2", "--rouge_samples", "0")
     fk.main(argv(tiny_dir, dolly, out, *flags))
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = tasks.checkpoint.read(out)
     model, _ = tasks.load_model(str(tiny_dir), "sft")
     params, offsets = fk.trainable(model)  # the global model the checkpoint's A defines
     fk.sync_model(params, [p.clone() for p in params], offsets, fk.candidate_seeds(42, 16),
@@ -518,7 +520,7 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     again = AutoModelForCausalLM.from_pretrained(out / "model")
     assert all(torch.equal(p, w) for p, w in zip(fk.trainable(again)[0], params))
     assert (out / "metrics.jsonl").read_text() == rows
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2
+    assert tasks.checkpoint.read(out)["round"] == 2
 
 
 @pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum"])
@@ -533,7 +535,7 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
         seen = {}
         gaps = []
         for r in range(1, rounds + 1):
-            for c in fk.sample_clients(seed, r, N, n):
+            for c in tasks.sample_clients(seed, r, N, n):
                 if c in seen:
                     gaps.append((r - seen[c] - 1, c, r))
                 seen[c] = r
@@ -549,7 +551,7 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
     assert all(r["replay_max_abs_diff"] == 0.0 and r["sync_seconds"] >= 0 for r in rows[1:])
     ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
     entry = next(e for e in ledger if e["client"] == client and e["round"] == back)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = tasks.checkpoint.read(out)
     A = state["A_history"].numpy()
     lacking = int(np.count_nonzero(A[back - 1].view(np.uint32) != A[back - missed - 2].view(np.uint32)))
     assert missed >= 5 and lacking > 0
@@ -585,7 +587,7 @@ def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
-    zs = [[fk.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
+    zs = [[seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
 
     def loss_at(ws):
         for p, w in zip(params, ws):
@@ -671,7 +673,7 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
         a = (-lr * acc).astype(np.float32)
         m = (beta * m.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
         A = A + (s * m.astype(np.float64)).astype(np.float32)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state = tasks.checkpoint.read(tmp_path / "run")
     assert len(captured) == 3 and np.array_equal(state["A_history"][-1].numpy(), A) and np.count_nonzero(A) > 0
     assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
     w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
@@ -680,6 +682,6 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     for p0, off, e in zip(w0, offsets, exported):
         w = p0.double().view(-1).numpy().copy()
         for k in np.flatnonzero(A):
-            w += float(A[k]) * fk.z_reference(seeds[k], off, p0.numel(), fk.GAUSSIAN).double().numpy()
+            w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), fk.GAUSSIAN).double().numpy()
         np.testing.assert_allclose(e.view(-1).numpy(), w, rtol=0, atol=1e-6)
     assert any(not torch.equal(p0, e) for p0, e in zip(w0, exported))

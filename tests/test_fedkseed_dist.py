@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tasks
+
 import fedkseed as fk
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from test_fedkseed import write_dolly
@@ -49,7 +51,7 @@ def metrics(out):
 
 
 def checkpoint(out):
-    return torch.load(out / "checkpoint.pt", weights_only=True)
+    return tasks.checkpoint.read(out)
 
 
 def exported(out):
@@ -113,12 +115,12 @@ def checkpoint_initial(files):
 def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
     """Stop (SIGSTOP: hangs) or kill rank 1 after a few rounds: rank 0 gives up, within --dist_timeout for a hung
     rank and at once for a dead one, with one line naming the last complete checkpoint, which is the latest round
-    in checkpoint.pt and metrics.jsonl; (hung case) --resume with two ranks then finishes the run."""
+    in the checkpoint and metrics.jsonl; (hung case) --resume with two ranks then finishes the run."""
     out = tmp_path / "run"
     many = ("--rounds", "100000", "--eval_every", "100000", "--rouge_samples", "0")  # runs until stopped
     agent = subprocess.Popen(torchrun(SCRIPT, 2, *flags(files, out, *many)), env=dist_env(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    waited, err = lose_rank(agent, lambda: (out / "checkpoint.pt").exists(), sig, TIMEOUT)
+    waited, err = lose_rank(agent, lambda: (out / "checkpoint.safetensors").exists() and tasks.checkpoint.read(out)["round"] >= 1, sig, TIMEOUT)
     assert agent.returncode != 0
     assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
     ours = [l for l in err.splitlines() if l.startswith("fedkseed: rank 0:")]
@@ -136,7 +138,7 @@ def test_lost_rank_stops_group_and_resume_completes(files, tmp_path, sig, why):
     done = subprocess.run(torchrun(SCRIPT, 2, *flags(files, out, *more)), env=dist_env(), cwd=ROOT, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resumed from {out / 'checkpoint.pt'} after round {last}" in done.stdout
+    assert f"resumed from {out / 'checkpoint.safetensors'} after round {last}" in done.stdout
     assert checkpoint(out)["round"] == last + 2
     assert [r["round"] for r in metrics(out)] == list(range(0, last + 3))
 

@@ -1,4 +1,4 @@
-"""The scripts over a real Flower federation on 127.0.0.1 (a SuperLink and 2 SuperNodes, tasks/federation.py): the
+"""The scripts over a real Flower federation on 127.0.0.1 (a SuperLink and 2 SuperNodes, flower/fedfull_flower/local.py): the
 same flags give the one-process run's model bit for bit, and a SuperNode killed mid-run is left out, then rejoins
 and syncs exactly. Each federation has its own FLWR_HOME; every step has a timeout; every process is stopped by
 its PID (its process group)."""
@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import tasks
+
 import fedkseed as fk
-from tasks.federation import LocalFederation
+from fedfull_flower.local import LocalFederation
 from test_dropouts import Dropping, exported, same_weights
 from test_fedcybgd import tiny_argv, tiny_run_files  # noqa: F401  (a fixture)
 from test_fedkseed import argv, dolly, tiny_dir  # noqa: F401  (fixtures)
@@ -75,7 +77,7 @@ def test_scripts_on_flower_equal_one_process(tiny_dir, dolly, tiny_run_files, tm
     assert same_weights(exported(tmp_path / "fa_one"), exported(tmp_path / "fa_flower"))
     assert lines(tmp_path / "fa_one" / "ledger.jsonl") == lines(tmp_path / "fa_flower" / "ledger.jsonl")
     assert same_weights(exported(tmp_path / "fk_one"), exported(tmp_path / "fk_flower"))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("fk_one", "fk_flower"))
+    a, b = (tasks.checkpoint.read(tmp_path / d) for d in ("fk_one", "fk_flower"))
     assert all(torch.equal(a[k], b[k]) for k in ("A_history", "last_sync", "hist_sum", "hist_count"))
     assert lines(tmp_path / "fk_one" / "ledger.jsonl") == lines(tmp_path / "fk_flower" / "ledger.jsonl")
     assert same_weights(exported(tmp_path / "cy_one"), exported(tmp_path / "cy_flower"))

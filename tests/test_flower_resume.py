@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tasks.federation import LocalFederation
+from fedfull_flower.local import LocalFederation
 from test_dropouts import exported, same_weights
 from test_fedkseed import dolly, tiny_dir  # noqa: F401  (fixtures)
 from test_flower import fk_flags, lines, one_process, one_thread_everywhere, submitted  # noqa: F401

@@ -1,4 +1,4 @@
-"""z kernels: the compiled ops (csrc/) against the pure-PyTorch reference in fedkseed.py, bit for bit, plus
+"""z kernels: the compiled ops (csrc/) against the pure-PyTorch reference in seedops/reference.py, bit for bit, plus
 the statistics z must have and the errors bad input must raise. Speed lives in bench/bench_kernels.py."""
 import functools
 import math
@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-import fedkseed as F
+import fedkseed
+import seedops as F
+from seedops import reference as R
 
 ops = torch.ops.fedfull if F.HAVE_COMPILED_OPS else None
 compiled = pytest.mark.skipif(not F.HAVE_COMPILED_OPS, reason=f"fedfull_ops not built: {F.COMPILED_OPS_ERROR}")
@@ -64,7 +66,7 @@ def test_philox_known_answers():
                ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
                 (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
     for ctr, key, want in vectors:
-        got = F.philox4x32_10(*[torch.tensor([c]) for c in ctr], *key)
+        got = R.philox4x32_10(*[torch.tensor([c]) for c in ctr], *key)
         assert tuple(int(w) for w in got) == want
 
 
@@ -72,8 +74,8 @@ def test_reference_polynomials_match_libm():
     # our log / sin / cos are polynomials; they must still be accurate, not just reproducible
     x = torch.randint(0, 2**32, (100_000,), generator=torch.Generator().manual_seed(0))
     u = ((x >> 8) + 1).double() / 2**24
-    assert torch.allclose(F._minus_two_log_uniform(x).double(), -2 * torch.log(u), rtol=2e-6, atol=1e-6)
-    c, s = F._cos_sin_turn(x)
+    assert torch.allclose(R._minus_two_log_uniform(x).double(), -2 * torch.log(u), rtol=2e-6, atol=1e-6)
+    c, s = R._cos_sin_turn(x)
     t = 2 * math.pi * (x >> 8).double() / 2**24
     assert (c.double() - torch.cos(t)).abs().max() < 3e-7 and (s.double() - torch.sin(t)).abs().max() < 3e-7
 
@@ -276,19 +278,19 @@ def test_bad_input_raises_clear_error(impl, message, call):
         call(f)
 
 
-def test_fedkseed_uses_the_compiled_ops_when_built():
+def test_seedops_uses_the_compiled_ops_when_built():
     if F.HAVE_COMPILED_OPS:
         assert F.perturb_ is torch.ops.fedfull.perturb_ and F.apply_seeds_ is torch.ops.fedfull.apply_seeds_
     else:
         assert F.perturb_ is F.perturb_reference_
 
 
-def test_fedkseed_falls_back_to_the_reference_without_them():
+def test_seedops_falls_back_to_the_reference_without_them():
     code = ("import sys; sys.modules['fedfull_ops'] = None\n"   # makes `import fedfull_ops` fail
-            "import fedkseed as F\n"
+            "import seedops as F\n"
             "assert not F.HAVE_COMPILED_OPS and F.COMPILED_OPS_ERROR\n"
             "assert (F.noise, F.perturb_, F.apply_seeds_) == (F.z_reference, F.perturb_reference_, F.apply_seeds_reference_)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(F.__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(F.__file__))))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -505,7 +507,7 @@ def test_cuda_beyond_the_grid_stride_limit(dtype, kind):
 def test_cuda_apply_seeds_with_4096_seeds(kind):
     """A full replay's worth of seeds (K = 4096) over an unaligned slice, float32 sums in seed order."""
     n, offset = 50_001, 1_000_003
-    seeds = F.candidate_seeds(0, 4096)
+    seeds = fedkseed.candidate_seeds(0, 4096)
     scales = [float(x) for x in torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 1e-3]
     assert_cuda_equals_cpu(torch.randn(n), ops.apply_seeds_, seeds, scales, offset, kind)
 

@@ -1,7 +1,7 @@
 """ClientApp: each message runs the script's per-client function for the clients this node serves."""
 from flwr.clientapp import ClientApp
 
-from tasks.flower import answer_query, handle
+from fedfull_flower.node import answer_query, handle
 
 app = ClientApp()
 app.train()(handle)

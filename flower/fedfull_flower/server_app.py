@@ -4,7 +4,7 @@ import sys
 from flwr.serverapp import Grid, ServerApp
 
 import tasks
-from tasks.flower import serve
+from fedfull_flower.transport import serve
 
 app = ServerApp()
 

@@ -1,5 +1,5 @@
-"""Run plumbing the three scripts share, none of it the algorithm: one-process vs torchrun (a transport), the
-progress display, the run's files (config, metrics, ledger, plot, atomic writes), and the command-line wrapper.
+"""Transports: where each client lives and how the messages reach it. One process, torchrun ranks; Flower's is
+flower/fedfull_flower/transport.py.
 
     transport = tasks.transport_from_env(device)    # Transport() in one process; Ranks under torchrun
     transport.join(timeout)                          # torchrun: form the process group (after loading the model)
@@ -15,7 +15,7 @@ progress display, the run's files (config, metrics, ledger, plot, atomic writes)
 
 A round loop calls these without asking which transport it has: in one process `scatter`/`gather`/`broadcast`
 hand the messages through, `on_server` calls, and `wire_ledger` is empty. Under torchrun every message crosses
-as a uint8 tensor of exactly the bytes the ledger counts. On Flower (tasks/flower.py) the server's process runs
+as a uint8 tensor of exactly the bytes the ledger counts. On Flower (flower/fedfull_flower/transport.py) the server's process runs
 the loop and every client lives on a SuperNode: `exchange` and `from_client` send each node its clients'
 downloads and return the replies that came back in time; a client that is offline, late or failing is left out
 (`dropped`), and the loop goes on without it.
@@ -23,90 +23,17 @@ downloads and return the replies that came back in time; a client that is offlin
 What a client does with one message is one function of the script, fn(run, rnd, client, download) -> (upload
 bytes, stats dict), and every transport calls that same function: here in this process, under torchrun on the
 client's rank, on Flower in the ClientApp of the client's node.
-
-    progress = tasks.Progress(rounds=(total, done), clients=n, ...)   # rich bars on a terminal; none elsewhere
-    progress.reset(name, total, description); progress.advance(name); progress.log(text); progress.close()
-
-    files = tasks.RunFiles(folder, active=transport.is_server)   # active=False: every method does nothing
-    files.start(config, resumed_round)   # config.json; metrics.jsonl/ledger.jsonl emptied, or cut after a resume
-    files.metric(row); files.ledger(lines); files.plot(title, turns)
-
-    tasks.run_cli("fedkseed", fn, *args)   # ConfigError/DataError/ModelError -> one line, exit 2; GroupError -> 3
 """
 import datetime
-import json
-import math
 import os
 import signal
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models import ModelError
-from .outputs import read_jsonl, write_atomic
-from .sources import DataError
+from .errors import GroupError
 
 
-class ConfigError(Exception):
-    """A user-caused problem with a flag, the model or a checkpoint: printed as one line, exit code 2."""
-
-
-class GroupError(Exception):
-    """A rank exited or hangs: the run stops with one line (exit code 3); --resume restarts the group."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# flags: the checks every script makes, with the same words
-# ----------------------------------------------------------------------------------------------------
-def fill_task_defaults(args, defaults, datasets):
-    """Flags left at None take the --task's defaults; a --dataset of another task is a ConfigError."""
-    for k, v in defaults[args.task].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.dataset not in datasets[args.task]:
-        raise ConfigError(f"--dataset {args.dataset} is not a {args.task} dataset: choose one of "
-                          f"{', '.join(datasets[args.task])}")
-
-
-def check_at_least(args, names, low):
-    for name in names:
-        if getattr(args, name) < low:
-            raise ConfigError(f"--{name} {getattr(args, name)}: must be at least {low}")
-
-
-def check_finite(args, names, low=0.0, strict=True, note=""):
-    """Each flag finite and > low (>= low with strict=False). nan fails every comparison and inf passes '> 0',
-    so finiteness is tested first."""
-    for name in names:
-        v = getattr(args, name)
-        if not (math.isfinite(v) and (v > low if strict else v >= low)):
-            raise ConfigError(f"--{name} {v}: must be a finite number {'>' if strict else '>='} {low:g}{note}")
-
-
-def check_sampling(m, num_clients, data_path=None):
-    if not 0.0 < m <= 1.0:
-        raise ConfigError(f"-m {m}: the client sampling ratio must be in (0, 1]")
-    if sampled_per_round(num_clients, m) < 1:
-        raise ConfigError(f"-m {m} x --num_clients {num_clients} samples no client per round: "
-                          f"use -m >= {1 / num_clients:g}")
-    if data_path and not Path(data_path).exists():
-        raise ConfigError(f"--data_path {data_path} not found")
-
-
-def sampled_per_round(num_clients, m):
-    return int(num_clients * m + 1e-9)  # int(N*m) as the official codes, without 200*0.29 -> 57.99 -> 57
-
-
-def sample_clients(seed, rnd, num_clients, n_sampled):
-    """The round's clients, sorted: a function of (seed, round) only, so resume and every rank agree."""
-    return np.sort(np.random.default_rng([seed, 1, rnd]).choice(num_clients, n_sampled, replace=False)).tolist()
-
-
-# ----------------------------------------------------------------------------------------------------
-# transport: one process, or torchrun ranks
-# ----------------------------------------------------------------------------------------------------
 class Transport:
     """One process: every client lives here and nothing crosses a process boundary."""
     rank, world = 0, 1
@@ -326,192 +253,20 @@ def transport_from_env(device):
     return Ranks(int(os.environ.get("RANK", "0")), world, device)
 
 
-# ----------------------------------------------------------------------------------------------------
-# progress: rich bars on a terminal; nothing but the log lines elsewhere
-# ----------------------------------------------------------------------------------------------------
-class Progress:
-    """Named progress bars with ETA on a terminal (Progress(rounds=(total, done), steps=total)); where stdout is
-    not a terminal (a log file, a non-zero rank) the bars do nothing and `log` prints plain lines."""
-
-    def __init__(self, **bars):
-        self.bar, self.ids = None, {}
-        if not sys.stdout.isatty():
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeRemainingColumn
-        self.bar = Bars(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                        TimeRemainingColumn())
-        self.bar.start()
-        for name, total in bars.items():
-            total, done = total if isinstance(total, tuple) else (total, 0)
-            self.ids[name] = self.bar.add_task(name, total=total, completed=done)
-
-    def reset(self, name, total=None, description=None):
-        if self.bar:
-            self.bar.reset(self.ids[name], total=total, description=description or name)
-
-    def advance(self, name, n=1):
-        if self.bar:
-            self.bar.advance(self.ids[name], n)
-
-    def start(self, name, total):
-        """Show bar `name` for a piece of long work (an evaluation): added the first time, restarted after. Without
-        a terminal, one line says the work started (so a slow evaluation cannot be taken for a hang)."""
-        if not self.bar:
-            print(f"{name}: {total} examples ...", flush=True)
+def accept_replies(replies, clients, dropped, check, log):
+    """Server: the round's replies {client: (upload, stats)} -> those it takes, in `clients` order. A client with no
+    reply, or whose upload `check(client, upload)` finds a reason to refuse, is left out with one logged line, and
+    `dropped` (client -> reason, filled by the transport for the clients that did not answer) gets its reason."""
+    accepted = {}
+    for c in clients:
+        if c not in replies:
+            dropped.setdefault(c, "no reply")
+            continue
+        why = check(c, replies[c][0])
+        if why is None:
+            accepted[c] = replies[c]
         else:
-            if name in self.ids:
-                self.bar.reset(self.ids[name], total=total, visible=True)
-            else:
-                self.ids[name] = self.bar.add_task(name, total=total)
-
-    def done(self, name):
-        """Hide the bar `start` showed, until its next start."""
-        if self.bar and name in self.ids:
-            self.bar.update(self.ids[name], visible=False)
-
-    def log(self, text):
-        if self.bar:
-            self.bar.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, flush=True)
-
-    def close(self):
-        if self.bar:
-            self.bar.stop()
-
-
-# ----------------------------------------------------------------------------------------------------
-# the run's files: written by the server's process only
-# ----------------------------------------------------------------------------------------------------
-class RunFiles:
-    """config.json, metrics.jsonl (one line per round, round 0 = before training), ledger.jsonl (the bytes of
-    every message) and loss.png in `folder`. With active=False (a rank that is not the server) nothing is
-    written; `metrics` still holds what was logged."""
-
-    def __init__(self, folder, active=True):
-        self.folder, self.active = Path(folder), active
-        self.metrics_path, self.ledger_path = self.folder / "metrics.jsonl", self.folder / "ledger.jsonl"
-        self.metrics, self.turns = [], []
-
-    def start(self, config, resumed_round=None):
-        """Write config.json; empty metrics.jsonl and ledger.jsonl, or after a resume from round R keep their lines
-        of rounds <= R (what a crash left after the checkpoint runs again, bit for bit)."""
-        keep = (lambda rows: [r for r in rows if r["round"] <= resumed_round]) if resumed_round is not None else (
-            lambda rows: [])
-        self.metrics = keep(read_jsonl(self.metrics_path))
-        ledger = keep(read_jsonl(self.ledger_path))
-        self.turns = [e for e in ledger if "loss" in e and "turn" in e]
-        if not self.active:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.folder / "config.json", json.dumps(config, indent=2))
-        write_atomic(self.metrics_path, "".join(json.dumps(m) + "\n" for m in self.metrics))
-        write_atomic(self.ledger_path, "".join(json.dumps(e) + "\n" for e in ledger))
-
-    def metric(self, row):
-        self.metrics.append(row)
-        if self.active:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def ledger(self, lines):
-        self.turns += [e for e in lines if "loss" in e and "turn" in e]
-        if self.active:
-            with open(self.ledger_path, "a") as f:
-                f.writelines(json.dumps(e) + "\n" for e in lines)
-
-    def heldout_examples(self, rnd, values):
-        """Keep the per-example held-out values (tasks.evaluate's per_example) of round 0 and of the latest evaluation
-        in heldout_examples.json, so the end of a run (a resumed one too) can say whether its change is larger than
-        the evaluation's noise (`change_line`)."""
-        if not self.active or not values:
-            return
-        path = self.folder / "heldout_examples.json"
-        kept = json.loads(path.read_text()) if path.is_file() and rnd > 0 else {}
-        kept["first" if rnd == 0 else "last"] = {"round": rnd, **values}
-        write_atomic(path, json.dumps(kept))
-
-    def change_line(self):
-        """'held-out loss 2.3468 -> 2.3412: change -0.0056, 95% paired bootstrap interval [-0.0070, -0.0042] over 48
-        examples (beyond the evaluation's noise)', from heldout_examples.json; None without both ends."""
-        from .lm import accuracy_of, paired_interval, token_weighted_loss
-        path = self.folder / "heldout_examples.json"
-        kept = json.loads(path.read_text()) if self.active and path.is_file() else {}
-        if "first" not in kept or "last" not in kept:
-            return None
-        first, last = kept["first"], kept["last"]
-        name, stat = ("held-out loss", token_weighted_loss) if "loss_sum" in first else ("accuracy", accuracy_of)
-        keys = ("loss_sum", "tokens") if "loss_sum" in first else ("correct",)
-        first, last = ({k: d[k] for k in keys} for d in (first, last))
-        delta, lo, hi = paired_interval(first, last, stat)
-        every = list(range(len(first[keys[0]])))
-        noise = "beyond the evaluation's noise" if lo > 0 or hi < 0 else "within the evaluation's noise"
-        return (f"{name}: round {kept['first']['round']} {stat(first, every):.4f} -> round {kept['last']['round']} "
-                f"{stat(last, every):.4f}: change {delta:+.4f}, 95% paired bootstrap interval [{lo:+.4f}, {hi:+.4f}] "
-                f"over {len(every)} examples ({noise})")
-
-    def plot(self, title):
-        """loss.png: train loss (per round, or per client turn where the ledger has turns) and held-out loss, in
-        two panels with their own scales (ZO moves the held-out loss far less than clients differ). -> the path,
-        or None without matplotlib (or on a non-server rank)."""
-        if not self.active:
-            return None
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            from matplotlib.ticker import MaxNLocator
-        except ImportError:
-            return None
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        if self.turns:
-            axes[0].plot([(t["turn"] + 1) / t["turns_per_round"] for t in self.turns], [t["loss"] for t in self.turns],
-                         ".", ms=3, alpha=0.6, color="C0")
-            axes[0].set_title("train loss (client turns)", fontsize=10)
-        else:
-            points = [(r["round"], r["train_loss"]) for r in self.metrics if r.get("train_loss") is not None]
-            if points:
-                axes[0].plot(*zip(*points), "o-", color="C0")
-            axes[0].set_title("train loss (the round's clients)", fontsize=10)
-        points = [(r["round"], r["eval_loss"]) for r in self.metrics if r.get("eval_loss") is not None]
-        if points:
-            axes[1].plot(*zip(*points), "s-", color="C1")
-        axes[1].set_title("held-out loss (global model)", fontsize=10)
-        for ax in axes:
-            ax.set_xlabel("round")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("loss")
-        fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        path = self.folder / "loss.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-
-def save_atomic(path, write):
-    """write(temporary path), then rename it over `path`: a crash mid-write leaves the previous file intact."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the command line: every user error is one line
-# ----------------------------------------------------------------------------------------------------
-def run_cli(name, fn, *args):
-    """fn(*args) as a command. A user's mistake (ConfigError, DataError, ModelError) -> `error: ...` on stderr,
-    exit 2; a lost rank (GroupError) -> one line, exit 3 at once (tearing down a process group that lost a rank
-    can block); Ctrl-C -> how to resume, exit 130."""
-    try:
-        return fn(*args)
-    except (ConfigError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except GroupError as e:
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
-        os._exit(3)
-    except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last complete round", file=sys.stderr)
-        sys.exit(130)
+            dropped[c] = f"bad upload: {why}"
+    for c, why in dropped.items():
+        log(f"client {c} left out of the round: {why}")
+    return accepted

@@ -1,8 +1,8 @@
 """A Flower federation on this machine, in one command: a SuperLink and N SuperNodes on 127.0.0.1, one run of a
 script through the Flower App (flower/), then every process stopped by its PID.
 
-    python -m tasks.federation --nodes 2 fedkseed --dataset dolly --num_clients 4 -m 0.5 --rounds 2 ...
-    python -m tasks.federation --nodes 2 fedcybgd --task sft --download delta --rounds 1 ...
+    python -m fedfull_flower.local --nodes 2 fedkseed --dataset dolly --num_clients 4 -m 0.5 --rounds 2 ...
+    python -m fedfull_flower.local --nodes 2 fedcybgd --task sft --download delta --rounds 1 ...
 
 The order is what keeps it deterministic: the SuperLink (with a database file, not :memory:) is up before the
 first SuperNode starts, and each SuperNode has registered (the SuperLink logged it) before the next one starts;
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-APP = Path(__file__).resolve().parent.parent / "flower"  # the Flower App folder (its own pyproject.toml)
+APP = Path(__file__).resolve().parent.parent  # the Flower App folder, flower/ (its own pyproject.toml)
 
 
 def free_port():

@@ -1,13 +1,13 @@
-"""Flower: the scripts' round loops over a real federation (flwr 1.42; the app is flower/ at the repository root).
+"""Flower: the scripts' round loops over a real federation (flwr 1.42): the server side, a transport.
 
 A Flower federation is a SuperLink (the server's machine) and one SuperNode per client machine. `flwr run flower`
-starts our ServerApp on the SuperLink, which runs the script's own round loop (`fedkseed.train`, `fedcybgd.main`)
-with the transport below; every client lives on a SuperNode and does its work in our ClientApp, which calls the
-script's own per-client function (`fedkseed.client_round`, `fedcybgd.client_turn`). Nothing else differs from one
+starts our ServerApp on the SuperLink, which runs the script's own round loop (`train`) with the transport below;
+every client lives on a SuperNode and does its work in our ClientApp (node.py), which calls the script's own
+per-client function (`client_round`). Nothing else differs from one
 process: the same flags (the script's `parse_args`, from the run config's `argv`), the same messages, the same bytes.
 
     server side   Flower(grid, device, nodes, round_timeout, node_timeout)   # a tasks.Transport
-    node side     handle(message, context)                                   # the ClientApp's train function
+    node side     node.handle(message, context)                              # the ClientApp's train function
 
 Who lives where. Each SuperNode is started with `--node-config 'partition-id=p num-partitions=P'`; client c lives
 on the node of partition c % P (several clients a node, like torchrun's ranks), which keeps what a device keeps
@@ -27,15 +27,12 @@ import json
 import os
 import shlex
 import time
-import traceback
-from pathlib import Path
 
-from .run import ConfigError, Transport
+import tasks
+from tasks import ConfigError, Transport
+from tasks.checkpoint import RESUME_FREE  # the flags that leave the weights, and so a client's state, alone
 
-SCRIPTS = {"fedkseed": ("client_round", "train"), "fedcybgd": ("client_turn", "main"),
-           "fedavg": ("client_round", "train")}  # each script's per-client function and round loop
-TRAJECTORY_FREE = {"rounds", "resume", "eval_every", "output_dir", "device", "dist_timeout", "eval_samples",
-                   "rouge_samples", "rouge_at_start", "max_new_tokens"}  # flags that leave a client's states alone
+SCRIPTS = ("fedkseed", "fedcybgd", "fedavg")  # each defines client_round (a client's work) and train (the loop)
 MESSAGE_KEY = "fedfull"
 
 
@@ -49,7 +46,7 @@ def script_module(name):
 
 def run_key(script, args):
     """A name for the states a run's clients keep: the flags that decide them (a changed --rounds keeps them)."""
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in TRAJECTORY_FREE}
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE}
     return hashlib.sha256(json.dumps([script, flags], default=str).encode()).hexdigest()[:16]
 
 
@@ -182,82 +179,7 @@ def serve(grid, context):
     if not os.path.isabs(args.output_dir):
         raise ConfigError(f"--output_dir {args.output_dir}: give an absolute path (the ServerApp runs in Flower's "
                           "own folder)")
-    device = script.pick_device(args) if hasattr(script, "pick_device") else args.device
+    device = tasks.flags.pick_device(args.device)
     transport = Flower(grid, device, name, argv, int(cfg.get("num-nodes", 1)), float(cfg.get("round-timeout", 600)),
                        float(cfg.get("node-timeout", 120)))
-    return getattr(script, SCRIPTS[name][1])(args, transport)
-
-
-# ----------------------------------------------------------------------------------------------------
-# node side: the ClientApp
-# ----------------------------------------------------------------------------------------------------
-def answer_query(message, context):
-    """The partition this node serves (its node config)."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    node = context.node_config
-    reply = {k: int(node[k]) for k in ("partition-id", "num-partitions") if k in node}
-    return Message(RecordDict({MESSAGE_KEY: ConfigRecord(reply)}), reply_to=message)
-
-
-def state_dir(context):
-    return Path(str(context.node_config.get("state-dir", Path.home() / ".cache" / "fedfull" / "flower-state")))
-
-
-def handle(message, context):
-    """The ClientApp's train function: build the node's view of the run from the script's own flags (with the
-    node's own data-path and model), then for each client of the message load its state (checking its tag), call
-    the script's per-client function, store the new state, and reply with the uploads. A client that fails gets its
-    error line in the reply instead of an upload; the others go on."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    cfg = message.content[MESSAGE_KEY]
-    clients = [int(c) for c in cfg["clients"]]
-    uploads, stats, errors = [b""] * len(clients), [{}] * len(clients), [""] * len(clients)
-    try:
-        name = str(cfg["script"])
-        script = script_module(name)
-        node = context.node_config
-        argv = shlex.split(str(cfg["argv"]))
-        argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model")) if k in node
-                 for x in (flag, str(node[k]))]
-        args = script.parse_args(argv)
-        folder = state_dir(context) / f"{name}-{cfg['key']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        t = time.time()
-        run = script.client_node(args)
-        print(f"fedfull node: {name} round {cfg['round']}, clients {clients}: model and data loaded in "
-              f"{time.time() - t:.2f} s", flush=True)
-        run.last_client = clients[-1]
-        fn = getattr(script, SCRIPTS[name][0])
-    except BaseException as e:  # noqa: BLE001  bad flags (argparse exits), a missing file: one line per client
-        line = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        errors = [line] * len(clients)
-    else:
-        for i, (c, down, held, after) in enumerate(zip(clients, cfg["downloads"], cfg["held"], cfg["after"])):
-            path = folder / f"client{c}.safetensors"
-            try:
-                state = None
-                if held:
-                    if not path.is_file():
-                        raise ConfigError(f"client {c} keeps no state here, the server assumed {held}")
-                    with safe_open(path, "pt") as f:
-                        kept = (f.metadata() or {}).get("tag")
-                        if kept != held:
-                            raise ConfigError(f"client {c} holds state {kept}, the server assumed {held}")
-                        state = {k: f.get_tensor(k) for k in f.keys()}
-                script.set_client_state(run, c, state)
-                t = time.time()
-                uploads[i], stats[i] = fn(run, int(cfg["round"]), c, down)
-                print(f"fedfull node: client {c} done in {time.time() - t:.2f} s", flush=True)
-                kept = script.client_state(run, c)
-                if kept:  # FedAvg's clients keep nothing
-                    tmp = path.with_name(path.name + ".tmp")
-                    save_file({k: v.contiguous() for k, v in kept.items()}, tmp, {"tag": after})
-                    os.replace(tmp, path)
-            except Exception as e:  # noqa: BLE001  this client fails; the message's other clients go on
-                traceback.print_exc()
-                errors[i] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    reply = ConfigRecord({"clients": clients, "uploads": uploads, "errors": errors,
-                          "stats": json.dumps([{k: float(v) for k, v in s.items()} for s in stats])})
-    return Message(RecordDict({MESSAGE_KEY: reply}), reply_to=message)
+    return script.train(args, transport)

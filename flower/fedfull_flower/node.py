@@ -1,0 +1,85 @@
+"""The Flower node side: the ClientApp's functions. For each message, build the node's view of the run from the
+script's own flags, then for each of its clients load the state the node keeps (checking its tag), call the script's
+`client_round`, store the new state, and reply with the uploads (see transport.py for the protocol)."""
+import json
+import os
+import shlex
+import time
+import traceback
+from pathlib import Path
+
+from tasks import ConfigError
+
+from .transport import MESSAGE_KEY, script_module
+
+
+def answer_query(message, context):
+    """The partition this node serves (its node config)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    node = context.node_config
+    reply = {k: int(node[k]) for k in ("partition-id", "num-partitions") if k in node}
+    return Message(RecordDict({MESSAGE_KEY: ConfigRecord(reply)}), reply_to=message)
+
+
+def state_dir(context):
+    return Path(str(context.node_config.get("state-dir", Path.home() / ".cache" / "fedfull" / "flower-state")))
+
+
+def handle(message, context):
+    """The ClientApp's train function: build the node's view of the run from the script's own flags (with the
+    node's own data-path and model), then for each client of the message load its state (checking its tag), call
+    the script's per-client function, store the new state, and reply with the uploads. A client that fails gets its
+    error line in the reply instead of an upload; the others go on."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    cfg = message.content[MESSAGE_KEY]
+    clients = [int(c) for c in cfg["clients"]]
+    uploads, stats, errors = [b""] * len(clients), [{}] * len(clients), [""] * len(clients)
+    try:
+        name = str(cfg["script"])
+        script = script_module(name)
+        node = context.node_config
+        argv = shlex.split(str(cfg["argv"]))
+        argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model")) if k in node
+                 for x in (flag, str(node[k]))]
+        args = script.parse_args(argv)
+        folder = state_dir(context) / f"{name}-{cfg['key']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        run = script.client_node(args)
+        print(f"fedfull node: {name} round {cfg['round']}, clients {clients}: model and data loaded in "
+              f"{time.time() - t:.2f} s", flush=True)
+        run.last_client = clients[-1]
+        fn = script.client_round
+    except BaseException as e:  # noqa: BLE001  bad flags (argparse exits), a missing file: one line per client
+        line = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        errors = [line] * len(clients)
+    else:
+        for i, (c, down, held, after) in enumerate(zip(clients, cfg["downloads"], cfg["held"], cfg["after"])):
+            path = folder / f"client{c}.safetensors"
+            try:
+                state = None
+                if held:
+                    if not path.is_file():
+                        raise ConfigError(f"client {c} keeps no state here, the server assumed {held}")
+                    with safe_open(path, "pt") as f:
+                        kept = (f.metadata() or {}).get("tag")
+                        if kept != held:
+                            raise ConfigError(f"client {c} holds state {kept}, the server assumed {held}")
+                        state = {k: f.get_tensor(k) for k in f.keys()}
+                script.set_client_state(run, c, state)
+                t = time.time()
+                uploads[i], stats[i] = fn(run, int(cfg["round"]), c, down)
+                print(f"fedfull node: client {c} done in {time.time() - t:.2f} s", flush=True)
+                kept = script.client_state(run, c)
+                if kept:  # FedAvg's clients keep nothing
+                    tmp = path.with_name(path.name + ".tmp")
+                    save_file({k: v.contiguous() for k, v in kept.items()}, tmp, {"tag": after})
+                    os.replace(tmp, path)
+            except Exception as e:  # noqa: BLE001  this client fails; the message's other clients go on
+                traceback.print_exc()
+                errors[i] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    reply = ConfigRecord({"clients": clients, "uploads": uploads, "errors": errors,
+                          "stats": json.dumps([{k: float(v) for k, v in s.items()} for s in stats])})
+    return Message(RecordDict({MESSAGE_KEY: reply}), reply_to=message)
