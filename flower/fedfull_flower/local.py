@@ -29,6 +29,8 @@ def free_port():
 
 def flower_env(home):
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    # the SuperLink starts `flower-superexec` by name: this Python's bin/ first, so an unactivated venv works too
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("WORLD_SIZE", None)  # never a torchrun group inside a Flower process
     return env
 

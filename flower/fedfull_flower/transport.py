@@ -24,6 +24,7 @@ sends it a dense A next time, FedCyBGD treats it as pretrained --, so when it co
 """
 import hashlib
 import json
+import math
 import os
 import shlex
 import time
@@ -136,30 +137,14 @@ class Flower(Transport):
             "after": [tags[c][1] for c in cs]})}), dst_node_id=node, message_type="train")
             for node, cs in by_node.items()]
         got = {}
+        longest = widths[1] if widths else None  # the protocol's longest upload for the script and its flags
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []:
-            node = reply.metadata.src_node_id
-            mine = by_node.get(node, [])
-            if reply.has_error():
+            mine = by_node.get(reply.metadata.src_node_id, [])
+            try:  # nothing a node sends may raise here: a bad reply drops that node's clients, with its reason
+                got.update(read_reply(reply, mine, keys, longest, self.dropped))
+            except Exception as e:  # noqa: BLE001  whatever a broken or hostile node sends
                 for c in mine:
-                    self.dropped[c] = f"node failed: {reply.error.reason.strip().splitlines()[-1][:200]}"
-                continue
-            try:
-                cfg = reply.content[MESSAGE_KEY]
-                answered, uploads, errors = list(cfg["clients"]), list(cfg["uploads"]), list(cfg["errors"])
-                stats = json.loads(cfg["stats"])
-                assert answered == mine and len(uploads) == len(errors) == len(stats) == len(mine)
-            except Exception:  # noqa: BLE001  whatever a broken or hostile node sends
-                for c in mine:
-                    self.dropped[c] = "malformed reply"
-                continue
-            for c, up, err, st in zip(mine, uploads, errors, stats):
-                if err:
-                    self.dropped[c] = f"client failed: {err}"
-                elif isinstance(up, bytes) and isinstance(st, dict) and all(isinstance(st.get(k), (int, float))
-                                                                          for k in keys):
-                    got[c] = (up, {k: float(st[k]) for k in keys})
-                else:
-                    self.dropped[c] = "malformed reply"
+                    self.dropped[c] = f"malformed reply ({type(e).__name__})"
         for c in clients:
             if c not in got and c not in self.dropped:
                 self.dropped[c] = f"no reply within {self.round_timeout:g} s"
@@ -168,6 +153,46 @@ class Flower(Transport):
     def from_client(self, client, keys, fn, run, rnd, download, tag=None):
         got = self.exchange(fn, run, rnd, {client: download}, [client], None, keys, {client: tag})
         return got[client] if client in got else (None, {"dropped": self.dropped[client]})
+
+
+def read_reply(reply, clients, keys, longest, dropped):
+    """A node's reply -> {client: (upload bytes, stats)} for the clients it answers well; every other client of the
+    node gets its reason in `dropped`. A reply is taken only as the ClientApp builds it: the node's client list in
+    order, one upload (bytes, at most `longest` long) or error line per client, and a JSON list of stats dicts whose
+    `keys` are finite numbers (an error reply of any shape, a 400-digit integer or an infinity is refused)."""
+    if reply.has_error():
+        lines = str(getattr(reply.error, "reason", "") or "").strip().splitlines()
+        for c in clients:
+            dropped[c] = f"node failed: {(lines[-1] if lines else 'no reason given')[:200]}"
+        return {}
+    cfg = reply.content[MESSAGE_KEY]
+    answered, uploads, errors = list(cfg["clients"]), list(cfg["uploads"]), list(cfg["errors"])
+    stats = json.loads(cfg["stats"])
+    if answered != clients or not (len(uploads) == len(errors) == len(stats) == len(clients)):
+        raise ValueError("not the node's clients")
+    got = {}
+    for c, up, err, st in zip(clients, uploads, errors, stats):
+        values = [st.get(k) for k in keys] if isinstance(st, dict) else []
+        if err:
+            dropped[c] = f"client failed: {str(err)[:300]}"
+        elif not isinstance(up, bytes):
+            dropped[c] = "malformed reply: the upload is not bytes"
+        elif longest is not None and len(up) > longest:
+            dropped[c] = f"upload of {len(up)} bytes, longer than the protocol's {longest}"
+        elif len(values) != len(keys) or not all(_finite_number(v) for v in values):
+            dropped[c] = f"malformed reply: the stats {', '.join(keys)} are not all finite numbers"
+        else:
+            got[c] = (up, {k: float(v) for k, v in zip(keys, values)})
+    return got
+
+
+def _finite_number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def serve(grid, context):
