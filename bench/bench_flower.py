@@ -44,8 +44,8 @@ def framing():
 
     out = []
     for K, steps in ((1024, 200), (4096, 200)):
-        down = b"\x00" * fk.max_download_bytes(K, False)
-        up = b"\x00" * fk.max_upload_bytes(K, steps)
+        down_bytes, up_bytes = fk.longest_messages(K, False, steps)
+        down, up = b"\x00" * down_bytes, b"\x00" * up_bytes
         argv = " ".join(FLAGS)
         m = Message(RecordDict({MESSAGE_KEY: ConfigRecord({
             "script": "fedkseed", "argv": argv, "key": "0" * 16, "round": 1, "clients": [3], "downloads": [down],

@@ -66,7 +66,7 @@ from .instruction import DATASETS, InstructionData, load_instruction_data, make_
 from .models import ModelError, load_model
 from .outputs import check_tensors, export_model, fmt_bytes, pack, read_jsonl, save_atomic, unpack, write_atomic
 from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
-                 heldout_prompt_ids, heldout_rouge_l, heldout_token_losses, paired_interval, rouge_l, rouge_l_scores,
+                 heldout_prompt_ids, heldout_rouge_l, heldout_sets, heldout_token_losses, evaluate_lm, paired_interval, rouge_l, rouge_l_scores,
                  token_weighted_loss, tokenize_example, tokenize_examples)
 from .partitions import derive_seed, partition, partition_summary, sample_clients, sampled_per_round, split_validation
 from .runfiles import Progress, RunFiles, round_line, round_row, run_cli

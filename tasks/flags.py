@@ -7,6 +7,8 @@ and checks --lr (say) the same way, and declares only its own flags.
     args = p.parse_args(argv)
     tasks.flags.check(args, "dataset model rounds lr ...", rounds=0)   # every shared flag's check (low bounds may
                                                                        # be given per script), ConfigError on failure
+    tasks.flags.check_positive(args, "x y"); check_nonnegative(args, "z"); check_at_least(args, {"n": 1})
+                                            # a script's own flags, checked in the same words
 
 A shared flag's entry: its option strings, argparse keywords (type, default, help) and its check. A script may
 override any keyword (its default, a longer help) but not the check, except the lowest value of a count.
@@ -140,6 +142,18 @@ def check_positive(args, names):
     """A script's own numeric flags, each a finite number > 0, in the shared flags' words."""
     for name in _names(names):
         _finite(args, name)
+
+
+def check_nonnegative(args, names):
+    """A script's own numeric flags, each a finite number >= 0, in the shared flags' words."""
+    for name in _names(names):
+        _finite(args, name, strict=False)
+
+
+def check_at_least(args, low):
+    """A script's own counts: low = {name: its lowest value}, in the shared flags' words."""
+    for name, value in low.items():
+        _at_least(value)(args, name)
 
 
 def fill_task_defaults(args, defaults, datasets):

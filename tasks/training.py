@@ -9,6 +9,7 @@ round, evaluation of a global model, weight-decay groups, and the memory a train
                                                                           # or local_epochs, task
     metrics = tasks.evaluate(args, model, tokenizer, test, device, val)    # task, dataset, max_new_tokens;
                                                                           # + val_loss, val_<metric> when val given
+    upload, stats = tasks.train_steps(model, names, batches, make_optimizer, lrs)  # a client's local steps
 """
 import math
 
@@ -183,3 +184,61 @@ class SavedActivations:
 
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def train_steps(model, names, batches, make_optimizer, lrs, grad_accum=1, seed=0, loss_fn=None, clip=None,
+                fp32_masters=True):
+    """A client's local training, as fedcybgd.py's turn and fedavg.py's round run it: optimizer steps on the tensors
+    `names` of `model` (everything else frozen), step k on micro-batches [k*grad_accum, (k+1)*grad_accum) of `batches`
+    at learning rate lrs[k] -> (upload: name -> a copy of each trained tensor, {"loss": mean over the micro-batches,
+    "peak_memory_bytes"}). The model is in eval mode with no gradients on entry and on return.
+
+    make_optimizer([(name, tensor)]) -> a torch optimizer over those tensors; a param group's "lr_scale" (default 1)
+    multiplies lrs[k]. The optimizer lives for this call only. With bf16/fp16 weights and fp32_masters it steps fp32
+    master copies, rounded into the weights after every step, so updates below the low precision's resolution
+    accumulate. loss_fn(model, micro_batch) -> the loss (default: model(**micro_batch).loss); clip(tensors) runs on
+    the tensors the optimizer steps, their gradients complete, before each step (gradient clipping).
+    peak_memory_bytes, as tensor bytes (the same count on CPU and GPU): every weight the model holds, the trained
+    tensors' gradients, the optimizer state, the fp32 masters, and the activations autograd saved (max over
+    micro-batches)."""
+    torch.manual_seed(seed)  # dropout, if the model has any, is a function of (seed, round, client)
+    params = dict(model.named_parameters())
+    trained = [(n, params[n]) for n in names]
+    for _, p in trained:
+        p.requires_grad_(True)
+    low_precision = fp32_masters and any(p.dtype != torch.float32 for _, p in trained)
+    # masters [the trained tensors' shapes, fp32]: what the optimizer steps; with fp32 weights the weights themselves
+    masters = [(n, p.detach().float().clone()) if low_precision else (n, p) for n, p in trained]
+    opt = make_optimizer(masters)
+    model.train()
+    losses, peak_activations, grad_bytes = [], 0, 0
+    for step in range(len(batches) // grad_accum):
+        for micro in batches[step * grad_accum:(step + 1) * grad_accum]:
+            with SavedActivations(model) as saved:
+                loss = model(**micro).loss if loss_fn is None else loss_fn(model, micro)
+            peak_activations = max(peak_activations, saved.bytes)
+            (loss / grad_accum).backward()
+            losses.append(loss.item())
+        if low_precision:
+            for (_, m), (_, p) in zip(masters, trained):
+                m.grad, p.grad = p.grad.float(), None
+        grad_bytes = tensor_bytes(m.grad for _, m in masters)
+        if clip is not None:
+            clip([m for _, m in masters])
+        for group in opt.param_groups:
+            group["lr"] = lrs[step] * group.get("lr_scale", 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if low_precision:
+            with torch.no_grad():
+                for (_, m), (_, p) in zip(masters, trained):
+                    p.copy_(m)  # round the fp32 master once into the weight dtype
+    state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    peak = (tensor_bytes(model.parameters()) + grad_bytes + state_bytes
+            + (tensor_bytes(m for _, m in masters) if low_precision else 0) + peak_activations)
+    for _, p in trained:
+        p.requires_grad_(False)
+        p.grad = None
+    del opt, masters
+    model.eval()
+    return {n: p.detach().clone() for n, p in trained}, {"loss": sum(losses) / len(losses), "peak_memory_bytes": peak}

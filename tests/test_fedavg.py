@@ -62,9 +62,9 @@ def test_one_round_is_the_weighted_average_of_the_clients_weights(files, tmp_pat
     clients, _, _ = tasks.load_task_data(args, tok, args.num_clients)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     trained, sizes = [], []
-    for c in fa.sample_clients(args.seed, 1, args.num_clients, 2):
+    for c in tasks.sample_clients(args.seed, 1, args.num_clients, 2):
         fa.sync_model(model, w0)
-        seed = fa.derive_seed(args.seed, 1, c)
+        seed = tasks.derive_seed(args.seed, 1, c)
         upload, _ = fa.client_update(model, names, tasks.local_batches(args, clients[c], tok, "cpu", seed), args, seed)
         trained.append(upload)
         sizes.append(len(clients[c]))
@@ -87,7 +87,7 @@ def test_fedit_uploads_only_adapters_and_the_ledger_is_their_serialised_size(fil
     adapter_bytes = len(tasks.pack({n: params[n] for n in names}))
     full_bytes = len(tasks.pack({n: p for n, p in make_tiny_llama(len(make_tiny_tokenizer())).named_parameters()}))
     ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
-    assert len(ledger) == 2 and all(e["up"] == e["down"] == adapter_bytes for e in ledger)
+    assert len(ledger) == 2 and all(e["upload_bytes"] == e["download_bytes"] == adapter_bytes for e in ledger)
     assert adapter_bytes < full_bytes / 4
     assert set(checkpoint(out)) == set(names)
     rows = read_metrics(out)

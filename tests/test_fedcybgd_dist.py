@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedcybgd as cy
+import tasks
 from test_fedcybgd import checkpoint_weights, read_metrics, tiny_argv, tiny_run_files  # noqa: F401 (fixture)
 from torchrun_helpers import dist_env, gloo_threads_left, lose_rank, torchrun
 
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 def flags(files, out, *extra):
     # 3 clients over 2 ranks: rank 0 holds clients 0 and 2, rank 1 client 1
     return [*tiny_argv(files, out, "--num_clients", "3", "--device", "cpu", "--dist_timeout", str(TIMEOUT)), *extra]
+
+
+def checkpoint_round(out):
+    """The round of the checkpoint in `out`, -1 without one (it is replaced atomically: never read half written)."""
+    return tasks.checkpoint.read(out)["round"] if tasks.checkpoint.path_of(out).exists() else -1
 
 
 def ledger(out):
@@ -47,13 +53,14 @@ def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
     assert read_metrics(one) == read_metrics(two) and [m["round"] for m in read_metrics(two)] == [0, 1, 2]
     a, b = checkpoint_weights(one), checkpoint_weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (one / "latest").read_text() == (two / "latest").read_text() == "ckpt-2"
+    assert tasks.checkpoint.read(one)["round"] == tasks.checkpoint.read(two)["round"] == 2
     assert p2.stdout.count("2 ranks (torchrun)") == 1  # rank 0 alone speaks
     turns = [e for e in ledger(two) if "turn" in e]
     assert turns == ledger(one) and [t["client"] for t in turns] == [0, 1, 2] * 2
+    header = 8 * (1 + len(cy.TURN_STATS))  # float64 [length, *the turn's stats] before each upload broadcast
     for r in (1, 2):  # what crossed: each turn's float64[3] header + its upload, to the one other rank
         wire = {e["rank"]: e for e in ledger(two) if "rank" in e and e["round"] == r}
-        up = {t["client"]: cy.HEADER_BYTES + t["upload_bytes"] for t in turns if t["round"] == r}
+        up = {t["client"]: header + t["upload_bytes"] for t in turns if t["round"] == r}
         assert wire[0]["clients"] == [0, 2] and wire[1]["clients"] == [1]
         assert wire[0]["sent"] == up[0] + up[2] == wire[1]["received"]
         assert wire[1]["sent"] == up[1] == wire[0]["received"]
@@ -64,13 +71,13 @@ def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
                                       (signal.SIGKILL, "")], ids=["hung", "killed"])
 def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, sig, why):
     """Stop (SIGSTOP: hangs) or kill rank 1 after a trained round: rank 0 gives up, within --dist_timeout for a hung
-    rank and at once for a dead one, with one line naming the last complete checkpoint, which `latest` points at;
+    rank and at once for a dead one, with one line naming the last complete checkpoint, the one on disk;
     (killed case) --resume with two ranks then finishes the run."""
     out = tmp_path / "run"
     many = ("--rounds", "100000", "--eval_every", "100000", "--max_new_tokens", "0")  # runs until stopped
     agent = subprocess.Popen(torchrun(SCRIPT, 2, *flags(tiny_run_files, out, *many)), env=dist_env(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    trained = lambda: (out / "latest").exists() and (out / "latest").read_text() not in ("ckpt-0", "")
+    trained = lambda: checkpoint_round(out) >= 1
     waited, err = lose_rank(agent, trained, sig, TIMEOUT)
     assert agent.returncode != 0
     assert (TIMEOUT - 1 < waited < TIMEOUT + 20) if sig == signal.SIGSTOP else waited < TIMEOUT, waited
@@ -81,7 +88,7 @@ def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, si
         assert "a rank exited" in ours[0], ours[0]
     assert 'fedcybgd.py", line' not in err  # no traceback from the ranks
     last = int(ours[0].split("the last complete checkpoint is round ")[1].split(":")[0])
-    assert (out / "latest").read_text() == f"ckpt-{last}" and last >= 1
+    assert checkpoint_round(out) == last and last >= 1
     assert read_metrics(out)[-1]["round"] >= last  # a row may precede its checkpoint; --resume drops it
     if sig == signal.SIGSTOP:
         return  # resuming is the same either way; once is enough
@@ -92,7 +99,7 @@ def test_lost_rank_stops_group_and_resume_completes(tiny_run_files, tmp_path, si
                           text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from round {last}" in done.stdout
-    assert (out / "latest").read_text() == f"ckpt-{last + 2}"
+    assert checkpoint_round(out) == last + 2
     assert [m["round"] for m in read_metrics(out)] == list(range(0, last + 3))
 
 

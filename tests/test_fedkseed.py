@@ -315,10 +315,10 @@ def test_ledger_under_18_kilobytes_for_paper_setting_at_any_staleness():
     up = fk.encode_upload(75, rng.integers(0, K, steps), rng.normal(size=steps), K)
     A = rng.normal(size=K).astype(np.float32)
     down = fk.encode_download(A, np.zeros(K, np.float32))
-    assert len(up) == 4 + steps * 6 == 1204 and len(down) == 1 + 4 * K == fk.max_download_bytes(K, False) == 16_385
+    assert len(up) == 4 + steps * 6 == 1204 and len(down) == 1 + 4 * K == fk.longest_messages(K, False, steps)[0] == 16_385
     assert len(up) + len(down) == 17_589 < 18_000
     pro = fk.encode_download(A, np.zeros(K, np.float32), np.zeros(K, np.uint8))
-    assert len(pro) == fk.max_download_bytes(K, True) == 16_385 + 4096
+    assert len(pro) == fk.longest_messages(K, True, steps)[0] == 16_385 + 4096
 
 
 # ---------------------------------------------------------------------------------------------- replay
