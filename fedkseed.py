@@ -47,10 +47,12 @@ A ZO step is three passes over the weights, not MeZO's four: the third, by (eps 
 
 Options beyond the paper, in the same wire format (their definitions are in the section after the method):
   --estimator one_sided --directions n   n one-sided directions a step sharing one forward at w
+  --estimator fzoo --directions n        the same, normalised by the spread of the n losses: FZOO as published
   --server_lr s --server_momentum beta   a server optimizer on the aggregated per-seed coefficients
   --compute_dtype bfloat16               forwards on a bf16 copy written by the same fused pass (weights stay fp32)
   --fold                                 two passes a step instead of three (the closing pass joins the next opening)
   --max_abs_g B                          the server clips every uploaded scalar to [-B, B] (Byzantine clients)
+  --clip_norm c                          the server scales each client's update to at most c x the round's median
 Measured figures and every difference from the official code (zhenqincn/FedKSeed): docs/fedkseed.md. One process,
 torchrun ranks (client c on rank c % N) and a Flower federation sit behind one transport; each calls `client_round`.
 """
@@ -118,19 +120,23 @@ def parse_args(argv=None):
       "from the history of |g| per seed (default: uniform, plain FedKSeed)")
     a("--bias_loss_clip", type=float, default=1000.0, help="Pro: |g| beyond this is clipped in the seed history")
     a("--grad_initial", type=float, default=0.0, help="Pro: first entry of every seed's |g| history")
-    a("--perturbation", choices=["gaussian", "rademacher"], default="gaussian", help="distribution of z")
+    a("--perturbation", choices=["gaussian", "rademacher"], default=None, help="distribution of z (default: "
+      "rademacher for --estimator fzoo, as published; gaussian otherwise)")
     a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation after the "
       "last round, as the official code; 0 = no Rouge-L; default: the --eval_samples subset)")
     a("--rouge_at_start", action="store_true", help="also score Rouge-L before training (round 0), to compare")
     # options beyond the paper (their definitions: the section after the method)
-    a("--estimator", choices=["two_point", "one_sided"], default="two_point", help="two_point: the paper's step, 2 "
-      "forwards; one_sided: --directions n directions a step sharing one forward at w, n + 1 forwards")
+    a("--estimator", choices=["two_point", "one_sided", "fzoo"], default="two_point", help="two_point: the paper's "
+      "step, 2 forwards; one_sided: --directions n directions a step sharing one forward at w, n + 1 forwards; fzoo: "
+      "the same n + 1 forwards, each scalar divided by n times the std of the n perturbed losses instead of n eps")
     a("--directions", type=int, default=1, help="one_sided: directions per step (n); two_point takes 1")
     a("--server_lr", type=float, default=1.0, help="server learning rate on the round's aggregated per-seed "
       "coefficients: A += server_lr * m (1 = FedAvg's mean)")
     a("--server_momentum", type=float, default=0.0, help="server momentum beta: m <- beta m + a(t); 0 = none")
     a("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B] before "
       "aggregating, bounding what one client can move the model; 0 = off (docs/flower.md: its cost)")
+    a("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
+      "its scalars on each seed) is scaled down to at most this many times the round's median client norm; 0 = off")
     a("--fold", action="store_true", help="two passes over the weights a step instead of three (the weights round "
       "once where they rounded twice, so the run differs in the last bits)")
     a("--compute_dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -147,15 +153,18 @@ def parse_args(argv=None):
 def check_config(args):
     """fedkseed's own flags -> ConfigError (one line)."""
     tasks.flags.check_positive(args, ("zo_eps", "bias_loss_clip", "server_lr"))
-    if not (math.isfinite(args.max_abs_g) and args.max_abs_g >= 0):
-        raise ConfigError(f"--max_abs_g {args.max_abs_g}: must be a finite number >= 0 (0 = off)")
+    for name in ("max_abs_g", "clip_norm"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number >= 0 (0 = off)")
     if not math.isfinite(args.grad_initial):
         raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
     if not (math.isfinite(args.server_momentum) and 0.0 <= args.server_momentum < 1.0):
         raise ConfigError(f"--server_momentum {args.server_momentum}: must be in [0, 1)")
-    if args.directions < 1 or (args.estimator == "two_point" and args.directions != 1):
+    if args.directions < (2 if args.estimator == "fzoo" else 1) or (args.estimator == "two_point" and
+                                                                    args.directions != 1):
         raise ConfigError(f"--directions {args.directions}: the two-point estimator takes 1 direction a step, "
-                          "--estimator one_sided 1 or more")
+                          "--estimator one_sided 1 or more, --estimator fzoo 2 or more (the spread of one loss is 0)")
+    args.perturbation = args.perturbation or ("rademacher" if args.estimator == "fzoo" else "gaussian")
     if args.fold and args.estimator != "two_point":
         raise ConfigError("--fold joins the two-point step's closing and opening passes: it needs --estimator two_point")
     args.compute_dtype = args.compute_dtype or args.dtype
@@ -292,6 +301,15 @@ def zo_step(model, params, offsets, batch, seed, eps, lr, kind, copies=None, fol
     return g, loss_plus
 
 
+def seed_draws(args, K, rnd, client, probabilities=None):
+    """The seed indices client c uses in round rnd -> (int64[local_steps * directions], the generator, which then
+    orders the client's data): step s uses draws[s n : (s + 1) n], uniform over the K (FedKSeed) or by Pro's
+    probabilities, with replacement. A function of (seed, round, client) and the download: the server recomputes it."""
+    rng = np.random.default_rng([args.seed, 2, rnd, client])
+    n = args.local_steps * args.directions
+    return (rng.choice(K, size=n, p=probabilities) if probabilities is not None else rng.integers(0, K, size=n)), rng
+
+
 def client_update(model, params, offsets, examples, probabilities, seeds, args, rnd, client, pad_id,
                   on_step=None, copies=None):
     """--local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss). The model
@@ -300,9 +318,7 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     Pro's float64[K]. The upload holds one (seed index, scalar) pair per direction: g for the two-point step."""
     K, n_dir = len(seeds), args.directions  # 1 direction a step for the two-point estimator
     kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
-    rng = np.random.default_rng([args.seed, 2, rnd, client])
-    draws = rng.choice(K, size=args.local_steps * n_dir, p=probabilities) if probabilities is not None \
-        else rng.integers(0, K, size=args.local_steps * n_dir)  # step s uses draws[s n : (s + 1) n], with replacement
+    draws, rng = seed_draws(args, K, rnd, client, probabilities)
     order = rng.permutation(len(examples))  # this round's pass over the local data, cycled if too short
     sent_idx, sent_g, losses = [], [], []
     fold = [] if args.fold else None
@@ -310,9 +326,9 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
         batch = {k: v.to(params[0].device) for k, v in tasks.collate(rows, pad_id).items()}
         ks = [int(k) for k in draws[step * n_dir:(step + 1) * n_dir]]
-        if args.estimator == "one_sided":
+        if args.estimator != "two_point":  # one_sided, fzoo: options, defined after the method
             cs, loss = one_sided_step(model, params, offsets, batch, [seeds[k] for k in ks], args.zo_eps, args.lr,
-                                      kind, copies)
+                                      kind, copies, normalise=args.estimator == "fzoo")
         else:
             g, loss = zo_step(model, params, offsets, batch, seeds[ks[0]], args.zo_eps, args.lr, kind, copies, fold)
             cs = None if g is None else [g]
@@ -325,11 +341,13 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     return encode_upload(len(examples), sent_idx, sent_g, K), (float(np.mean(losses)) if losses else float("nan"))
 
 
-def server_aggregate(uploads, K, lr, max_abs_g=0.0):
+def server_aggregate(uploads, K, lr, max_abs_g=0.0, clip_norm=0.0):
     """The round's uploads -> its update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k, with
     a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's g on seed k): clients weighted by data size as the
-    official code; float64 sums in client order, rounded once. No upload: a = 0. max_abs_g: see --max_abs_g."""
+    official code; float64 sums in client order, rounded once. No upload: a = 0. Options: --max_abs_g, --clip_norm."""
     decoded = [decode_upload(u, K) for u in uploads]
+    if clip_norm > 0:
+        decoded = clip_client_norms(decoded, K, clip_norm)
     acc = np.zeros(K, dtype=np.float64)
     if not decoded:
         return acc.astype(np.float32)
@@ -391,7 +409,7 @@ def server_update(server, accepted, dropped, args, seeds, w0, offsets, kind):
     -> the increment A(t) - A(t-1)."""
     uploads = [u for u, _ in accepted.values()]
     server["last_sync"][sorted(dropped)] = -1
-    coefs, server["momentum"] = server_step(server_aggregate(uploads, args.K, args.lr, args.max_abs_g),
+    coefs, server["momentum"] = server_step(server_aggregate(uploads, args.K, args.lr, args.max_abs_g, args.clip_norm),
                                             server["momentum"], args.server_lr, args.server_momentum)
     server["A_history"].append(server["A_history"][-1] + coefs)  # float32 + float32
     sync_model(server["w"], w0, offsets, seeds, server["A_history"][-1], kind)
@@ -462,13 +480,18 @@ def train(args, transport=None):
 # global model w0 + sum_k A_k z_k with A cumulative, so the byte bound and the exact replay hold for all of them
 # ====================================================================================================
 @torch.no_grad()
-def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, copies=None):
+def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, copies=None, normalise=False):
     """--estimator one_sided: one step along n = len(step_seeds) directions sharing one forward at w -> (the n
     uploaded scalars c_i, L(w)), or (None, loss) when a loss is not finite (the weights are restored).
 
     L0 = L(w);  L_i = L(w + eps z_i);  c_i = (L_i - L0) / (n eps);  w <- w - lr sum_i c_i z_i
     the mean of n one-sided estimates: n + 1 forwards for n directions (n two-point steps take 2n); n + 1 passes:
-    w + eps z_1, then two-seed passes w - eps z_(i-1) + eps z_i, then one n-seed pass that restores and updates."""
+    w + eps z_1, then two-seed passes w - eps z_(i-1) + eps z_i, then one n-seed pass that restores and updates.
+
+    normalise (--estimator fzoo, FZOO as its authors' code DKmiyan/FZOO defines it, with Rademacher z by default):
+    c_i = (L_i - L0) / (n sigma), sigma the population standard deviation of L_1..L_n, and no division by eps. The
+    step's size is then set by lr, not by the loss's scale (a normalised step: its lr is about 100x the two-point
+    one's). A step whose losses have no spread (sigma 0) is undone and records nothing."""
     n = len(step_seeds)
     loss0 = batch_loss(model, batch)
     if not math.isfinite(loss0):
@@ -483,7 +506,11 @@ def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, cop
         if not math.isfinite(losses[-1]):
             perturb_weights_(params, copies, seed, offsets, -eps, kind)  # restore, record nothing
             return None, loss0
-    coefs = [float(np.float32((loss - loss0) / (n * eps))) for loss in losses]  # the upload's float32 values
+    scale = n * (float(np.std(losses)) if normalise else eps)  # np.std: the population std (ddof 0)
+    if not scale > 0:
+        perturb_weights_(params, copies, step_seeds[-1], offsets, -eps, kind)  # restore, record nothing
+        return None, loss0
+    coefs = [float(np.float32((loss - loss0) / scale)) for loss in losses]  # the upload's float32 values
     scales = [-lr * c for c in coefs]
     scales[-1] -= eps
     apply_weights_(params, copies, list(step_seeds), scales, offsets, kind)
@@ -498,6 +525,18 @@ def close_fold(params, offsets, fold, kind, copies=None):
         (seed, scale), = fold
         perturb_weights_(params, copies, seed, offsets, scale, kind)
         fold.clear()
+
+
+def clip_client_norms(decoded, K, c):
+    """--clip_norm c: client i's update is v_i = its sum of scalars per seed (float64[K]); every v_i whose L2 norm
+    exceeds c x the median of the round's norms is scaled down to it, by scaling the client's scalars (a factor of
+    exactly 1 leaves them, and the run, bit for bit as without the option). One client then moves A by at most
+    lr x (its data share) x c x median, whatever it uploads (g = 1e30 included), as long as the median is an honest
+    client's: it needs three or more clients a round (with one, the median is the client's own norm)."""
+    norms = [float(np.linalg.norm(np.bincount(idx, weights=g.astype(np.float64), minlength=K))) for _, idx, g in decoded]
+    bound = c * float(np.median(norms)) if norms else 0.0
+    return [(n, idx, g.astype(np.float64) * (bound / norm) if norm > bound else g)
+            for (n, idx, g), norm in zip(decoded, norms)]
 
 
 def server_step(coefs, momentum, server_lr, beta):
@@ -521,9 +560,11 @@ def longest_messages(K, pro, local_steps, directions=1):
     return 1 + 4 * K + (K if pro else 0), 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
 
 
-def check_upload(msg, K, local_steps, directions, num_examples):
+def check_upload(msg, K, local_steps, directions, num_examples, draws=None):
     """Server: why an upload cannot be aggregated, or None: it must be the client's data size, then whole steps of
-    (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a non-finite loss sends none)."""
+    (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a non-finite loss sends none),
+    and with `draws` (`seed_draws`: what the protocol assigns the client this round) each step's indices must be the
+    next assigned step's, in order: a client cannot stack its pairs on seeds of its choice."""
     width = np.dtype(index_dtype(K)).itemsize + 4
     if len(msg) < 4 or (len(msg) - 4) % width:
         return f"{len(msg)} bytes are not a data size and whole (seed index, scalar) pairs"
@@ -536,15 +577,32 @@ def check_upload(msg, K, local_steps, directions, num_examples):
         return f"seed index {int(idx.max())} out of range (K = {K})"
     if not np.isfinite(g).all():
         return "a scalar is not finite"
+    if draws is not None and not is_in_order(idx.reshape(-1, directions), draws.reshape(-1, directions)):
+        return "its seed indices are not the draws the protocol assigns this client in this round"
     return None
+
+
+def is_in_order(steps, assigned):
+    """Each row of `steps` equals a row of `assigned`, in increasing row order (skipped steps upload nothing)."""
+    j = 0
+    for row in steps:
+        while j < len(assigned) and not np.array_equal(assigned[j], row):
+            j += 1
+        if j == len(assigned):
+            return False
+        j += 1
+    return True
 
 
 def check_uploads(run, replies, sampled, dropped):
     """Server: the replies -> {client: (upload, stats)} it aggregates; a client without a well-formed upload is left
     out with one logged line, its reason in `dropped`."""
-    args = run.args
+    args, server = run.args, run.server
+    probs = seed_probabilities(seed_importance(server["hist_sum"], server["hist_count"])) if args.bias_sampling else None
+    rnd = len(server["A_history"])  # the round being aggregated: A(rnd - 1) is the latest
     return tasks.accept_replies(replies, sampled, dropped, lambda c, up: check_upload(
-        up, args.K, args.local_steps, args.directions, len(run.clients[c])), run.progress.log)
+        up, args.K, args.local_steps, args.directions, len(run.clients[c]), seed_draws(args, args.K, rnd, c, probs)[0]),
+        run.progress.log)
 
 
 def state_tags(server, sampled):
@@ -696,8 +754,8 @@ def setup(args, transport=None):
           + (f", forwards in {args.compute_dtype}" if run.copies else "") + f") on {args.device}; {N} clients, "
           f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, "
           + ("FedKSeed-Pro" if args.bias_sampling else "FedKSeed") + f", z {args.perturbation}, "
-          + (f"one-sided estimator, {args.directions} directions a step" if args.estimator == "one_sided" else
-             "two-point estimator") + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}" if
+          + ("two-point estimator" if args.estimator == "two_point" else
+             f"{args.estimator.replace('_', '-')} estimator, {args.directions} directions a step") + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}" if
                                        (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)

@@ -62,6 +62,7 @@ def argv(tiny_dir, dolly, out, *extra):
 
 # the estimator / server-optimizer options the exactness tests run under
 OPTIONS = {"two_point": (), "one_sided": ("--estimator", "one_sided", "--directions", "3"),
+           "fzoo": ("--estimator", "fzoo", "--directions", "3"),
            "server_momentum": ("--server_lr", "2", "--server_momentum", "0.9"),
            "one_sided+server_momentum": ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5",
                                          "--server_momentum", "0.5")}
@@ -459,8 +460,10 @@ def test_resume_with_other_config_is_one_line(tiny_dir, dolly, tmp_path, capsys)
     (["--directions", "2"], "two-point estimator takes 1 direction"),
     (["--estimator", "one_sided", "--directions", "0"], "--directions 0"),
     (["--estimator", "one_sided", "--fold"], "--fold"),
+    (["--estimator", "fzoo", "--directions", "1"], "--estimator fzoo 2 or more"),
     (["--server_momentum", "1"], "--server_momentum 1.0: must be in [0, 1)"),
     (["--server_lr", "nan"], "--server_lr nan: must be a finite number > 0"),
+    (["--clip_norm=-1"], "--clip_norm -1.0: must be a finite number >= 0"),
 ])
 def test_non_finite_or_non_positive_flags_are_one_line(tiny_dir, dolly, tmp_path, capsys, extra, words):
     with pytest.raises(SystemExit) as e:
@@ -610,6 +613,116 @@ def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
 
+def test_an_upload_on_seeds_other_than_the_assigned_draws_is_refused():
+    """The server recomputes a client's draws from (seed, round, client) and Pro's probabilities; any other index
+    (all pairs stacked on one seed, one index changed, steps out of order) is refused. Honest uploads pass, also
+    when a step with a non-finite loss uploaded nothing."""
+    args = fk.parse_args(["--device", "cpu", "-K", "64", "--local_steps", "5"])
+    probs = fk.seed_probabilities(np.arange(64, dtype=np.uint8) * 4)  # Pro's: non-uniform
+    for p in (None, probs):
+        draws = fk.seed_draws(args, 64, 3, 7, p)[0]
+        assert (draws == np.random.default_rng([42, 2, 3, 7]).choice(64, 5, p=p) if p is not None else
+                draws == np.random.default_rng([42, 2, 3, 7]).integers(0, 64, 5)).all()  # the client's own draws
+        up = lambda idx: fk.encode_upload(10, idx, [0.5] * len(idx), 64)  # noqa: E731
+        check = lambda idx: fk.check_upload(up(idx), 64, 5, 1, 10, draws)  # noqa: E731
+        assert check(draws) is None and check(np.delete(draws, 2)) is None  # honest; step 2 skipped (NaN loss)
+        stacked = np.full(5, draws[0])
+        if not (draws == draws[0]).all():
+            assert "not the draws" in check(stacked)
+        other = draws.copy()
+        other[1] = (other[1] + 1) % 64
+        assert "not the draws" in check(other)
+        if draws[0] != draws[1]:
+            assert "not the draws" in check(draws[[1, 0, 2, 3, 4]])
+
+
+def test_clip_norm_bounds_one_client_as_its_formula_says():
+    """--clip_norm c with 4 clients, one of them uploading g = 1e30 on its seeds. Written out in numpy apart from the
+    script: v_i[k] = sum of client i's g on seed k; bound = c * median_i |v_i|; v_i *= bound / |v_i| where larger;
+    a = -lr * sum_i (n_i / sum n) v_i. The hostile client's share of a is at most lr * n_i / sum n * bound; the honest
+    run is unchanged bit for bit when no norm exceeds the bound."""
+    K, lr, c = 16, 1e-3, 2.0
+    rng = np.random.default_rng(0)
+    clients = [(10 + i, rng.integers(0, K, 5), rng.normal(0, 3, 5).astype(np.float32)) for i in range(4)]
+    hostile = (13, clients[3][1], np.full(5, 1e30, np.float32))
+    ups = [fk.encode_upload(n, idx, g, K) for n, idx, g in clients[:3] + [hostile]]
+    vs = []
+    for n, idx, g in clients[:3] + [hostile]:
+        v = np.zeros(K)
+        for k, x in zip(idx, g):
+            v[k] += float(x)
+        vs.append(v)
+    norms = [math.sqrt(sum(x * x for x in v)) for v in vs]
+    bound = c * sorted(norms)[1:3][0] / 2 + c * sorted(norms)[1:3][1] / 2  # the median of four
+    sizes = np.array([n for n, _, _ in clients[:3] + [hostile]], np.float64)
+    expected = np.zeros(K)
+    for w, v, nv in zip(sizes / sizes.sum(), vs, norms):
+        expected += w * (v * (bound / nv) if nv > bound else v)
+    got = fk.server_aggregate(ups, K, lr, clip_norm=c)
+    np.testing.assert_allclose(got, (-lr * expected).astype(np.float32), rtol=1e-6)
+    hostile_share = lr * sizes[3] / sizes.sum() * bound
+    assert norms[3] > bound  # the hostile client is clipped: its share of a has norm lr * n_i / sum n * bound
+    share = lr * sizes[3] / sizes.sum() * vs[3] * (bound / norms[3])
+    assert abs(np.linalg.norm(share) - hostile_share) <= 1e-9 * hostile_share and np.isfinite(got).all()
+    honest = ups[:3]  # no norm above 2 x the median: the same bits as without the option
+    assert np.array_equal(fk.server_aggregate(honest, K, lr, clip_norm=10.0), fk.server_aggregate(honest, K, lr))
+
+
+def test_fzoo_step_equals_its_formula(tiny_llama, tiny_tokenizer):
+    """--estimator fzoo, n = 3, Rademacher z, FZOO's update written out independently: L0 = L(w); L_i at
+    w_1 = w + eps z1, w_2 = w_1 - eps z1 + eps z2, w_3 = w_2 - eps z2 + eps z3; sigma = sqrt(mean_i (L_i - mean L)^2)
+    (the population std, in Python floats); c_i = (L_i - L0) / (3 sigma) rounded to float32 (no 1/eps);
+    w' = w_3 + sum_i (-lr c_i) z_i - eps z3."""
+    model, eps, lr, kind = tiny_llama, 1e-2, 1e-1, fk.RADEMACHER
+    step_seeds = [5, 6, 7]
+    batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
+    params, offsets = fk.trainable(model)
+    w0 = [p.clone() for p in params]
+    zs = [[seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
+
+    def loss_at(ws):
+        for p, w in zip(params, ws):
+            p.copy_(w)
+        return fk.batch_loss(model, batch)
+
+    l0 = loss_at(w0)
+    w, losses = add_seeds(w0, [eps], zs[:1]), []
+    losses.append(loss_at(w))
+    for i in (1, 2):
+        w = add_seeds(w, [-eps, eps], zs[i - 1:i + 1])
+        losses.append(loss_at(w))
+    mean = sum(losses) / 3
+    sigma = math.sqrt(sum((x - mean) ** 2 for x in losses) / 3)
+    c = [float(np.float32((x - l0) / (3 * sigma))) for x in losses]
+    expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
+
+    for p, a in zip(params, w0):
+        p.copy_(a)
+    got_c, got_loss = fk.one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, normalise=True)
+    assert got_c == c and got_loss == l0 and sigma > 0
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+
+
+def test_fzoo_step_without_spread_restores_and_records_nothing(tiny_llama, tiny_tokenizer, monkeypatch):
+    params, offsets = fk.trainable(tiny_llama)
+    w0 = [p.clone() for p in params]
+    losses = iter([1.0, 2.0, 2.0])  # L0, then two perturbed losses with no spread: sigma = 0
+    monkeypatch.setattr(fk, "batch_loss", lambda model, batch: next(losses))
+    batch = batch_for(tiny_tokenizer, ["x"])
+    assert fk.one_sided_step(tiny_llama, params, offsets, batch, [1, 2], 1e-2, 1e-2, fk.RADEMACHER, normalise=True) \
+        == (None, 1.0)
+    # undone by the opposite pass: the same weights up to float32 rounding (w + eps z1 - eps z1 + eps z2 - eps z2)
+    assert all(torch.allclose(p, w, rtol=0, atol=1e-6) for p, w in zip(params, w0))
+
+
+def test_fzoo_flags():
+    args = fk.parse_args(["--estimator", "fzoo", "--directions", "4", "--device", "cpu"])
+    assert args.perturbation == "rademacher"  # as published
+    assert fk.parse_args(["--estimator", "fzoo", "--directions", "2", "--perturbation", "gaussian",
+                          "--device", "cpu"]).perturbation == "gaussian"
+    assert fk.parse_args(["--device", "cpu"]).perturbation == "gaussian"
+
+
 def test_one_sided_step_with_a_non_finite_loss_restores_and_records_nothing(tiny_llama, tiny_tokenizer):
     params, offsets = fk.trainable(tiny_llama)
     w0 = [p.clone() for p in params]
@@ -678,10 +791,11 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
     w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
     seeds = fk.candidate_seeds(42, K)
+    kind = fk.RADEMACHER if option == "fzoo" else fk.GAUSSIAN  # FZOO's z as published
     exported = fk.trainable(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0])[0]
     for p0, off, e in zip(w0, offsets, exported):
         w = p0.double().view(-1).numpy().copy()
         for k in np.flatnonzero(A):
-            w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), fk.GAUSSIAN).double().numpy()
+            w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), kind).double().numpy()
         np.testing.assert_allclose(e.view(-1).numpy(), w, rtol=0, atol=1e-6)
     assert any(not torch.equal(p0, e) for p0, e in zip(w0, exported))

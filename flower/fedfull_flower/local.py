@@ -108,7 +108,8 @@ class LocalFederation:
         proc = self._spawn(f"supernode{p}", [
             binary("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
             "--port", str(free_port()), "--node-config",
-            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}"'], self.node_env)
+            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}" '
+            'trust-server-paths=true'], self.node_env)  # one machine, one operator: the nodes trust the run's paths
         self.supernodes[p] = proc
         self._wait(f"SuperNode {p}", lambda: self.activated() > before, proc)
         return proc

@@ -3,6 +3,7 @@ script's own flags, then for each of its clients load the state the node keeps (
 `client_round`, store the new state, and reply with the uploads (see transport.py for the protocol)."""
 import json
 import os
+import re
 import shlex
 import time
 import traceback
@@ -25,6 +26,40 @@ def state_dir(context):
     return Path(str(context.node_config.get("state-dir", Path.home() / ".cache" / "fedfull" / "flower-state")))
 
 
+KEY = re.compile(r"[0-9a-f]{16}")  # what run_key makes: the state folder's name, never a path
+LIMITS = {"K": ("max-K", 2**20), "max_length": ("max-length", 2**15)}  # node config key, default: sizes a node allows
+
+
+def node_args(cfg, node):
+    """The run a message asks this node to take part in -> (script name, module, its parsed flags), or a ConfigError
+    (one line) when the node refuses it: a state key that is not run_key's 16 hex digits (it names a folder: never a
+    path), a data path or model that the server chose and the node's config does not set (node config `data-path`,
+    `model` pin them; `trust-server-paths=true` lets the server choose, as the local launcher does, where one person
+    runs every process), or sizes past the node's limits (`max-K`, `max-length`), refused before anything is
+    allocated."""
+    name = str(cfg["script"])
+    script = script_module(name)
+    if not KEY.fullmatch(str(cfg["key"])):
+        raise ConfigError(f"state key {str(cfg['key'])[:40]!r} is not 16 hex digits: refused")
+    argv = shlex.split(str(cfg["argv"]))
+    argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model")) if k in node
+             for x in (flag, str(node[k]))]
+    args = script.parse_args(argv)
+    if str(node.get("trust-server-paths", "false")).lower() != "true":
+        if "data-path" not in node and args.data_path is not None:
+            raise ConfigError(f"the server chose --data_path {args.data_path}: this node's config does not set "
+                              "data-path (or trust-server-paths=true): refused")
+        default = script.parse_args(["--task", args.task] if hasattr(args, "task") else []).model
+        if "model" not in node and args.model != default:
+            raise ConfigError(f"the server chose --model {args.model}: this node's config does not set model (or "
+                              "trust-server-paths=true): refused")
+    for flag, (key, limit) in LIMITS.items():
+        value, most = getattr(args, flag, None), int(node.get(key, limit))
+        if value is not None and value > most:
+            raise ConfigError(f"--{flag} {value} is more than this node allows ({key} {most}): refused")
+    return name, script, args
+
+
 def handle(message, context):
     """The ClientApp's train function: build the node's view of the run from the script's own flags (with the
     node's own data-path and model), then for each client of the message load its state (checking its tag), call
@@ -37,13 +72,7 @@ def handle(message, context):
     clients = [int(c) for c in cfg["clients"]]
     uploads, stats, errors = [b""] * len(clients), [{}] * len(clients), [""] * len(clients)
     try:
-        name = str(cfg["script"])
-        script = script_module(name)
-        node = context.node_config
-        argv = shlex.split(str(cfg["argv"]))
-        argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model")) if k in node
-                 for x in (flag, str(node[k]))]
-        args = script.parse_args(argv)
+        name, script, args = node_args(cfg, context.node_config)
         folder = state_dir(context) / f"{name}-{cfg['key']}"
         folder.mkdir(parents=True, exist_ok=True)
         t = time.time()

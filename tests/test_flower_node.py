@@ -1,0 +1,48 @@
+"""A Flower node does not obey blindly (fedfull_flower.node.node_args): it refuses, with one line, a state key that
+could be a path, a data path or model the server chose that its own config does not set, and sizes past its limits,
+before loading or allocating anything. No processes: the message's config is built here."""
+import pytest
+
+pytest.importorskip("flwr")
+from fedfull_flower.node import node_args  # noqa: E402
+from fedfull_flower.transport import run_key  # noqa: E402
+
+import fedkseed as fk  # noqa: E402
+
+
+def cfg(argv="--device cpu", key=None, script="fedkseed"):
+    return {"script": script, "argv": argv, "key": run_key(script, fk.parse_args(argv.split())) if key is None else key}
+
+
+def test_a_run_the_node_allows_parses():
+    name, script, args = node_args(cfg("--device cpu -K 1024"), {})
+    assert name == "fedkseed" and script is fk and args.K == 1024 and args.data_path is None
+
+
+@pytest.mark.parametrize("key", ["../../etc", "0123456789abcdef/..", "0123456789ABCDEF", "abc", "", "0" * 17])
+def test_a_state_key_that_is_not_16_hex_digits_is_refused(key):
+    with pytest.raises(fk.ConfigError, match="is not 16 hex digits: refused"):
+        node_args(cfg(key=key), {})
+
+
+def test_a_data_path_or_model_the_server_chose_is_refused_unless_the_node_sets_or_trusts_it(tmp_path):
+    with pytest.raises(fk.ConfigError, match="the server chose --data_path /etc/passwd: this node's config"):
+        node_args(cfg("--device cpu --data_path /etc/passwd"), {})
+    with pytest.raises(fk.ConfigError, match="the server chose --model some/model: this node's config"):
+        node_args(cfg("--device cpu --model some/model"), {})
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("")
+    # the node's own config pins both: whatever the server says, the node's values are used
+    _, _, args = node_args(cfg("--device cpu --data_path /etc/passwd --model some/model"),
+                           {"data-path": str(mine), "model": "my/model"})
+    assert (args.data_path, args.model) == (str(mine), "my/model")
+    _, _, args = node_args(cfg("--device cpu --model some/model"), {"trust-server-paths": "true"})
+    assert args.model == "some/model"
+
+
+@pytest.mark.parametrize("argv, words", [("-K 4294967296", "-K 4294967296 is more than this node allows (max-K 1048576)"),
+                                         ("--max_length 1000000", "--max_length 1000000 is more than this node allows")])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(argv, words):
+    with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        node_args(cfg("--device cpu " + argv), {})
+    node_args(cfg("--device cpu -K 4096"), {"max-K": 4096})  # the node's own limit, and at it
