@@ -10,7 +10,9 @@ the run is submitted once all have. Nothing is installed (--disable-runtime-depe
 calls out (FLWR_TELEMETRY_ENABLED=0, FLWR_DISABLE_UPDATE_CHECK=1); each federation has its own FLWR_HOME.
 """
 import argparse
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,6 +129,18 @@ class LocalFederation:
         return subprocess.run([binary("flwr"), "run", str(APP), "local", "--stream", "--run-config", str(overrides)],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def last_run(self):
+        """-> (status, details) of the latest run the SuperLink knows (`flwr ls --format json`): "finished:completed"
+        when the ServerApp returned, "finished:failed" when it died (`flwr run` exits 0 either way)."""
+        done = subprocess.run([binary("flwr"), "ls", "local", "--format", "json"], env=self.env, capture_output=True,
+                              text=True, timeout=60)
+        try:
+            runs = json.loads(done.stdout).get("runs", [])
+            last = max(runs, key=lambda r: r.get("pending-at") or "")
+            return str(last.get("status")), str(last.get("status-details") or "")
+        except (ValueError, AttributeError):
+            return "unknown", (done.stdout + done.stderr).strip()[-300:]
+
     def stop(self):
         for p in list(self.supernodes):
             self.stop_node(p, signal.SIGTERM)
@@ -175,7 +189,21 @@ def main(argv=None):
         done = fed.submit(a.script, flags, a.timeout, **{"round-timeout": a.round_timeout})
         print(done.stdout, end="")
         print(done.stderr, end="", file=sys.stderr)
+        status, details = fed.last_run() if done.returncode == 0 else ("", "")
+    if done.returncode == 0 and status != "finished:completed":  # the ServerApp died: say why, in one line
+        print(f"federation: the run ended {status}: {server_error(done.stdout + done.stderr) or details}",
+              file=sys.stderr)
+        return 1
     return done.returncode
+
+
+def server_error(log):
+    """The ServerApp's own error line in a run's streamed log: its one-line `error: ...` for a user's mistake, else
+    the last line naming an exception."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    ours = [line[line.index("error: "):] for line in lines if "error: " in line]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (ours or raised or [""])[-1][:300]
 
 
 if __name__ == "__main__":

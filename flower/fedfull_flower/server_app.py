@@ -1,6 +1,4 @@
 """ServerApp: the script named by the run config runs its own round loop here, with Flower as its transport."""
-import sys
-
 from flwr.serverapp import Grid, ServerApp
 
 import tasks
@@ -13,6 +11,7 @@ app = ServerApp()
 def main(grid: Grid, context) -> None:
     try:
         serve(grid, context)
-    except (tasks.ConfigError, tasks.DataError, tasks.ModelError) as e:  # a user's mistake: one line
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except (tasks.ConfigError, tasks.DataError, tasks.ModelError) as e:
+        # a user's mistake: one line. Raised as a plain exception so that Flower marks the run failed with this text
+        # (a SystemExit would end the process unreported); the launcher prints it and exits non-zero
+        raise RuntimeError(f"error: {e}") from None
