@@ -582,12 +582,11 @@ def add_seeds(ws, scales, zs):
     return out
 
 
-def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
-    """--estimator one_sided, n = 3: L0 = L(w); w1 = w + eps z1; w2 = w1 - eps z1 + eps z2; w3 = w2 - eps z2 + eps z3;
-    c_i = (L(w_i) - L0) / (n eps) in float32; w' = w3 + sum_i (-lr c_i) z_i - eps z3. Written out with z_reference."""
-    model, eps, lr, kind = tiny_llama, 1e-2, 1e-2, fk.GAUSSIAN
-    step_seeds = [11, 22, 33]
-    batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
+def one_sided_losses(model, tokenizer, kind, step_seeds, eps):
+    """The losses a one-sided step of len(step_seeds) = 3 directions sees, written out with z_reference:
+    L0 = L(w); w1 = w + eps z1; w2 = w1 - eps z1 + eps z2; w3 = w2 - eps z2 + eps z3 -> (params, offsets, batch, w0,
+    zs, L0, [L(w1), L(w2), L(w3)], w3); the model's weights are w0 again on return."""
+    batch = batch_for(tokenizer, ["hello world", "abc"])
     params, offsets = fk.trainable(model)
     w0 = [p.clone() for p in params]
     zs = [[seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
@@ -603,12 +602,19 @@ def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
     for i in (1, 2):
         w = add_seeds(w, [-eps, eps], zs[i - 1:i + 1])
         losses.append(loss_at(w))
-    c = [float(np.float32((loss - l0) / (3 * eps))) for loss in losses]
-    expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
-
     for p, a in zip(params, w0):
         p.copy_(a)
-    got_c, got_loss = fk.one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind)
+    return params, offsets, batch, w0, zs, l0, losses, w
+
+
+def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
+    """--estimator one_sided, n = 3 (`one_sided_losses`): c_i = (L(w_i) - L0) / (n eps) in float32;
+    w' = w3 + sum_i (-lr c_i) z_i - eps z3."""
+    eps, lr, kind, step_seeds = 1e-2, 1e-2, fk.GAUSSIAN, [11, 22, 33]
+    params, offsets, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
+    c = [float(np.float32((loss - l0) / (3 * eps))) for loss in losses]
+    expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
+    got_c, got_loss = fk.one_sided_step(tiny_llama, params, offsets, batch, step_seeds, eps, lr, kind)
     assert got_c == c and got_loss == l0 and all(x != 0.0 for x in c)
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
@@ -669,36 +675,16 @@ def test_clip_norm_bounds_one_client_as_its_formula_says():
 
 
 def test_fzoo_step_equals_its_formula(tiny_llama, tiny_tokenizer):
-    """--estimator fzoo, n = 3, Rademacher z, FZOO's update written out independently: L0 = L(w); L_i at
-    w_1 = w + eps z1, w_2 = w_1 - eps z1 + eps z2, w_3 = w_2 - eps z2 + eps z3; sigma = sqrt(mean_i (L_i - mean L)^2)
-    (the population std, in Python floats); c_i = (L_i - L0) / (3 sigma) rounded to float32 (no 1/eps);
-    w' = w_3 + sum_i (-lr c_i) z_i - eps z3."""
-    model, eps, lr, kind = tiny_llama, 1e-2, 1e-1, fk.RADEMACHER
-    step_seeds = [5, 6, 7]
-    batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
-    params, offsets = fk.trainable(model)
-    w0 = [p.clone() for p in params]
-    zs = [[seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
-
-    def loss_at(ws):
-        for p, w in zip(params, ws):
-            p.copy_(w)
-        return fk.batch_loss(model, batch)
-
-    l0 = loss_at(w0)
-    w, losses = add_seeds(w0, [eps], zs[:1]), []
-    losses.append(loss_at(w))
-    for i in (1, 2):
-        w = add_seeds(w, [-eps, eps], zs[i - 1:i + 1])
-        losses.append(loss_at(w))
+    """--estimator fzoo, n = 3, Rademacher z, FZOO's update written out independently (`one_sided_losses`):
+    sigma = sqrt(mean_i (L_i - mean L)^2) (the population std, in Python floats); c_i = (L_i - L0) / (3 sigma) rounded
+    to float32 (no 1/eps); w' = w_3 + sum_i (-lr c_i) z_i - eps z3."""
+    eps, lr, kind, step_seeds = 1e-2, 1e-1, fk.RADEMACHER, [5, 6, 7]
+    params, offsets, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
     mean = sum(losses) / 3
     sigma = math.sqrt(sum((x - mean) ** 2 for x in losses) / 3)
     c = [float(np.float32((x - l0) / (3 * sigma))) for x in losses]
     expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
-
-    for p, a in zip(params, w0):
-        p.copy_(a)
-    got_c, got_loss = fk.one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, normalise=True)
+    got_c, got_loss = fk.one_sided_step(tiny_llama, params, offsets, batch, step_seeds, eps, lr, kind, normalise=True)
     assert got_c == c and got_loss == l0 and sigma > 0
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
