@@ -52,7 +52,7 @@ TASK_DEFAULTS = {
 LORA_LR = {"sft": 3e-4, "glue": 5e-4}  # LoRA wants a larger step than full fine-tuning
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS}
 SHARED_FLAGS = ("dataset data_path model rounds num_clients m local_steps batch_size lr weight_decay max_length iid "
-                "seed output_dir resume eval_every eval_samples val_samples max_new_tokens device dtype")
+                "seed output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype")
 
 
 def parse_args(argv=None):
@@ -168,7 +168,7 @@ def check_upload(run, wire_up):
     """-> (why an upload cannot be averaged, or None; the unpacked upload). It must hold exactly the trained
     tensors, of the global weights' shapes and dtypes, all finite (`tasks.check_tensors`): a malformed or hostile
     upload is left out of the average."""
-    return tasks.check_tensors(wire_up, run.names, run.global_w)
+    return tasks.check_tensors(wire_up, run.names, run.global_w, run.args.max_change)
 
 
 def take_uploads(run, rnd, sampled, replies, wire_down):
@@ -188,7 +188,8 @@ def take_uploads(run, rnd, sampled, replies, wire_down):
         stats = replies[c][1]
         uploads.append(upload)
         sizes.append(len(run.clients[c]))
-        turns.append({**line, "loss": stats["loss"], "upload_bytes": len(replies[c][0]),
+        turns.append({**line, "loss": stats["loss"], "change": round(tasks.relative_change(upload, run.global_w), 6),
+                      "upload_bytes": len(replies[c][0]),
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
                       "client_seconds": round(stats["client_seconds"], 3)})
     return uploads, sizes, turns

@@ -76,8 +76,9 @@ TASK_DEFAULTS = {
                   adam_eps=1e-8, lr_scheduler="linear", warmup_ratio=0.1, max_grad_norm=1.0),
 }
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)}
-SHARED_FLAGS = ("dataset data_path model rounds num_clients local_steps batch_size lr weight_decay max_length iid "
-                "seed output_dir resume eval_every eval_samples val_samples max_new_tokens device dtype dist_timeout")
+SHARED_FLAGS = ("dataset data_path model rounds num_clients local_steps batch_size lr weight_decay max_length iid seed "
+                "output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype "
+                "dist_timeout")
 TURN_STATS = ("loss", "peak_memory_bytes")  # a turn's statistics that travel with its upload (for the metrics)
 
 
@@ -289,7 +290,7 @@ def check_upload(run, wire_up, blocks):
     """-> (why a turn's upload cannot be taken, or None; the unpacked upload): exactly the tensors of the client's
     blocks and the head, of the server's shapes and dtypes, all finite: no client writes a tensor it did not train."""
     want = [n for b in blocks for n in run.units[b]] + run.units["head"]
-    return tasks.check_tensors(wire_up, want, run.server["weights"])
+    return tasks.check_tensors(wire_up, want, run.server["weights"], run.args.max_change)
 
 
 def server_aggregate(server, client, upload, units):
@@ -328,8 +329,7 @@ def turn(run, rnd, c):
     """Turn c of round rnd, as every rank runs it on its replica of the server -> the turn's ledger line."""
     args, server, transport = run.args, run.server, run.transport
     blocks, seed, lrs = turn_plan(run, rnd, c)
-    # 1. download: server -> client c. No collective carries it (every rank holds the server's weights): c's rank
-    #    serialises it from its own replica, rank 0 too (for the ledger), the other ranks skip that work
+    # 1. download: server -> client c, serialised from c's rank's replica (rank 0's too, for the ledger): no collective
     held = dict(server["seen"].get(c, {}))  # what c holds before it (Flower's nodes check their disk against it)
     down = server_download(server, run.units, c, blocks, args.download, args.download_fraction, seed)
     wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
@@ -338,8 +338,7 @@ def turn(run, rnd, c):
     t0 = time.time()
     wire_up, stats = transport.from_client(c, TURN_STATS, client_round, run, rnd, wire_down, tag)
     seconds = round(time.time() - t0, 3)  # the turn as this rank sees it: its own work, or waiting for it
-    # 3. server: take a well-formed upload; a client that did not answer (Flower) or sent a malformed upload loses
-    #    its turn, and the server treats it as holding the pretrained model again (its next download says so)
+    # 3. server: take a well-formed upload; else the turn is lost and the client treated as holding the pretrained model
     why, upload = (stats["dropped"], None) if wire_up is None else check_upload(run, wire_up, blocks)
     line, block = {"round": rnd, "turn": (rnd - 1) * run.num_clients + c}, "+".join(blocks)
     if why is not None:
@@ -347,6 +346,7 @@ def turn(run, rnd, c):
         line.update(client=c, block=block, dropped=why, download_bytes=len(wire_down), upload_bytes=0)
         run.progress.log(f"round {rnd} client {c}: left out of the round: {why}")
     else:
+        line["change"] = round(tasks.relative_change(upload, server["weights"]), 6)  # before the upload replaces them
         server_aggregate(server, c, upload, run.units)
         sync_model(run.model, upload)  # every working copy follows the global model
         line.update(turns_per_round=run.num_clients, client=c, block=block, lr_first=lrs[0], lr_last=lrs[-1],

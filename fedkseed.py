@@ -32,7 +32,8 @@ The protocol, round t (the paper's Algorithm 1; `train` below):
   2. the client overwrites those entries of its record and replays: weights <- w0 + sum_k A_k z_k;
   3. it takes --local_steps ZO steps from there, each on a seed drawn from the K (uniformly; Pro: by the server's
      probabilities), and uploads its (seed index, g) pairs: 4 + 6 x steps bytes;
-  4. the server aggregates the pairs into a(t) and A(t) (`server_aggregate`), which defines w(t).
+  4. the server aggregates the pairs into a(t) and A(t) (`server_aggregate`), which defines w(t); it refuses pairs
+     on seeds other than the client's own draws, which it recomputes (`seed_draws`).
 With K = 4096 and 200 steps, up plus down is at most 1,204 + 16,385 = 17,589 bytes per client per round, under the
 paper's 18 kilobytes, whatever the model's size; every run's byte ledger shows it.
 
@@ -166,7 +167,7 @@ def check_config(args):
                           "--estimator one_sided 1 or more, --estimator fzoo 2 or more (the spread of one loss is 0)")
     args.perturbation = args.perturbation or ("rademacher" if args.estimator == "fzoo" else "gaussian")
     if args.fold and args.estimator != "two_point":
-        raise ConfigError("--fold joins the two-point step's closing and opening passes: it needs --estimator two_point")
+        raise ConfigError("--fold joins the two-point step's closing and opening passes: needs --estimator two_point")
     args.compute_dtype = args.compute_dtype or args.dtype
     if args.compute_dtype != args.dtype and args.dtype != "float32":
         raise ConfigError(f"--compute_dtype {args.compute_dtype} needs float32 weights (--dtype float32): the copy is "
@@ -533,7 +534,7 @@ def clip_client_norms(decoded, K, c):
     exactly 1 leaves them, and the run, bit for bit as without the option). One client then moves A by at most
     lr x (its data share) x c x median, whatever it uploads (g = 1e30 included), as long as the median is an honest
     client's: it needs three or more clients a round (with one, the median is the client's own norm)."""
-    norms = [float(np.linalg.norm(np.bincount(idx, weights=g.astype(np.float64), minlength=K))) for _, idx, g in decoded]
+    norms = [float(np.linalg.norm(np.bincount(i, weights=g.astype(np.float64), minlength=K))) for _, i, g in decoded]
     bound = c * float(np.median(norms)) if norms else 0.0
     return [(n, idx, g.astype(np.float64) * (bound / norm) if norm > bound else g)
             for (n, idx, g), norm in zip(decoded, norms)]
@@ -598,7 +599,8 @@ def check_uploads(run, replies, sampled, dropped):
     """Server: the replies -> {client: (upload, stats)} it aggregates; a client without a well-formed upload is left
     out with one logged line, its reason in `dropped`."""
     args, server = run.args, run.server
-    probs = seed_probabilities(seed_importance(server["hist_sum"], server["hist_count"])) if args.bias_sampling else None
+    pro = args.bias_sampling  # the probabilities its download gave the client, from the same history
+    probs = seed_probabilities(seed_importance(server["hist_sum"], server["hist_count"])) if pro else None
     rnd = len(server["A_history"])  # the round being aggregated: A(rnd - 1) is the latest
     return tasks.accept_replies(replies, sampled, dropped, lambda c, up: check_upload(
         up, args.K, args.local_steps, args.directions, len(run.clients[c]), seed_draws(args, args.K, rnd, c, probs)[0]),
@@ -662,8 +664,9 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, coefs=None):
     run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(accepted[c][0])} if c in accepted
                       else {"round": rnd, "client": c, "down": len(sent[c]), "up": 0, "dropped": dropped[c]}
                       for c in sent] + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
-    row = {"round": rnd, "train_loss": mean([s["loss"] for s in stats if math.isfinite(s["loss"])]), **evaluate(run, rnd),
-           "upload_bytes": mean([len(u) for u in ups]), "download_bytes": mean([len(m) for m in sent.values()]),
+    row = {"round": rnd, "train_loss": mean([s["loss"] for s in stats if math.isfinite(s["loss"])]),
+           **evaluate(run, rnd), "upload_bytes": mean([len(u) for u in ups]),
+           "download_bytes": mean([len(m) for m in sent.values()]),
            "upload_bytes_total": sum(map(len, ups)), "download_bytes_total": sum(map(len, sent.values())),
            "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)) if coefs is not None else 0,
            "sync_seconds": mean([s["sync_seconds"] for s in stats]),
@@ -682,8 +685,8 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, coefs=None):
     run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {f['train_loss']}, held-out loss {f['eval_loss']}, "
                      + (f"validation loss {f['val_loss']}, " if "val_loss" in row else "") + f"Rouge-L {f['rougeL']}, "
                      f"{row['seconds']:.0f} s (sync {f['sync_seconds']} s per client, replay max |diff| {diff}; "
-                     f"{row['seeds_touched']} seeds touched" + (f"; left out: clients {', '.join(map(str, row['dropped']))}"
-                                                                if row["dropped"] else "") + ")")
+                     f"{row['seeds_touched']} seeds touched"
+                     + (f"; left out: clients {', '.join(map(str, row['dropped']))}" if row["dropped"] else "") + ")")
 
 
 SERVER_STATE = ("last_sync", "hist_sum", "hist_count", "momentum")  # with A's history: what the next round needs
@@ -755,8 +758,9 @@ def setup(args, transport=None):
           f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, "
           + ("FedKSeed-Pro" if args.bias_sampling else "FedKSeed") + f", z {args.perturbation}, "
           + ("two-point estimator" if args.estimator == "two_point" else
-             f"{args.estimator.replace('_', '-')} estimator, {args.directions} directions a step") + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}" if
-                                       (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
+             f"{args.estimator.replace('_', '-')} estimator, {args.directions} directions a step")
+          + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}"
+             if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)
     # the server's state: A(t) for every round so far (A(0) = 0: the pretrained model), the round each client last

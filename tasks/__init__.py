@@ -64,7 +64,7 @@ from . import checkpoint, flags, glue, squad
 from .errors import ConfigError, GroupError
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
-from .outputs import check_tensors, export_model, fmt_bytes, pack, read_jsonl, save_atomic, unpack, write_atomic
+from .outputs import check_tensors, export_model, relative_change, fmt_bytes, pack, read_jsonl, save_atomic, unpack, write_atomic
 from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
                  heldout_prompt_ids, heldout_rouge_l, heldout_sets, heldout_token_losses, evaluate_lm, paired_interval, rouge_l, rouge_l_scores,
                  token_weighted_loss, tokenize_example, tokenize_examples)

@@ -108,6 +108,10 @@ SHARED = {
                                              "set. 0 = none"), _at_least(0)),
     "max_new_tokens": (("--max_new_tokens",), dict(type=int, default=128, help="tokens generated for Rouge-L "
                                                    "(greedy)"), _at_least(0)),
+    "max_change": (("--max_change",), dict(type=float, default=1.0, help="the server refuses an upload that changes "
+                                           "the weights the client was sent by more than this fraction of their "
+                                           "norm (a hostile block of 1e30 is finite); 0 = off"),
+                   lambda args, name, low=None: _finite(args, name, 0.0, strict=False, note=" (0 = off)")),
     "device": (("--device",), dict(default="auto", help="auto, cpu, cuda, cuda:1, ..."), _none),
     "dtype": (("--dtype",), dict(choices=("float32", "bfloat16", "float16"), default="float32",
                                  help="weight dtype"), _none),

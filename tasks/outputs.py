@@ -45,10 +45,12 @@ def unpack(wire):
     return load(wire)
 
 
-def check_tensors(wire, names, reference):
+def check_tensors(wire, names, reference, max_change=0.0):
     """A client's upload of tensors -> (why the server cannot take it, or None; the unpacked upload). It must
-    unpack and hold exactly `names`, each of its `reference` tensor's shape and dtype, all finite: a malformed or
-    hostile upload is left out, so no client can crash the server or write a tensor it was not asked for."""
+    unpack and hold exactly `names`, each of its `reference` tensor's shape and dtype, all finite, and (max_change
+    > 0, --max_change) change the weights it was sent by at most that fraction of their norm (`relative_change`): a
+    malformed or hostile upload is left out, so no client can crash the server, write a tensor it was not asked for,
+    or replace a block by one of any size (a block of 1e30 is finite)."""
     import torch
     try:
         upload = unpack(wire)
@@ -63,7 +65,19 @@ def check_tensors(wire, names, reference):
             return f"{n} is {tuple(t.shape)} {t.dtype}, expected {tuple(w.shape)} {w.dtype}", None
         if not torch.isfinite(t).all():
             return f"{n} holds a value that is not finite", None
+    change = relative_change(upload, reference) if max_change > 0 else 0.0
+    if change > max_change > 0:
+        return f"it changes the weights it was sent by {change:.3g} of their norm, more than {max_change:g}", None
     return None, upload
+
+
+def relative_change(upload, reference):
+    """||upload - sent|| / ||sent||, over all the upload's tensors together (float64; the tensors it was sent are
+    `reference[name]`): how far a client moved the weights it trained, as a fraction of their size."""
+    import torch
+    diff = sum(float(torch.sum((t.double() - reference[n].double()) ** 2)) for n, t in upload.items())
+    size = sum(float(torch.sum(reference[n].double() ** 2)) for n in upload)
+    return (diff / size) ** 0.5 if size > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def fmt_bytes(n):

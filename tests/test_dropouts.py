@@ -159,6 +159,21 @@ def test_check_tensors_reasons():
         assert why.startswith(reason) and got is None, (why, reason)
 
 
+def test_an_upload_that_moves_the_weights_too_far_is_refused():
+    """--max_change r (fedcybgd, fedavg): ||upload - sent|| / ||sent|| over the upload's tensors, written out here in
+    Python floats; a finite block of 1e30 is refused, an honest step passes, and r = 0 turns the check off."""
+    ref = {"a": torch.full((2, 3), 0.5), "b": torch.full((4,), -1.0)}
+    step = {"a": ref["a"] + 0.01, "b": ref["b"] - 0.02}
+    size = (6 * 0.5 ** 2 + 4 * 1.0 ** 2) ** 0.5
+    change = (6 * 0.01 ** 2 + 4 * 0.02 ** 2) ** 0.5 / size
+    assert abs(tasks.relative_change(step, ref) - change) < 1e-7  # float32 steps: 0.01 is not exact
+    assert tasks.check_tensors(tasks.pack(step), ["a", "b"], ref, max_change=1.0)[0] is None
+    huge = {"a": torch.full((2, 3), 1e30), "b": ref["b"]}
+    why, got = tasks.check_tensors(tasks.pack(huge), ["a", "b"], ref, max_change=1.0)
+    assert got is None and why.startswith("it changes the weights it was sent by 1.04e+30 of their norm, more than 1")
+    assert tasks.check_tensors(tasks.pack(huge), ["a", "b"], ref, max_change=0.0)[0] is None  # off
+
+
 def wrong_shape(up):
     tensors = tasks.unpack(up)
     name = next(iter(tensors))

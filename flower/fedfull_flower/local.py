@@ -120,13 +120,14 @@ class LocalFederation:
         proc = self.supernodes.pop(p)
         _stop(proc, sig)
 
-    def submit(self, script, argv, timeout, **config):
-        """`flwr run` the app with the script and its flags; -> the finished `flwr run --stream` process."""
+    def submit(self, script, argv, timeout, app=APP, **config):
+        """`flwr run` the app (fedfull's, flower/) with the script and its flags; -> the finished `flwr run --stream`
+        process."""
         import tomli_w
         overrides = self.folder / "run-config.toml"
         overrides.write_text(tomli_w.dumps({"script": script, "argv": " ".join(_quote(a) for a in argv),
                                             "num-nodes": self.nodes, **config}))
-        return subprocess.run([binary("flwr"), "run", str(APP), "local", "--stream", "--run-config", str(overrides)],
+        return subprocess.run([binary("flwr"), "run", str(app), "local", "--stream", "--run-config", str(overrides)],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def last_run(self):

@@ -1,0 +1,46 @@
+"""fedfull's ClientApp (fedfull_flower.node), except on the node of partition 1, whose reply is replaced, round by
+round, by what a hostile participant could send: a stat that is a 400-digit integer (round 1), uploads a megabyte
+longer than the protocol allows (round 2), every pair stacked on one seed the client was not assigned, with a large
+scalar (round 3), a reply naming other clients (round 4); from round 5 on it answers honestly."""
+import json
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfull_flower.node import answer_query, handle
+from fedfull_flower.transport import MESSAGE_KEY
+
+import fedkseed as fk
+
+app = ClientApp()
+app.query()(answer_query)
+
+
+def stacked(upload, K=16):
+    """The same data size and number of pairs, every pair on one seed index none of its steps drew, g = 1e3."""
+    n, idx, g = fk.decode_upload(upload, K)
+    other = next(k for k in range(K) if k not in set(idx.tolist()))
+    return fk.encode_upload(n, [other] * len(idx), [1e3] * len(idx), K)
+
+
+@app.train()
+def train(message, context):
+    reply = handle(message, context)
+    rnd = int(message.content[MESSAGE_KEY]["round"])
+    if int(context.node_config.get("partition-id", 0)) != 1 or rnd > 4:
+        return reply
+    got = reply.content[MESSAGE_KEY]
+    cfg = {k: got[k] for k in ("clients", "uploads", "errors", "stats")}
+    n = len(cfg["clients"])
+    if rnd == 1:
+        cfg["stats"] = json.dumps([{"loss": 10 ** 400, "sync_seconds": 0.0, "train_seconds": 0.0}] * n)
+    elif rnd == 2:
+        cfg["uploads"] = [bytes(u) + b"\0" * 2 ** 20 for u in cfg["uploads"]]
+    elif rnd == 3:
+        cfg["uploads"] = [stacked(bytes(u)) for u in cfg["uploads"]]
+    else:
+        cfg["clients"] = [int(c) + 100 for c in cfg["clients"]]
+    return Message(RecordDict({MESSAGE_KEY: ConfigRecord(cfg)}), reply_to=message)
+
+
+
