@@ -187,7 +187,7 @@ def take_uploads(run, rnd, sampled, replies, wire_down):
             continue
         stats = replies[c][1]
         uploads.append(upload)
-        sizes.append(len(run.clients[c]))
+        sizes.append(run.transport.data_size(c, len(run.clients[c])))  # Flower's deployment: declared
         turns.append({**line, "loss": stats["loss"], "change": round(tasks.relative_change(upload, run.global_w), 6),
                       "upload_bytes": len(replies[c][0]),
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),

@@ -562,17 +562,18 @@ def longest_messages(K, pro, local_steps, directions=1):
 
 
 def check_upload(msg, K, local_steps, directions, num_examples, draws=None):
-    """Server: why an upload cannot be aggregated, or None: it must be the client's data size, then whole steps of
-    (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a non-finite loss sends none),
-    and with `draws` (`seed_draws`: what the protocol assigns the client this round) each step's indices must be the
-    next assigned step's, in order: a client cannot stack its pairs on seeds of its choice."""
+    """Server: why an upload cannot be aggregated, or None: it must be the client's data size (num_examples; None: not
+    checked), then whole steps of (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a
+    non-finite loss sends none), and with `draws` (`seed_draws`: what the protocol assigns the client this round)
+    each step's indices must be the next assigned step's, in order: a client cannot stack its pairs on seeds of its
+    choice."""
     width = np.dtype(index_dtype(K)).itemsize + 4
     if len(msg) < 4 or (len(msg) - 4) % width:
         return f"{len(msg)} bytes are not a data size and whole (seed index, scalar) pairs"
     n, idx, g = decode_upload(msg, K)
     if len(idx) % directions or len(idx) > local_steps * directions:
         return f"{len(idx)} pairs: expected whole steps of {directions}, at most {local_steps} steps"
-    if n != num_examples:
+    if num_examples is not None and n != num_examples:
         return f"data size {n}, but the client holds {num_examples} examples"
     if len(idx) and int(idx.max()) >= K:
         return f"seed index {int(idx.max())} out of range (K = {K})"
@@ -597,14 +598,18 @@ def is_in_order(steps, assigned):
 
 def check_uploads(run, replies, sampled, dropped):
     """Server: the replies -> {client: (upload, stats)} it aggregates; a client without a well-formed upload is left
-    out with one logged line, its reason in `dropped`."""
-    args, server = run.args, run.server
+    out with one logged line, its reason in `dropped`. The server weights a client by its own record of the client's
+    data size (`transport.data_size`: its partition's; in Flower's deployment mode the capped size its node declared,
+    which replaces the upload's own size field, unchecked then)."""
+    args, server, transport = run.args, run.server, run.transport
     pro = args.bias_sampling  # the probabilities its download gave the client, from the same history
     probs = seed_probabilities(seed_importance(server["hist_sum"], server["hist_count"])) if pro else None
     rnd = len(server["A_history"])  # the round being aggregated: A(rnd - 1) is the latest
-    return tasks.accept_replies(replies, sampled, dropped, lambda c, up: check_upload(
-        up, args.K, args.local_steps, args.directions, len(run.clients[c]), seed_draws(args, args.K, rnd, c, probs)[0]),
-        run.progress.log)
+    sizes = {c: transport.data_size(c, len(run.clients[c])) for c in sampled}
+    accepted = tasks.accept_replies(replies, sampled, dropped, lambda c, up: check_upload(
+        up, args.K, args.local_steps, args.directions, None if transport.declares_sizes else sizes[c],
+        seed_draws(args, args.K, rnd, c, probs)[0]), run.progress.log)
+    return {c: (np.uint32(sizes[c]).tobytes() + bytes(up[4:]), st) for c, (up, st) in accepted.items()}
 
 
 def state_tags(server, sampled):

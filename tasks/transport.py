@@ -12,6 +12,7 @@ flower/fedfull_flower/transport.py.
                                                      # where it lives -> {c: (upload, stats)} of those that answered
     transport.from_client(client, keys, fn, run, rnd, download, tag)  # one client's fn, its result on every rank
     transport.wire_ledger(round, clients)            # ledger lines: bytes each rank's collectives moved this round
+    transport.data_size(client, held)                # the data size the server weights a client by
 
 A round loop calls these without asking which transport it has: in one process `scatter`/`gather`/`broadcast`
 hand the messages through, `on_server` calls, and `wire_ledger` is empty. Under torchrun every message crosses
@@ -38,6 +39,7 @@ class Transport:
     """One process: every client lives here and nothing crosses a process boundary."""
     rank, world = 0, 1
     keeps_client_state = False  # Flower: each client's state lives on its node, which checks it (tags)
+    declares_sizes = False  # Flower's deployment mode: the clients' data sizes are their nodes' declarations
 
     def __init__(self, device="cpu"):
         self.device = device  # each rank's compute device
@@ -95,6 +97,12 @@ class Transport:
 
     def wire_ledger(self, rnd, clients):
         return []
+
+    def data_size(self, client, held):
+        """The data size the server weights `client` by: here `held`, the size of the client's partition, which the
+        server computes from its own copy of the data set (the research simulation). Flower's deployment mode
+        (`declares_sizes`) returns what the client's node declared when it joined, capped."""
+        return held
 
     def lost_rank(self, error, rnd, last_round, timeout):
         """A GroupError -> the one line that says what happened and how to go on. last_round: the round of the

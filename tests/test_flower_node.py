@@ -8,6 +8,7 @@ from fedfull_flower.node import node_args  # noqa: E402
 from fedfull_flower.transport import run_key  # noqa: E402
 
 import fedkseed as fk  # noqa: E402
+from test_fedkseed import argv, dolly, tiny_dir  # noqa: E402, F401  (fixtures)
 
 
 def cfg(argv="--device cpu", key=None, script="fedkseed"):
@@ -46,3 +47,28 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(argv, words):
     with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         node_args(cfg("--device cpu " + argv), {})
     node_args(cfg("--device cpu -K 4096"), {"max-K": 4096})  # the node's own limit, and at it
+
+
+def test_a_node_declares_its_clients_sizes_from_its_own_data_when_asked(tiny_dir, dolly, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    """The deployment mode's partition query carries the run's flags: the node answers with the clients of its
+    partition and the number of examples each holds in its own data; without the flags, the partition only."""
+    import shlex
+    from types import SimpleNamespace
+
+    import flwr.app
+    from fedfull_flower.node import answer_query
+    from fedfull_flower.transport import MESSAGE_KEY
+    monkeypatch.setattr(flwr.app, "Message", lambda content, reply_to: content[MESSAGE_KEY])
+    flags = argv(tiny_dir, dolly, tmp_path / "out", "--num_clients", "5")
+    ask = {"ask": "partition", "script": "fedkseed", "argv": shlex.join(flags), "key": "0" * 16}
+    node = {"partition-id": 1, "num-partitions": 2, "trust-server-paths": "true"}
+    answer = answer_query(SimpleNamespace(content={MESSAGE_KEY: ask}), SimpleNamespace(node_config=node))
+    held = fk.load_data(fk.parse_args(flags), None)[0].clients
+    assert answer["clients"] == [1, 3] and answer["sizes"] == [len(held[1]), len(held[3])]
+    plain = answer_query(SimpleNamespace(content={MESSAGE_KEY: {"ask": "partition"}}),
+                         SimpleNamespace(node_config=node))
+    assert plain == {"partition-id": 1, "num-partitions": 2}
+    refused = answer_query(SimpleNamespace(content={MESSAGE_KEY: ask}), SimpleNamespace(node_config={
+        "partition-id": 1, "num-partitions": 2}))  # the server chose the data path, and this node does not trust it
+    assert "sizes" not in refused

@@ -104,20 +104,21 @@ class LocalFederation:
         for p in range(self.nodes):
             self.start_node(p)
 
-    def start_node(self, p):
-        """Start the SuperNode of partition p and wait until the SuperLink has registered it."""
-        before = self.activated()
-        proc = self._spawn(f"supernode{p}", [
+    def start_node(self, p, name=None, partitions=None):
+        """Start the SuperNode of partition p (of `partitions`, default one per node) and wait until the SuperLink has
+        registered it. name: another name for it (its log, `stop_node`), for a second node claiming p (tests)."""
+        before, name = self.activated(), name or p
+        proc = self._spawn(f"supernode{name}", [
             binary("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
             "--port", str(free_port()), "--node-config",
-            f'partition-id={p} num-partitions={self.nodes} state-dir="{self.folder / f"state{p}"}" '
+            f'partition-id={p} num-partitions={partitions or self.nodes} state-dir="{self.folder / f"state{name}"}" '
             'trust-server-paths=true'], self.node_env)  # one machine, one operator: the nodes trust the run's paths
-        self.supernodes[p] = proc
-        self._wait(f"SuperNode {p}", lambda: self.activated() > before, proc)
+        self.supernodes[name] = proc
+        self._wait(f"SuperNode {name}", lambda: self.activated() > before, proc)
         return proc
 
-    def stop_node(self, p, sig=signal.SIGKILL):
-        proc = self.supernodes.pop(p)
+    def stop_node(self, name, sig=signal.SIGKILL):
+        proc = self.supernodes.pop(name)
         _stop(proc, sig)
 
     def submit(self, script, argv, timeout, app=APP, **config):

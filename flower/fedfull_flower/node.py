@@ -15,10 +15,21 @@ from .transport import MESSAGE_KEY, script_module
 
 
 def answer_query(message, context):
-    """The partition this node serves (its node config)."""
+    """The partition this node serves (its node config); when the server asks for data sizes (the deployment mode:
+    the message carries the run's script and flags), also each of its clients and the number of examples it holds,
+    read from this node's own data. A run the node refuses (`node_args`) gets the partition only."""
     from flwr.app import ConfigRecord, Message, RecordDict
-    node = context.node_config
+    node, cfg = context.node_config, message.content[MESSAGE_KEY]
     reply = {k: int(node[k]) for k in ("partition-id", "num-partitions") if k in node}
+    if "script" in cfg and len(reply) == 2:
+        try:
+            _, script, args = node_args(cfg, node)
+            run = script.client_node(args)
+            p, count = reply["partition-id"], reply["num-partitions"]
+            mine = [c for c in range(len(run.clients)) if c % count == p]
+            reply.update(clients=mine, sizes=[len(run.clients[c]) for c in mine])
+        except BaseException as e:  # noqa: BLE001  bad flags (argparse exits), a missing file: the server is told
+            print(f"fedfull node: no data sizes declared: {type(e).__name__}: {e}".splitlines()[0], flush=True)
     return Message(RecordDict({MESSAGE_KEY: ConfigRecord(reply)}), reply_to=message)
 
 

@@ -60,16 +60,22 @@ class Flower(Transport):
     `from_client` does the same for one client's turn. Who did not answer is in `dropped`."""
     keeps_client_state = True
 
-    def __init__(self, grid, device, script, argv, nodes, round_timeout, node_timeout, log=print):
+    def __init__(self, grid, device, script, argv, nodes, round_timeout, node_timeout, log=print, partitions=None,
+                 data_sizes="partition", size_cap=10_000, key=None):
         super().__init__(device)
         self.grid, self.script, self.argv = grid, script, argv
         self.nodes, self.round_timeout, self.node_timeout, self.log = nodes, round_timeout, node_timeout, log
-        self.node_of, self.partitions, self.known = {}, None, {}  # partition -> node id; P; node id -> partition
-        self.key = None
+        self.partitions = partitions or nodes  # P, the run config's: a node cannot change it
+        self.node_of, self.known = {}, {}  # partition -> the node serving it; node id -> the partition it claims
+        self.declares_sizes, self.size_cap = data_sizes == "declared", size_cap
+        self.declared = {}  # deployment mode: client -> the data size its node declared when it joined
+        self.key = key
 
     def describe(self):
         return (f"; Flower: {self.partitions} partitions on {len(self.node_of)} nodes, client c on the node of "
-                f"partition c % {self.partitions}")
+                f"partition c % {self.partitions}; data sizes "
+                + (f"declared by the nodes, capped at {self.size_cap}" if self.declares_sizes else
+                   "from the server's copy of the partitions (research simulation)"))
 
     def join(self, timeout):
         """Wait (up to node_timeout) until `nodes` SuperNodes are connected, and learn each one's partition."""
@@ -80,43 +86,67 @@ class Flower(Transport):
                                   f"connected after {self.node_timeout:g} s (run config num-nodes)")
             time.sleep(0.2)
         self.refresh()
-        if self.partitions is None:
+        if not self.node_of:
             raise ConfigError("Flower: no SuperNode told its partition (start them with --node-config "
-                              "'partition-id=p num-partitions=P')")
+                              "'partition-id=p num-partitions=P', P the run config's num-partitions)")
 
     def mine(self, clients):
         return []
 
     def refresh(self):
-        """Ask nodes not seen before for their partition (one query message each); forget nodes that left."""
+        """Ask nodes not seen before for their partition (one query message each; in the deployment mode also their
+        clients' data sizes), forget nodes that left, and hand each partition no connected node serves to the first
+        node that claimed it. A node that counts other than the run config's num-partitions, or whose answer is
+        malformed, serves nothing; a node that claims a partition a connected node serves waits until that node has
+        left (so a newcomer cannot take over a client whose node is still there)."""
         from flwr.app import ConfigRecord, Message, RecordDict
         ids = set(self.grid.get_node_ids())
         self.node_of = {p: n for p, n in self.node_of.items() if n in ids}
         new = [n for n in ids if n not in self.known]
-        if not new:
-            return
-        ask = [Message(RecordDict({MESSAGE_KEY: ConfigRecord({"ask": "partition"})}), dst_node_id=n,
-                       message_type="query") for n in new]
-        for reply in self.grid.send_and_receive(ask, timeout=self.node_timeout):  # a ClientApp starts per message
+        ask = {"ask": "partition"}
+        if self.declares_sizes:  # the node needs the run's flags to find its clients and their data
+            ask.update(script=self.script, argv=self.argv, key=self.key or "0" * 16)
+        messages = [Message(RecordDict({MESSAGE_KEY: ConfigRecord(ask)}), dst_node_id=n, message_type="query")
+                    for n in new]
+        for reply in self.grid.send_and_receive(messages, timeout=self.node_timeout) if messages else []:
             node = reply.metadata.src_node_id
-            try:
-                cfg = reply.content[MESSAGE_KEY]
-                p, count = int(cfg["partition-id"]), int(cfg["num-partitions"])
-            except Exception:  # noqa: BLE001  an error reply, or a node without the node config
-                self.log(f"Flower: node {node} did not tell its partition: left out")
-                self.known[node] = None
+            if node not in new or node in self.known:
                 continue
-            if self.partitions is None:
-                self.partitions = count
-            if count != self.partitions or not 0 <= p < count:
-                self.log(f"Flower: node {node} says partition {p} of {count}, the federation has {self.partitions}: "
-                         "left out")
+            try:  # nothing a node sends may raise here
+                why, p, sizes = self.read_claim(reply)
+            except Exception as e:  # noqa: BLE001  an error reply, or a node without the node config
+                why = f"did not tell its partition ({type(e).__name__})"
+            if why:
+                self.log(f"Flower: node {node} {why}: left out")
                 self.known[node] = None
                 continue
             self.known[node] = p
+            self.declared.update(sizes)
             if p in self.node_of:
-                self.log(f"Flower: node {node} now serves partition {p} (was node {self.node_of[p]})")
-            self.node_of[p] = node
+                self.log(f"Flower: node {node} claims partition {p}, which connected node {self.node_of[p]} serves: "
+                         "it serves nothing while that node is connected")
+        for node, p in self.known.items():  # in the order the claims were read
+            if p is not None and node in ids and p not in self.node_of:
+                self.node_of[p] = node
+
+    def read_claim(self, reply):
+        """A node's answer to the partition query -> (why it is refused or None, its partition, {client: size})."""
+        cfg = reply.content[MESSAGE_KEY]
+        p, count = int(cfg["partition-id"]), int(cfg["num-partitions"])
+        if count != self.partitions or not 0 <= p < count:
+            return f"says partition {p} of {count}, the run has {self.partitions} (run config num-partitions)", p, {}
+        if not self.declares_sizes:
+            return None, p, {}
+        clients, sizes = list(cfg["clients"]), list(cfg["sizes"])
+        if (len(clients) != len(sizes) or not clients or any(type(c) is not int or c % count != p for c in clients)
+                or any(type(n) is not int or n < 1 for n in sizes)):
+            return "declared no well-formed data sizes (its clients c, c % P == p, each with a size >= 1)", p, {}
+        return None, p, dict(zip(clients, sizes))
+
+    def data_size(self, client, held):
+        """Deployment mode: the size the client's node declared when it joined, capped at the run config's
+        max-declared-size (so one node can claim at most that weight); else the partition's (`held`)."""
+        return min(self.declared.get(client, 0), self.size_cap) if self.declares_sizes else held
 
     def exchange(self, fn, run, rnd, sent, clients, widths, keys, tags=None):
         """One message per node holding its clients' (download, tags); -> {client: (upload, stats)} of those whose
@@ -129,6 +159,8 @@ class Flower(Transport):
             node = self.node_of.get(c % self.partitions)
             if node is None:
                 self.dropped[c] = f"offline (no node serves partition {c % self.partitions})"
+            elif self.declares_sizes and c not in self.declared:
+                self.dropped[c] = "its node declared no data size for it"
             else:
                 by_node.setdefault(node, []).append(c)
         messages = [Message(RecordDict({MESSAGE_KEY: ConfigRecord({
@@ -205,6 +237,14 @@ def serve(grid, context):
         raise ConfigError(f"--output_dir {args.output_dir}: give an absolute path (the ServerApp runs in Flower's "
                           "own folder)")
     device = tasks.flags.pick_device(args.device)
-    transport = Flower(grid, device, name, argv, int(cfg.get("num-nodes", 1)), float(cfg.get("round-timeout", 600)),
-                       float(cfg.get("node-timeout", 120)))
+    nodes, data_sizes = int(cfg.get("num-nodes", 1)), str(cfg.get("data-sizes", "partition"))
+    if data_sizes not in ("partition", "declared"):
+        raise ConfigError(f"run config data-sizes {data_sizes!r}: partition (research simulation) or declared")
+    if name == "fedcybgd" and data_sizes == "declared":
+        print("Flower: FedCyBGD weights no client by its data size: the nodes declare nothing", flush=True)
+        data_sizes = "partition"
+    transport = Flower(grid, device, name, argv, nodes, float(cfg.get("round-timeout", 600)),
+                       float(cfg.get("node-timeout", 120)), partitions=int(cfg.get("num-partitions", 0)) or nodes,
+                       data_sizes=data_sizes, size_cap=int(cfg.get("max-declared-size", 10_000)),
+                       key=run_key(name, args))
     return script.train(args, transport)

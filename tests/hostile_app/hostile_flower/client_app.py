@@ -1,10 +1,11 @@
 """fedfull's ClientApp (fedfull_flower.node), except on the node of partition 1, whose reply is replaced, round by
 round, by what a hostile participant could send: a stat that is a 400-digit integer (round 1), uploads a megabyte
 longer than the protocol allows (round 2), every pair stacked on one seed the client was not assigned, with a large
-scalar (round 3), a reply naming other clients (round 4); from round 5 on it answers honestly."""
+scalar (round 3), a reply naming other clients (round 4), an error reply with an empty reason (round 5), an
+infinite stat (round 6); from round 7 on it answers honestly."""
 import json
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfull_flower.node import answer_query, handle
@@ -27,8 +28,10 @@ def stacked(upload, K=16):
 def train(message, context):
     reply = handle(message, context)
     rnd = int(message.content[MESSAGE_KEY]["round"])
-    if int(context.node_config.get("partition-id", 0)) != 1 or rnd > 4:
+    if int(context.node_config.get("partition-id", 0)) != 1 or rnd > 6:
         return reply
+    if rnd == 5:
+        return Message(Error(code=0, reason=""), reply_to=message)
     got = reply.content[MESSAGE_KEY]
     cfg = {k: got[k] for k in ("clients", "uploads", "errors", "stats")}
     n = len(cfg["clients"])
@@ -38,8 +41,10 @@ def train(message, context):
         cfg["uploads"] = [bytes(u) + b"\0" * 2 ** 20 for u in cfg["uploads"]]
     elif rnd == 3:
         cfg["uploads"] = [stacked(bytes(u)) for u in cfg["uploads"]]
-    else:
+    elif rnd == 4:
         cfg["clients"] = [int(c) + 100 for c in cfg["clients"]]
+    else:
+        cfg["stats"] = json.dumps([{"loss": float("inf"), "sync_seconds": 0.0, "train_seconds": 0.0}] * n)
     return Message(RecordDict({MESSAGE_KEY: ConfigRecord(cfg)}), reply_to=message)
 
 
