@@ -3,6 +3,7 @@
     python fedavg.py --task sft --dataset dolly                       # FedAvg, every weight trained and sent
     python fedavg.py --task sft --dataset dolly --method lora         # FedIT: LoRA adapters only
     python fedavg.py --task glue --dataset mrpc --num_clients 1 -m 1  # centralized fine-tuning (one client, all data)
+    python fedavg.py --task prompt --dataset sst2 --method lora       # FedIT on prompt-based SST-2 (as fedkseed.py)
     python fedavg.py --help                                           # every flag, with its default
 
 The method (McMahan et al., 2017). Each round the server samples int(N*m) of the N clients. Every sampled client
@@ -46,13 +47,18 @@ from tasks import ConfigError
 
 # -------- config: per-task defaults run out of the box on a CPU; None = the task's default
 TASK_DEFAULTS = {
-    "sft": dict(dataset="dolly", model="smollm2-135m", lr=1e-4, batch_size=2, max_length=256, eval_samples=50),
-    "glue": dict(dataset="mrpc", model="minilm-l6", lr=2e-4, batch_size=16, max_length=128, eval_samples=0),
+    "sft": dict(dataset="dolly", model="smollm2-135m", lr=1e-4, batch_size=2, max_length=256, eval_samples=50,
+                val_samples=0),
+    "glue": dict(dataset="mrpc", model="minilm-l6", lr=2e-4, batch_size=16, max_length=128, eval_samples=0,
+                 val_samples=0),
+    "prompt": dict(dataset="sst2", model="smollm2-135m", lr=1e-5, batch_size=8, max_length=128, eval_samples=0,
+                   val_samples=200),  # validation examples: the template is chosen on them
 }
-LORA_LR = {"sft": 3e-4, "glue": 5e-4}  # LoRA wants a larger step than full fine-tuning
-DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS}
+LORA_LR = {"sft": 3e-4, "glue": 5e-4, "prompt": 3e-4}  # LoRA wants a larger step than full fine-tuning
+DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "prompt": tasks.prompts.TASKS}
 SHARED_FLAGS = ("dataset data_path model rounds num_clients m local_steps batch_size lr weight_decay max_length iid "
-                "seed output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype")
+                "seed output_dir resume eval_every eval_samples val_samples template max_new_tokens max_change device "
+                "dtype")
 
 
 def parse_args(argv=None):
@@ -62,14 +68,15 @@ def parse_args(argv=None):
                                 f"{LORA_LR['sft']:g} sft, {LORA_LR['glue']:g} glue).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--task", choices=("sft", "glue"), default="sft", help="sft: instruction tuning of a causal LM; glue: "
-      "sentence(-pair) classification")
+    a("--task", choices=("sft", "glue", "prompt"), default="sft", help="sft: instruction tuning of a causal LM; "
+      "glue: sentence(-pair) classification with a classification head; prompt: the same with a causal LM scoring "
+      "label words after a template (fedkseed.py --dataset sst2|mrpc)")
     a("--method", choices=("full", "lora"), default="full", help="full: FedAvg over every weight; lora: FedIT")
     tasks.flags.add(p, SHARED_FLAGS, output_dir=dict(default="out/fedavg"), rounds=dict(default=2),
                     dataset=dict(help="; ".join(f"{t}: {'|'.join(d)}" for t, d in DATASETS.items())),
                     num_clients=dict(default=10, help="clients the training data is split over (N); 1 = centralized"),
                     m=dict(default=0.4), local_steps=dict(default=8), weight_decay=dict(default=0.0),
-                    iid=dict(default="dir0.5"), max_new_tokens=dict(help="sft: tokens generated for Rouge-L "
+                    iid=dict(default="dir0.5"), val_samples=dict(default=None), max_new_tokens=dict(help="sft: tokens generated for Rouge-L "
                                                                     "(greedy); 0 = no Rouge-L"))
     a("--optimizer", choices=("adamw", "sgd"), default="adamw", help="the clients' optimizer (fresh every round)")
     a("--lora_r", type=int, default=8, help="LoRA rank")
@@ -93,13 +100,14 @@ def build_model(args, device):
     """-> (model, tokenizer, names of the trainable tensors: what clients train and what crosses the wire)."""
     num_labels = tasks.glue.NUM_LABELS.get(args.dataset, 2)
     torch.manual_seed(args.seed)  # a randomly initialised head (and LoRA's A matrices) is the same on every run
-    model, tokenizer = tasks.load_model(args.model, args.task, num_labels, args.dtype, device)
+    model, tokenizer = tasks.load_model(args.model, "sft" if args.task == "prompt" else args.task, num_labels,
+                                        args.dtype, device)  # prompt: the causal LM itself, no new head
     if args.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
         targets = args.lora_targets.split(",") if args.lora_targets else None
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                            task_type=TaskType.CAUSAL_LM if args.task == "sft" else TaskType.SEQ_CLS)
+                            task_type=TaskType.SEQ_CLS if args.task == "glue" else TaskType.CAUSAL_LM)
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. target modules not in the model, or an architecture peft has no default for
@@ -121,7 +129,8 @@ def client_update(model, names, batches, args, seed):
         return (torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8) if args.optimizer == "adamw"
                 else torch.optim.SGD(groups, lr=args.lr))
 
-    return tasks.train_steps(model, names, batches, optimizer, [args.lr] * len(batches), seed=seed, fp32_masters=False)
+    return tasks.train_steps(model, names, batches, optimizer, [args.lr] * len(batches), seed=seed, fp32_masters=False,
+                             loss_fn=tasks.prompts.label_word_loss if args.task == "prompt" else None)
 
 
 def client_round(run, rnd, c, download):
@@ -258,7 +267,7 @@ def setup(args, transport=None):
 def load_parts(run):
     """What every party loads, the server and each client's process alike: the model, the names it trains, the data."""
     run.model, run.tokenizer, run.names = build_model(run.args, run.device)
-    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients)
+    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients, run.model)
 
 
 def load_checkpoint(run):

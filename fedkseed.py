@@ -96,17 +96,21 @@ DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, from the GGUF in the Py
 PAPER_BYTES = 18_000  # the paper's "communication cost under 18 kilobytes" per client per round
 PAPER_ROUNDS = {"dolly": 60, "instruct": 40}  # rounds of the official code's published commands, per dataset
 SHARED_FLAGS = ("dataset data_path model rounds num_clients m local_steps batch_size lr max_length iid seed output_dir "
-                "resume eval_every eval_samples val_samples max_new_tokens device dtype dist_timeout")
+                "resume eval_every eval_samples val_samples template max_new_tokens device dtype dist_timeout")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FedKSeed / FedKSeed-Pro: federated full-parameter ZO tuning of a "
                                 "causal LM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tasks.flags.add(p, SHARED_FLAGS, dataset=dict(choices=["dolly", "instruct"], default="dolly", help="dolly: "
-                    "Dolly-15K, one category held out, the rest split over clients by --iid; instruct: Natural "
-                    "Instructions v2, one client per training task (--num_clients, --iid ignored)"),
+    tasks.flags.add(p, SHARED_FLAGS, dataset=dict(choices=["dolly", "instruct", *tasks.prompts.TASKS],
+                    default="dolly", help="dolly: Dolly-15K, one category held out, the rest split over clients by "
+                    "--iid; instruct: Natural Instructions v2, one client per training task (--num_clients, --iid "
+                    "ignored); sst2, mrpc: prompt-based classification (GLUE TSV; held out: dev.tsv)"),
                     model=dict(default=DEFAULT_MODEL), rounds=dict(help="communication rounds (default: the official "
-                    "runs' 60 for dolly, 40 for instruct)"), num_clients=dict(default=200), m=dict(default=0.05),
+                    "runs' 60 for dolly, 40 for instruct; 20 for sst2 and mrpc)"), val_samples=dict(default=None,
+                    help="validation examples carved from the training data before it is split over clients "
+                    "(seeded); knobs and the template are chosen on these. Default: 0, 200 for sst2 and mrpc"),
+                    num_clients=dict(default=200), m=dict(default=0.05),
                     local_steps=dict(options=("--local_steps", "--local_step"), default=200, help="ZO steps per client "
                     "per round (tau)"), batch_size=dict(default=1), lr=dict(default=3e-7, help="learning rate eta of "
                     "the ZO update w -= lr*g*z"), max_length=dict(default=1024), iid=dict(default="dir0.5"),
@@ -144,7 +148,9 @@ def parse_args(argv=None):
       help="dtype of the copy of the weights the forwards read (default: --dtype); the weights stay --dtype")
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = PAPER_ROUNDS[args.dataset]
+        args.rounds = PAPER_ROUNDS.get(args.dataset, 20)
+    if args.val_samples is None:
+        args.val_samples = 200 if args.dataset in tasks.prompts.TASKS else 0
     tasks.flags.check(args, SHARED_FLAGS, rounds=0, max_new_tokens=1)
     check_config(args)
     args.device = tasks.flags.pick_device(args.device)  # config.json records the device the run used
@@ -195,8 +201,13 @@ def trainable(model):
 
 
 def load_data(args, tokenizer):
-    data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
-                                       tokenizer=tokenizer, max_length=args.max_length, val_samples=args.val_samples)
+    if args.dataset in tasks.prompts.TASKS:  # classification: examples {"text_a", "text_b", "label"}
+        data = tasks.prompts.load_prompt_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
+                                              args.val_samples)
+    else:
+        data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
+                                           tokenizer=tokenizer, max_length=args.max_length,
+                                           val_samples=args.val_samples)
     n_sampled = tasks.sampled_per_round(len(data.clients), args.m)
     if not 1 <= n_sampled <= len(data.clients):
         raise ConfigError(f"-m {args.m} x {len(data.clients)} clients samples {n_sampled} clients per round")
@@ -272,8 +283,8 @@ def decode_download(msg, A_client):
 
 # the ZO step: 3 fused passes over the weights, 2 forwards
 @torch.no_grad()
-def batch_loss(model, batch):
-    return model(**batch).loss.item()
+def batch_loss(model, batch):  # the targets' token loss; classification: the label words' cross-entropy
+    return (tasks.prompts.label_word_loss(model, batch) if "label_ids" in batch else model(**batch).loss).item()
 
 
 @torch.no_grad()
@@ -325,7 +336,7 @@ def client_update(model, params, offsets, examples, probabilities, seeds, args, 
     fold = [] if args.fold else None
     for step in range(args.local_steps):
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
-        batch = {k: v.to(params[0].device) for k, v in tasks.collate(rows, pad_id).items()}
+        batch = {k: v.to(params[0].device) for k, v in tasks.prompts.collate_tokenized(rows, pad_id).items()}
         ks = [int(k) for k in draws[step * n_dir:(step + 1) * n_dir]]
         if args.estimator != "two_point":  # one_sided, fzoo: options, defined after the method
             cs, loss = one_sided_step(model, params, offsets, batch, [seeds[k] for k in ks], args.zo_eps, args.lr,
@@ -641,19 +652,27 @@ def replay(run, A, keep=True):
 
 def client_examples(run, c):  # tokenized the first time the client is sampled
     if c not in run.tokenized:
-        run.tokenized[c] = tasks.tokenize_examples(run.tokenizer, run.clients[c], run.args.max_length, log=None)
+        run.tokenized[c] = ([tasks.prompts.tokenize_prompt(run.tokenizer, e, run.template, run.args.max_length,
+                                                           run.label_ids) for e in run.clients[c]] if run.template
+                            else tasks.tokenize_examples(run.tokenizer, run.clients[c], run.args.max_length, log=None))
     return run.tokenized[c]
 
 
 def evaluate(run, rnd):
     """The server's w(t) on the held-out set every --eval_every rounds and at the last (tasks.evaluate_lm): eval_loss,
-    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; else Nones."""
-    args = run.args
+    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; else Nones.
+    Classification (tasks.prompts): accuracy and the label-word eval_loss, val_accuracy and val_loss."""
+    args, val = run.args, bool(run.sets.val)
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
-        return {"eval_loss": None, "rougeL": None, **({"val_loss": None} if run.sets.val else {})}
+        return dict.fromkeys(("accuracy", "eval_loss") + ("val_accuracy", "val_loss") * val if run.template else
+                             ("eval_loss", "rougeL") + ("val_loss",) * val)
     for p, w in zip(run.copies or run.params, run.server["w"]):
         p.copy_(w)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
     per_example = {}
+    if run.template:  # classification: accuracy and the label-word loss, on the held-out and validation prompts
+        out = tasks.prompts.evaluate_prompt_sets(run.model, run.pad_id, run.sets, run.progress, per_example)
+        run.files.heldout_examples(rnd, per_example)
+        return out
     out = tasks.evaluate_lm(run.model, run.tokenizer, run.sets, rnd in ((0, args.rounds) if args.rouge_at_start else
                             (args.rounds,)), args.max_new_tokens, run.progress, per_example)
     run.files.heldout_examples(rnd, per_example)
@@ -681,14 +700,17 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, coefs=None):
     save_checkpoint(run)
     run.files.metric(row)
     f = {k: "-" if v is None else f"{v:.4f}" for k, v in row.items() if k in ("train_loss", "eval_loss", "rougeL",
-                                                                               "val_loss", "sync_seconds")}
+         "val_loss", "sync_seconds", "accuracy", "val_accuracy")}
+    shown = (f"held-out accuracy {f['accuracy']} (loss {f['eval_loss']})" + (
+        f", validation accuracy {f['val_accuracy']} (loss {f['val_loss']})" if "val_accuracy" in row else "")
+        if run.template else f"held-out loss {f['eval_loss']}" + (f", validation loss {f['val_loss']}" if "val_loss"
+                                                                 in row else "") + f", Rouge-L {f['rougeL']}")
     if rnd == 0:
-        return run.progress.log(f"round 0: held-out loss {f['eval_loss']}" + (f", Rouge-L {f['rougeL']}" if
-                                row["rougeL"] is not None else "") + (f", validation loss {f['val_loss']}" if
-                                row.get("val_loss") is not None else ""))
+        return run.progress.log(f"round 0: {shown} (zero-shot)" if run.template else f"round 0: held-out loss "
+                                f"{f['eval_loss']}" + (f", Rouge-L {f['rougeL']}" if row["rougeL"] is not None else "")
+                                + (f", validation loss {f['val_loss']}" if row.get("val_loss") is not None else ""))
     diff = "-" if row["replay_max_abs_diff"] is None else format(row["replay_max_abs_diff"], "g")
-    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {f['train_loss']}, held-out loss {f['eval_loss']}, "
-                     + (f"validation loss {f['val_loss']}, " if "val_loss" in row else "") + f"Rouge-L {f['rougeL']}, "
+    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {f['train_loss']}, {shown}, "
                      f"{row['seconds']:.0f} s (sync {f['sync_seconds']} s per client, replay max |diff| {diff}; "
                      f"{row['seeds_touched']} seeds touched"
                      + (f"; left out: clients {', '.join(map(str, row['dropped']))}" if row["dropped"] else "") + ")")
@@ -728,7 +750,10 @@ def load_parts(run):
             c.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
     run.data, run.n_sampled = load_data(args, run.tokenizer)
-    run.clients = run.data.clients
+    run.clients, run.template, run.label_ids = run.data.clients, None, None
+    if args.dataset in tasks.prompts.TASKS:  # the template: --template, or the best zero-shot one on validation
+        run.template, run.label_ids = tasks.prompts.pick_template(args.dataset, args.template, run.model, run.tokenizer,
+                                                                  run.data.val, args.max_length)
     run.seeds = candidate_seeds(args.seed, args.K)
     run.tokenized, run.replays, run.last_client = {}, {}, None  # tokenized the first time a client is sampled
     run.widths = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
@@ -752,8 +777,10 @@ def setup(args, transport=None):
     load_parts(run)
     transport.join(args.dist_timeout)  # after loading: see Ranks.join
     data, N, K = run.data, len(run.clients), args.K
-    run.sets = tasks.heldout_sets(run.tokenizer, data.test, data.val, args.max_length, args.eval_samples,
-                                  args.rouge_samples, args.seed)  # the same examples as the other scripts
+    run.sets = (tasks.prompts.prompt_sets(run.tokenizer, data.test, data.val, run.template, run.label_ids,
+                                          args.max_length, args.eval_samples, args.seed) if run.template else
+                tasks.heldout_sets(run.tokenizer, data.test, data.val, args.max_length, args.eval_samples,
+                                   args.rouge_samples, args.seed))  # the same examples as the other scripts
     total = sum(p.numel() for p in run.params)
     # a client's memory as the other scripts count it: weights (the model, w0, the compute copy); a ZO step keeps
     run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)  # no gradients,
@@ -812,7 +839,7 @@ def finish(run):
             f"; replayed weights vs the server's: max |diff| {max(diffs):g}" + (" (bit for bit)" if max(diffs) == 0
                                                                                 else "") if diffs else
             " (not checked: no client lives in the server's process under torchrun or Flower)"))
-    rg = [r for r in rows if r["rougeL"] is not None]
+    rg = [r for r in rows if r.get("rougeL") is not None]
     for line in ([f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} "
                   f"{rg[-1]['rougeL']:.4f}"] if len(rg) > 1 else []) + [run.files.change_line()]:
         if line:

@@ -36,6 +36,8 @@ Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_siz
              tasks.split_validation(examples, n, seed) -> (rest, validation): carved before partitioning
              tasks.partition_summary(parts, labels) -> str; sample_clients(seed, round, N, n), sampled_per_round(N, m),
              derive_seed(seed, round, client, ...): every random draw is a function of these numbers
+Prompts:     (tasks/prompts.py) prompt-based classification with a causal LM (FedKSeed --dataset sst2|mrpc): a template,
+             label words scored at the answer position, their cross-entropy as the loss, accuracy as the metric
 GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
              compute_metrics(task, predictions, labels) -> dict; example {"text_a", "text_b" or None, "label"}
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
@@ -60,7 +62,7 @@ Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpac
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
-from . import checkpoint, flags, glue, squad
+from . import checkpoint, flags, glue, prompts, squad
 from .errors import ConfigError, GroupError
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model

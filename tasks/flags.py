@@ -106,6 +106,9 @@ SHARED = {
                                              "examples in every script), evaluated beside the held-out set as "
                                              "val_loss (val_<metric>); choose knobs on these, not on the held-out "
                                              "set. 0 = none"), _at_least(0)),
+    "template": (("--template",), dict(default="auto", help="prompt-based classification (sst2, mrpc): the template "
+                                       "and label words (tasks/prompts.py TEMPLATES); auto: the one with the best "
+                                       "zero-shot accuracy on the --val_samples validation examples"), _none),
     "max_new_tokens": (("--max_new_tokens",), dict(type=int, default=128, help="tokens generated for Rouge-L "
                                                    "(greedy)"), _at_least(0)),
     "max_change": (("--max_change",), dict(type=float, default=1.0, help="the server refuses an upload that changes "

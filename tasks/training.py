@@ -15,17 +15,26 @@ import math
 
 import torch
 
-from . import glue, squad
+from . import glue, prompts, squad
 from .instruction import load_instruction_data
 from .lm import collate, heldout_loss, heldout_rouge_l, tokenize_examples
 from .partitions import partition, partition_summary, split_validation
 
 
-def load_task_data(args, tokenizer, num_clients):
+def load_task_data(args, tokenizer, num_clients, model=None):
     """-> (clients: list of lists of tokenized examples, val: validation examples as the evaluator wants them or
     None without --val_samples, test: held-out examples as the evaluator wants them). The validation examples are
-    carved from the training pool before it is partitioned (`split_validation`); the test set is untouched."""
+    carved from the training pool before it is partitioned (`split_validation`); the test set is untouched.
+    task "prompt" (classification with a causal LM): the template is --template, or with "auto" chosen with `model`
+    on the validation examples (tasks/prompts.py)."""
     val_samples = getattr(args, "val_samples", 0)
+    if args.task == "prompt":
+        data = prompts.load_prompt_data(args.dataset, args.data_path, num_clients, args.iid, args.seed, val_samples)
+        print(data.summary)
+        template, ids = prompts.pick_template(args.dataset, args.template, model, tokenizer, data.val, args.max_length)
+        enc = lambda es: [prompts.tokenize_prompt(tokenizer, e, template, args.max_length, ids) for e in es]  # noqa
+        return ([enc(c) for c in data.clients], enc(data.val) if val_samples else None,
+                enc(subsample(data.test, args.eval_samples, args.seed)))
     if args.task == "sft":
         data = load_instruction_data(args.dataset, args.data_path, num_clients=num_clients, iid=args.iid,
                                      seed=args.seed, tokenizer=tokenizer, max_length=args.max_length,
@@ -74,6 +83,8 @@ def make_batch(task, items, tokenizer, device):
     """Tokenized examples -> dict of tensors the model takes (labels included)."""
     if task == "sft":
         b = collate(items, tokenizer.pad_token_id)
+    elif task == "prompt":
+        b = prompts.collate_prompts(items, tokenizer.pad_token_id)
     elif task == "glue":
         b = tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in items], return_tensors="pt")
         b = dict(b)
@@ -121,6 +132,8 @@ def evaluate_one(args, model, tokenizer, test, device, generate=True, progress=N
             out["rougeL"] = heldout_rouge_l(model, tokenizer, tokenized, [e["target"] for e in test],
                                             args.max_new_tokens, progress)
         return out
+    if args.task == "prompt":  # accuracy and the label-word cross-entropy, as fedkseed.py reports them
+        return prompts.evaluate_prompts(model, test, tokenizer.pad_token_id, per_example, progress=progress)
     if args.task == "glue":
         preds, loss = glue_predictions(model, tokenizer, test, device)
         labels = [e["labels"] for e in test]
