@@ -220,7 +220,7 @@ def train(args, transport=None):
             # 2. each client, where it lives (`client_round`): start from the global weights, train, upload
             tags = {c: ("", "") for c in sampled}  # a FedAvg client keeps no state between rounds
             replies = run.transport.exchange(client_round, run, rnd, {c: wire_down for c in sampled}, sampled,
-                                             (None, None), CLIENT_STATS, tags)
+                                             (None, tasks.packed_bound(run.global_w)), CLIENT_STATS, tags)
             # 3. the server keeps the well-formed uploads and averages them, weighted by data size (unchanged if
             #    nobody answered); the working model takes the average, is evaluated, and the round is written
             uploads, sizes, turns = take_uploads(run, rnd, sampled, replies, wire_down)

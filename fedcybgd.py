@@ -336,7 +336,8 @@ def turn(run, rnd, c):
     tag = state_tags(server, c, blocks, held) if transport.keeps_client_state else None
     # 2. client c's turn where it lives (`client_round`): its upload and stats reach every rank
     t0 = time.time()
-    wire_up, stats = transport.from_client(c, TURN_STATS, client_round, run, rnd, wire_down, tag)
+    longest = tasks.packed_bound({n: server["weights"][n] for b in blocks + ["head"] for n in run.units[b]})
+    wire_up, stats = transport.from_client(c, TURN_STATS, client_round, run, rnd, wire_down, tag, longest)
     seconds = round(time.time() - t0, 3)  # the turn as this rank sees it: its own work, or waiting for it
     # 3. server: take a well-formed upload; else the turn is lost and the client treated as holding the pretrained model
     why, upload = (stats["dropped"], None) if wire_up is None else check_upload(run, wire_up, blocks)

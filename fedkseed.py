@@ -543,8 +543,10 @@ def clip_client_norms(decoded, K, c):
     """--clip_norm c: client i's update is v_i = its sum of scalars per seed (float64[K]); every v_i whose L2 norm
     exceeds c x the median of the round's norms is scaled down to it, by scaling the client's scalars (a factor of
     exactly 1 leaves them, and the run, bit for bit as without the option). One client then moves A by at most
-    lr x (its data share) x c x median, whatever it uploads (g = 1e30 included), as long as the median is an honest
-    client's: it needs three or more clients a round (with one, the median is the client's own norm)."""
+    lr x (its data share) x c x median in a round's aggregate (then x --server_lr, and carried on by
+    --server_momentum), whatever it uploads (g = 1e30 included), as long as the median is an honest client's: it
+    needs three or more clients a round, most of them honest (with one, the median is the client's own norm; a
+    Flower node that serves several of the sampled clients controls all of their uploads)."""
     norms = [float(np.linalg.norm(np.bincount(i, weights=g.astype(np.float64), minlength=K))) for _, i, g in decoded]
     bound = c * float(np.median(norms)) if norms else 0.0
     return [(n, idx, g.astype(np.float64) * (bound / norm) if norm > bound else g)

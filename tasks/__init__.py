@@ -57,7 +57,8 @@ Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, 
 Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
 Errors:      tasks.ConfigError, tasks.GroupError, tasks.DataError, tasks.ModelError: one line each (run_cli)
-Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict
+Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
+             tasks.packed_bound(tensors) -> the longest pack of such tensors (uploads are refused beyond it)
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
@@ -66,7 +67,8 @@ from . import checkpoint, flags, glue, prompts, squad
 from .errors import ConfigError, GroupError
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .models import ModelError, load_model
-from .outputs import check_tensors, export_model, relative_change, fmt_bytes, pack, read_jsonl, save_atomic, unpack, write_atomic
+from .outputs import (check_tensors, export_model, relative_change, fmt_bytes, pack, packed_bound, read_jsonl,
+                      save_atomic, unpack, write_atomic)
 from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
                  heldout_prompt_ids, heldout_rouge_l, heldout_sets, heldout_token_losses, evaluate_lm, paired_interval, rouge_l, rouge_l_scores,
                  token_weighted_loss, tokenize_example, tokenize_examples)

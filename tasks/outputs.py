@@ -40,6 +40,13 @@ def pack(message):
     return save({k: v.detach().contiguous().cpu() for k, v in message.items()})
 
 
+def packed_bound(tensors):
+    """The longest `pack` of tensors of these names, shapes and dtypes can be: their bytes, plus the header's JSON
+    (per tensor its name, dtype, shape and offsets: under len(name) + 128 bytes) and 1 KiB. A server refuses a longer
+    upload before decoding it."""
+    return 1024 + sum(t.numel() * t.element_size() + len(n) + 128 for n, t in tensors.items())
+
+
 def unpack(wire):
     from safetensors.torch import load
     return load(wire)

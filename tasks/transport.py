@@ -10,7 +10,8 @@ flower/fedfull_flower/transport.py.
     transport.broadcast(message, stats, client, keys)  # client's rank -> every rank
     transport.exchange(fn, run, rnd, sent, clients, widths, keys, tags)  # every client's fn(run, rnd, c, sent[c])
                                                      # where it lives -> {c: (upload, stats)} of those that answered
-    transport.from_client(client, keys, fn, run, rnd, download, tag)  # one client's fn, its result on every rank
+    transport.from_client(client, keys, fn, run, rnd, download, tag, longest)  # one client's fn, its result on
+                                                     # every rank
     transport.wire_ledger(round, clients)            # ledger lines: bytes each rank's collectives moved this round
     transport.data_size(client, held)                # the data size the server weights a client by
 
@@ -88,10 +89,10 @@ class Transport:
         gathered = self.gather(results, clients, widths[1], keys)
         return dict(zip(clients, gathered)) if self.is_server else None
 
-    def from_client(self, client, keys, fn, run, rnd, download, tag=None):
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None, longest=None):
         """Client `client`'s work: fn(run, rnd, client, download) -> (message, stats) on the rank where the client
         lives, then its message and the stats named by `keys` on every rank (`broadcast`). Flower returns
-        (None, {"dropped": why}) for a client that did not answer."""
+        (None, {"dropped": why}) for a client that did not answer, or whose upload is longer than `longest`."""
         message, stats = fn(run, rnd, client, download) if client % self.world == self.rank else (b"", None)
         return self.broadcast(message, stats, client, keys)
 

@@ -26,8 +26,8 @@ class Dropping(tasks.Transport):
         self.dropped = {c: "no reply" for c in self.drops.get(rnd, ()) if c in clients}
         return {c: v for c, v in got.items() if c not in self.dropped}
 
-    def from_client(self, client, keys, fn, run, rnd, download, tag=None):
-        got = super().from_client(client, keys, fn, run, rnd, download, tag)
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None, longest=None):
+        got = super().from_client(client, keys, fn, run, rnd, download, tag, longest)
         return (None, {"dropped": "no reply"}) if client in self.drops.get(rnd, ()) else got
 
 
@@ -188,7 +188,8 @@ def foreign_tensor(up):
 
 
 CY_BAD = {"wrong_block_shape": wrong_shape, "foreign_tensor": foreign_tensor, "garbage": lambda up: b"\x00" * 20,
-          "nan": lambda up: tasks.pack({k: torch.full_like(v, float("nan")) for k, v in tasks.unpack(up).items()})}
+          "nan": lambda up: tasks.pack({k: torch.full_like(v, float("nan")) for k, v in tasks.unpack(up).items()}),
+          "block_1e30": lambda up: tasks.pack({k: torch.full_like(v, 1e30) for k, v in tasks.unpack(up).items()})}
 
 
 @pytest.mark.parametrize("how", CY_BAD, ids=list(CY_BAD))
@@ -205,7 +206,8 @@ def test_bad_fedcybgd_upload_loses_its_turn(tiny_run_files, tmp_path, monkeypatc
     assert same_weights(a, b)
     turns = [e for e in rows(tmp_path / "bad", "ledger.jsonl") if "turn" in e]
     assert [e["client"] for e in turns if "dropped" in e] == [1, 1]
-    assert all(e["dropped"].startswith(("not a safetensors", "tensors", "model.", "lm_head", "head"))
+    assert all(e["dropped"].startswith(("not a safetensors", "tensors", "model.", "lm_head", "head",
+                                        "it changes the weights it was sent by"))
                or "not finite" in e["dropped"] or " is (" in e["dropped"] for e in turns if "dropped" in e)
     metrics = rows(tmp_path / "bad")
     assert metrics[1]["dropped"] == [1] and metrics[2]["dropped"] == [1]
@@ -216,7 +218,7 @@ def cy_weights(out):
     return {k: v for k, v in saved.items() if k not in ("round", "script", "config", "state")}
 
 
-@pytest.mark.parametrize("how", ["wrong_shape", "nan"])
+@pytest.mark.parametrize("how", ["wrong_shape", "nan", "block_1e30"])
 def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how):
     """FedAvg/FedIT: client 1's malformed upload is left out of the average; the model equals the run in which
     client 1 never answers."""
@@ -229,7 +231,8 @@ def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how
     tok.save_pretrained(tmp_path / "model")
     files = (tmp_path / "model", write_dolly(tmp_path / "dolly.jsonl"))
     flags = lambda out: fa_argv(files, out, "--rounds", "2", "-m", "1", "--method", "lora")  # noqa: E731
-    corrupt(monkeypatch, fa, "client_round", 1, {"wrong_shape": wrong_shape, "nan": CY_BAD["nan"]}[how])
+    corrupt(monkeypatch, fa, "client_round", 1, {"wrong_shape": wrong_shape, "nan": CY_BAD["nan"],
+                                                 "block_1e30": CY_BAD["block_1e30"]}[how])
     fa.main(flags(tmp_path / "bad"))
     monkeypatch.undo()
     fa.train(fa.parse_args(flags(tmp_path / "silent")), Dropping({1: [1], 2: [1]}))

@@ -41,8 +41,21 @@ def test_a_data_path_or_model_the_server_chose_is_refused_unless_the_node_sets_o
     assert args.model == "some/model"
 
 
+def test_the_node_config_pins_the_device():
+    import torch
+    if not torch.cuda.is_available():  # the server's choice, where the node has no GPU
+        with pytest.raises(fk.ConfigError, match="--device cuda:7: this torch build sees no CUDA device"):
+            node_args(cfg("--device cuda:7", key="0" * 16), {})
+    _, _, args = node_args(cfg("--device cuda:7", key="0" * 16), {"device": "cpu"})
+    assert args.device == "cpu"
+
+
 @pytest.mark.parametrize("argv, words", [("-K 4294967296", "-K 4294967296 is more than this node allows (max-K 1048576)"),
-                                         ("--max_length 1000000", "--max_length 1000000 is more than this node allows")])
+                                         ("--max_length 1000000", "--max_length 1000000 is more than this node allows"),
+                                         ("--local_steps 1000000", "--local_steps 1000000 is more than this node allows"),
+                                         ("--estimator one_sided --directions 5000",
+                                          "--directions 5000 is more than this node allows (max-directions 1024)"),
+                                         ("--batch_size 100000", "--batch_size 100000 is more than this node allows")])
 def test_absurd_sizes_are_refused_before_anything_is_allocated(argv, words):
     with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         node_args(cfg("--device cpu " + argv), {})

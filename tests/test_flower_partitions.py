@@ -25,6 +25,8 @@ class Grid:
         for m in messages:
             node = m.metadata.dst_node_id
             self.asked.append((node, dict(m.content[MESSAGE_KEY])))
+            if self.claims[node] is None:  # a node that never answers
+                continue
             out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                        content={MESSAGE_KEY: self.claims[node]}))
         return out
@@ -88,6 +90,29 @@ def test_declared_sizes_are_asked_with_the_run_and_capped():
     plain, _ = flower(Grid({11: claim(0), 12: claim(1)}))
     plain.join(1.0)
     assert plain.data_size(2, held=123) == 123 and all(set(cfg) == {"ask"} for _, cfg in plain.grid.asked)
+
+
+def test_a_waiting_newcomers_declaration_counts_only_once_it_is_given_the_partition():
+    grid = Grid({11: claim(0, clients=[0], sizes=[5]), 12: claim(1, clients=[1], sizes=[4])})
+    f, _ = flower(grid, data_sizes="declared")
+    f.join(1.0)
+    grid.claims[13] = claim(0, clients=[0, 2], sizes=[900, 900])  # claims node 11's partition, and big sizes
+    f.refresh()
+    assert f.node_of[0] == 11 and f.declared == {0: 5, 1: 4}
+    del grid.claims[11]
+    f.refresh()
+    assert f.node_of[0] == 13 and f.declared == {0: 900, 1: 4, 2: 900}
+
+
+def test_a_node_that_never_answers_is_asked_three_times_then_left_out():
+    grid = Grid({11: None, 12: claim(1)})
+    f, logged = flower(grid)
+    f.join(1.0)
+    f.refresh()
+    f.refresh()
+    assert "node 11 left 3 partition queries unanswered: left out" in logged[-1]
+    f.refresh()
+    assert [n for n, _ in grid.asked].count(11) == 3 and f.node_of == {1: 12}
 
 
 @pytest.mark.parametrize("declaration", [

@@ -512,3 +512,17 @@ def test_glue_validation_split_is_disjoint_from_clients_and_dev():
     ids = lambda es: {tuple(e["input_ids"]) for e in es}  # noqa: E731
     assert len(val) == 1 and none is None and ids(dev) == ids(dev_plain)
     assert not (ids(val) & ids([e for c in clients for e in c]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_an_honest_pack_fits_its_bound(dtype):
+    """A server refuses an upload longer than `packed_bound` before decoding it, so an honest one must fit. The
+    length is checked against the safetensors layout written out here: an 8-byte header size, the JSON header,
+    the raw bytes."""
+    tensors = {"model.layers.%d.self_attn.q_proj.weight_with_a_long_name_%s" % (i, "x" * 40 * i):
+               torch.ones([3] * (i % 4)).to(dtype) for i in range(12)}
+    wire = tasks.pack(tensors)
+    header = int.from_bytes(wire[:8], "little")
+    assert len(wire) == 8 + header + sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(wire) <= tasks.packed_bound(tensors) <= len(wire) + 1024 + 128 * len(tensors)
+    assert tasks.unpack(wire).keys() == tensors.keys()

@@ -38,22 +38,24 @@ def state_dir(context):
 
 
 KEY = re.compile(r"[0-9a-f]{16}")  # what run_key makes: the state folder's name, never a path
-LIMITS = {"K": ("max-K", 2**20), "max_length": ("max-length", 2**15)}  # node config key, default: sizes a node allows
+# the sizes a node allows (flag: node config key, default), checked before anything is allocated or run
+LIMITS = {"K": ("max-K", 2**20), "max_length": ("max-length", 2**15), "local_steps": ("max-local-steps", 10**5),
+          "directions": ("max-directions", 1024), "batch_size": ("max-batch-size", 4096)}
 
 
 def node_args(cfg, node):
     """The run a message asks this node to take part in -> (script name, module, its parsed flags), or a ConfigError
     (one line) when the node refuses it: a state key that is not run_key's 16 hex digits (it names a folder: never a
     path), a data path or model that the server chose and the node's config does not set (node config `data-path`,
-    `model` pin them; `trust-server-paths=true` lets the server choose, as the local launcher does, where one person
-    runs every process), or sizes past the node's limits (`max-K`, `max-length`), refused before anything is
-    allocated."""
+    `model` pin them, and `device` the device; `trust-server-paths=true` lets the server choose, as the local
+    launcher does, where one person runs every process), or sizes past the node's limits (LIMITS: `max-K`,
+    `max-length`, `max-local-steps`, `max-directions`, `max-batch-size`), refused before anything is allocated."""
     name = str(cfg["script"])
     script = script_module(name)
     if not KEY.fullmatch(str(cfg["key"])):
         raise ConfigError(f"state key {str(cfg['key'])[:40]!r} is not 16 hex digits: refused")
     argv = shlex.split(str(cfg["argv"]))
-    argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model")) if k in node
+    argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model"), ("device", "--device")) if k in node
              for x in (flag, str(node[k]))]
     args = script.parse_args(argv)
     if str(node.get("trust-server-paths", "false")).lower() != "true":
@@ -67,7 +69,8 @@ def node_args(cfg, node):
     for flag, (key, limit) in LIMITS.items():
         value, most = getattr(args, flag, None), int(node.get(key, limit))
         if value is not None and value > most:
-            raise ConfigError(f"--{flag} {value} is more than this node allows ({key} {most}): refused")
+            raise ConfigError(f"{'-K' if flag == 'K' else '--' + flag} {value} is more than this node allows "
+                              f"({key} {most}): refused")
     return name, script, args
 
 

@@ -68,7 +68,8 @@ class Flower(Transport):
         self.partitions = partitions or nodes  # P, the run config's: a node cannot change it
         self.node_of, self.known = {}, {}  # partition -> the node serving it; node id -> the partition it claims
         self.declares_sizes, self.size_cap = data_sizes == "declared", size_cap
-        self.declared = {}  # deployment mode: client -> the data size its node declared when it joined
+        self.declared = {}  # deployment mode: client -> the data size the node serving it declared when it joined
+        self.sizes_of, self.misses = {}, {}  # node id -> the sizes it declared; -> queries it left unanswered
         self.key = key
 
     def describe(self):
@@ -98,10 +99,13 @@ class Flower(Transport):
         clients' data sizes), forget nodes that left, and hand each partition no connected node serves to the first
         node that claimed it. A node that counts other than the run config's num-partitions, or whose answer is
         malformed, serves nothing; a node that claims a partition a connected node serves waits until that node has
-        left (so a newcomer cannot take over a client whose node is still there)."""
+        left (so a newcomer cannot take over a client whose node is still there). A node's declared sizes count only
+        once it is given the partition; a node that leaves 3 queries unanswered is left out. The answer is taken once
+        per node id (a node that reconnects under a new id is asked again)."""
         from flwr.app import ConfigRecord, Message, RecordDict
         ids = set(self.grid.get_node_ids())
         self.node_of = {p: n for p, n in self.node_of.items() if n in ids}
+        self.known = {n: p for n, p in self.known.items() if n in ids}  # a node that left is asked again if it returns
         new = [n for n in ids if n not in self.known]
         ask = {"ask": "partition"}
         if self.declares_sizes:  # the node needs the run's flags to find its clients and their data
@@ -112,6 +116,7 @@ class Flower(Transport):
             node = reply.metadata.src_node_id
             if node not in new or node in self.known:
                 continue
+            self.misses.pop(node, None)
             try:  # nothing a node sends may raise here
                 why, p, sizes = self.read_claim(reply)
             except Exception as e:  # noqa: BLE001  an error reply, or a node without the node config
@@ -120,14 +125,22 @@ class Flower(Transport):
                 self.log(f"Flower: node {node} {why}: left out")
                 self.known[node] = None
                 continue
-            self.known[node] = p
-            self.declared.update(sizes)
+            self.known[node], self.sizes_of[node] = p, sizes
             if p in self.node_of:
                 self.log(f"Flower: node {node} claims partition {p}, which connected node {self.node_of[p]} serves: "
                          "it serves nothing while that node is connected")
+        for node in new:
+            if node not in self.known:
+                self.misses[node] = self.misses.get(node, 0) + 1
+                if self.misses[node] >= 3:
+                    self.log(f"Flower: node {node} left 3 partition queries unanswered: left out")
+                    self.known[node] = None
         for node, p in self.known.items():  # in the order the claims were read
-            if p is not None and node in ids and p not in self.node_of:
+            if p is not None and p not in self.node_of:
                 self.node_of[p] = node
+                # its clients weigh what this node declared, never what a node refused for the partition did
+                self.declared = {c: n for c, n in self.declared.items() if c % self.partitions != p}
+                self.declared.update(self.sizes_of.get(node, {}))
 
     def read_claim(self, reply):
         """A node's answer to the partition query -> (why it is refused or None, its partition, {client: size})."""
@@ -137,6 +150,8 @@ class Flower(Transport):
             return f"says partition {p} of {count}, the run has {self.partitions} (run config num-partitions)", p, {}
         if not self.declares_sizes:
             return None, p, {}
+        if "clients" not in cfg:
+            return "declared no data sizes (it refused the run or could not read its data: its log says why)", p, {}
         clients, sizes = list(cfg["clients"]), list(cfg["sizes"])
         if (len(clients) != len(sizes) or not clients or any(type(c) is not int or c % count != p for c in clients)
                 or any(type(n) is not int or n < 1 for n in sizes)):
@@ -182,8 +197,8 @@ class Flower(Transport):
                 self.dropped[c] = f"no reply within {self.round_timeout:g} s"
         return {c: got[c] for c in clients if c in got}
 
-    def from_client(self, client, keys, fn, run, rnd, download, tag=None):
-        got = self.exchange(fn, run, rnd, {client: download}, [client], None, keys, {client: tag})
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None, longest=None):
+        got = self.exchange(fn, run, rnd, {client: download}, [client], (None, longest), keys, {client: tag})
         return got[client] if client in got else (None, {"dropped": self.dropped[client]})
 
 
