@@ -5,10 +5,11 @@
         --eval_samples 8 --rouge_samples 0 --eval_every 1 --compute_dtype bfloat16
 
 Every point is one `fedkseed.py` run (its own process, its own folder under --out) with the flags after `--` plus
-that point's values. A point is scored by the validation loss of its last round (`val_loss` in metrics.jsonl: the
-examples carved from the training data, never the held-out category), and printed with its validation curve, its
-forward passes (per client step: 2 for the two-point estimator, n + 1 for `--estimator one_sided --directions n`)
-and its minutes. A point whose folder already holds a finished run is read, not rerun, so a sweep can grow.
+that point's values. A point is scored by its last round's validation accuracy (classification: `val_accuracy`),
+else its validation loss (`val_loss`): metrics.jsonl's figures on examples carved from the training data, never
+the held-out set. Each is printed with its validation curve, its forward passes (per client step: 2 for the
+two-point estimator, n + 1 for `--estimator one_sided|fzoo --directions n`) and its minutes. A point whose folder
+already holds a finished run is read, not rerun, so a sweep can grow.
 The held-out loss is never printed here: choosing on it would make the reported held-out figures optimistic.
 The table goes to stdout and to <out>/sweep.json.
 """
@@ -28,7 +29,7 @@ def forwards_per_step(flags):
     """Forward passes one client step costs under these fedkseed flags."""
     def value(name, default):
         return flags[flags.index(name) + 1] if name in flags else default
-    if value("--estimator", "two_point") == "one_sided":
+    if value("--estimator", "two_point") in ("one_sided", "fzoo"):  # n directions share one forward at w
         return int(value("--directions", "1")) + 1
     return 2  # the two-point estimator takes one direction a step
 
@@ -43,10 +44,11 @@ def run_point(flags, folder):
                        stdout=open(folder.parent / f"{folder.name}.log", "w"), stderr=subprocess.STDOUT)
         t = (time.time() - t0) / 60
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    curve = [(r["round"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    key = "val_accuracy" if any(r.get("val_accuracy") is not None for r in rows) else "val_loss"
+    curve = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
     if not curve:
         raise SystemExit(f"{folder}: no val_loss in metrics.jsonl (add --val_samples N to the base flags)")
-    return curve, t
+    return key, curve, t
 
 
 def main():
@@ -70,15 +72,16 @@ def main():
         flags = base + [x for k, v in point.items() for x in (f"--{k}", v)]
         folder = out / name
         folder.mkdir(exist_ok=True)
-        curve, minutes = run_point(flags, folder)
+        key, curve, minutes = run_point(flags, folder)
         cfg = json.loads((folder / "config.json").read_text())
         fw = forwards_per_step(flags) * cfg["local_steps"] * cfg["sampled_per_round"] * cfg["rounds"]
-        row = {"point": point, "val_loss": curve[-1][1], "val_curve": curve, "forwards": fw, "minutes": minutes}
+        row = {"point": point, "score": key, key: curve[-1][1], "val_curve": curve, "forwards": fw, "minutes": minutes}
         table.append(row)
-        print(f"{name:40s} val loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} (change {curve[-1][1] - curve[0][1]:+.4f}); "
+        print(f"{name:40s} {key} {curve[0][1]:.4f} -> {curve[-1][1]:.4f} (change {curve[-1][1] - curve[0][1]:+.4f}); "
               f"{fw:,} forwards" + (f"; {minutes:.1f} min" if minutes else " (read)"), flush=True)
-    best = min(table, key=lambda r: r["val_loss"])
-    print(f"best on validation: {best['point']} (val loss {best['val_loss']:.4f})")
+    sign = -1 if table[0]["score"] == "val_accuracy" else 1  # the highest accuracy, the lowest loss
+    best = min(table, key=lambda r: sign * r[r["score"]])
+    print(f"best on validation: {best['point']} ({best['score']} {best[best['score']]:.4f})")
     (out / "sweep.json").write_text(json.dumps({"base": base, "points": table, "best": best["point"]}, indent=1))
 
 

@@ -96,10 +96,14 @@ def collate_prompts(tokenized, pad_token_id):
 
 
 def label_word_logits(model, batch):
-    """[B, L] float32: the logits of the L label words at each prompt's answer position."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    """[B, L] float32: the logits of the L label words at each prompt's answer position. The vocabulary projection
+    is computed only at the batch's distinct answer positions (`logits_to_keep`: U <= B of the T positions; the
+    head is a fifth of SmolLM2-135M's weights, so scoring every position would cost about that much more)."""
+    keep, which = torch.unique(batch["answer_at"], return_inverse=True)  # [U] positions; row b's is keep[which[b]]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits  # [B, U, V]
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, batch["answer_at"]][:, batch["label_ids"]].float()
+    return logits[rows, which][:, batch["label_ids"]].float()
 
 
 def label_word_loss(model, batch):

@@ -19,7 +19,8 @@ def load(name):
 @pytest.mark.parametrize("flags, forwards", [
     ([], 2), (["--estimator", "two_point"], 2), (["--estimator", "one_sided"], 2),
     (["--estimator", "one_sided", "--directions", "4"], 5), (["--lr", "1e-6", "--estimator", "one_sided",
-                                                             "--directions", "8"], 9)])
+                                                             "--directions", "8"], 9),
+    (["--estimator", "fzoo", "--directions", "8"], 9)])
 def test_forwards_per_step(flags, forwards):
     assert load("sweep_fedkseed").forwards_per_step(flags) == forwards
 

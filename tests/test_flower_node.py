@@ -41,6 +41,16 @@ def test_a_data_path_or_model_the_server_chose_is_refused_unless_the_node_sets_o
     assert args.model == "some/model"
 
 
+@pytest.mark.parametrize("argv, words", [("--local_epochs 1e9", "--local_epochs 1000000000.0 is more than this node allows "
+                                                                "(max-local-epochs 100)"),
+                                         ("--grad_accum 100000", "--grad_accum 100000 is more than this node allows")])
+def test_fedcybgd_sizes_are_refused_too(argv, words):
+    import fedcybgd as cy
+    key = run_key("fedcybgd", cy.parse_args(["--device", "cpu"]))
+    with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        node_args({"script": "fedcybgd", "argv": "--device cpu " + argv, "key": key}, {})
+
+
 def test_the_node_config_pins_the_device():
     import torch
     if not torch.cuda.is_available():  # the server's choice, where the node has no GPU
@@ -55,7 +65,8 @@ def test_the_node_config_pins_the_device():
                                          ("--local_steps 1000000", "--local_steps 1000000 is more than this node allows"),
                                          ("--estimator one_sided --directions 5000",
                                           "--directions 5000 is more than this node allows (max-directions 1024)"),
-                                         ("--batch_size 100000", "--batch_size 100000 is more than this node allows")])
+                                         ("--batch_size 100000", "--batch_size 100000 is more than this node allows"),
+                                         ("--num_clients 1000000", "--num_clients 1000000 is more than this node")])
 def test_absurd_sizes_are_refused_before_anything_is_allocated(argv, words):
     with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         node_args(cfg("--device cpu " + argv), {})

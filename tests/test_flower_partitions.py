@@ -27,8 +27,10 @@ class Grid:
             self.asked.append((node, dict(m.content[MESSAGE_KEY])))
             if self.claims[node] is None:  # a node that never answers
                 continue
-            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
-                                       content={MESSAGE_KEY: self.claims[node]}))
+            failed = self.claims[node] == "error"  # a node whose ClientApp failed: an error reply
+            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda f=failed: f,
+                                       content={} if failed else {MESSAGE_KEY: self.claims[node]}))
+        out.reverse()  # arrival order is not node order
         return out
 
 
@@ -104,8 +106,17 @@ def test_a_waiting_newcomers_declaration_counts_only_once_it_is_given_the_partit
     assert f.node_of[0] == 13 and f.declared == {0: 900, 1: 4, 2: 900}
 
 
-def test_a_node_that_never_answers_is_asked_three_times_then_left_out():
-    grid = Grid({11: None, 12: claim(1)})
+def test_two_new_nodes_claiming_one_free_partition_the_lower_id_serves_it():
+    grid = Grid({12: claim(1), 13: claim(0), 11: claim(0)})
+    f, logged = flower(grid)
+    f.join(1.0)
+    assert f.node_of == {0: 11, 1: 12}
+    assert any("nodes 11 and 13 both claim free partition 0: the lower id, 11, serves it" in x for x in logged)
+
+
+@pytest.mark.parametrize("silent", [None, "error"])
+def test_a_node_that_never_answers_is_asked_three_times_then_left_out(silent):
+    grid = Grid({11: silent, 12: claim(1)})
     f, logged = flower(grid)
     f.join(1.0)
     f.refresh()

@@ -40,7 +40,9 @@ def state_dir(context):
 KEY = re.compile(r"[0-9a-f]{16}")  # what run_key makes: the state folder's name, never a path
 # the sizes a node allows (flag: node config key, default), checked before anything is allocated or run
 LIMITS = {"K": ("max-K", 2**20), "max_length": ("max-length", 2**15), "local_steps": ("max-local-steps", 10**5),
-          "directions": ("max-directions", 1024), "batch_size": ("max-batch-size", 4096)}
+          "local_epochs": ("max-local-epochs", 100), "grad_accum": ("max-grad-accum", 1024),
+          "directions": ("max-directions", 1024), "batch_size": ("max-batch-size", 4096),
+          "num_clients": ("max-clients", 10**5)}
 
 
 def node_args(cfg, node):
@@ -49,7 +51,8 @@ def node_args(cfg, node):
     path), a data path or model that the server chose and the node's config does not set (node config `data-path`,
     `model` pin them, and `device` the device; `trust-server-paths=true` lets the server choose, as the local
     launcher does, where one person runs every process), or sizes past the node's limits (LIMITS: `max-K`,
-    `max-length`, `max-local-steps`, `max-directions`, `max-batch-size`), refused before anything is allocated."""
+    `max-length`, `max-local-steps`, `max-local-epochs`, `max-grad-accum`, `max-directions`, `max-batch-size`,
+    `max-clients`), refused before anything is allocated."""
     name = str(cfg["script"])
     script = script_module(name)
     if not KEY.fullmatch(str(cfg["key"])):
@@ -67,10 +70,10 @@ def node_args(cfg, node):
             raise ConfigError(f"the server chose --model {args.model}: this node's config does not set model (or "
                               "trust-server-paths=true): refused")
     for flag, (key, limit) in LIMITS.items():
-        value, most = getattr(args, flag, None), int(node.get(key, limit))
+        value, most = getattr(args, flag, None), float(node.get(key, limit))
         if value is not None and value > most:
             raise ConfigError(f"{'-K' if flag == 'K' else '--' + flag} {value} is more than this node allows "
-                              f"({key} {most}): refused")
+                              f"({key} {most:.15g}): refused")
     return name, script, args
 
 

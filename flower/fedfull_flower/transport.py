@@ -99,25 +99,33 @@ class Flower(Transport):
         clients' data sizes), forget nodes that left, and hand each partition no connected node serves to the first
         node that claimed it. A node that counts other than the run config's num-partitions, or whose answer is
         malformed, serves nothing; a node that claims a partition a connected node serves waits until that node has
-        left (so a newcomer cannot take over a client whose node is still there). A node's declared sizes count only
-        once it is given the partition; a node that leaves 3 queries unanswered is left out. The answer is taken once
-        per node id (a node that reconnects under a new id is asked again)."""
+        left (so a newcomer cannot take over a client whose node is still there); two new nodes claiming one free
+        partition in the same query: the lower node id gets it, whichever answered first (logged). A node's declared
+        sizes count only once it is given the partition; a node that leaves 3 queries unanswered (or answers with an
+        error) is left out. The answer is taken once per node id (a node that reconnects under a new id is asked
+        again)."""
         from flwr.app import ConfigRecord, Message, RecordDict
         ids = set(self.grid.get_node_ids())
         self.node_of = {p: n for p, n in self.node_of.items() if n in ids}
         self.known = {n: p for n, p in self.known.items() if n in ids}  # a node that left is asked again if it returns
+        self.misses = {n: k for n, k in self.misses.items() if n in ids}
+        self.sizes_of = {n: v for n, v in self.sizes_of.items() if n in ids}
         new = [n for n in ids if n not in self.known]
         ask = {"ask": "partition"}
         if self.declares_sizes:  # the node needs the run's flags to find its clients and their data
             ask.update(script=self.script, argv=self.argv, key=self.key or "0" * 16)
         messages = [Message(RecordDict({MESSAGE_KEY: ConfigRecord(ask)}), dst_node_id=n, message_type="query")
                     for n in new]
-        for reply in self.grid.send_and_receive(messages, timeout=self.node_timeout) if messages else []:
+        replies = self.grid.send_and_receive(messages, timeout=self.node_timeout) if messages else []
+        claimed = {}  # partition -> the new node that claimed it first in this query
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # node-id order, not arrival order
             node = reply.metadata.src_node_id
             if node not in new or node in self.known:
                 continue
-            self.misses.pop(node, None)
             try:  # nothing a node sends may raise here
+                if reply.has_error():
+                    continue  # a failed ClientApp: a miss, asked again next time
+                self.misses.pop(node, None)
                 why, p, sizes = self.read_claim(reply)
             except Exception as e:  # noqa: BLE001  an error reply, or a node without the node config
                 why = f"did not tell its partition ({type(e).__name__})"
@@ -126,6 +134,9 @@ class Flower(Transport):
                 self.known[node] = None
                 continue
             self.known[node], self.sizes_of[node] = p, sizes
+            if p not in self.node_of and claimed.setdefault(p, node) != node:
+                self.log(f"Flower: nodes {claimed[p]} and {node} both claim free partition {p}: the lower id, "
+                         f"{claimed[p]}, serves it; {node} waits")
             if p in self.node_of:
                 self.log(f"Flower: node {node} claims partition {p}, which connected node {self.node_of[p]} serves: "
                          "it serves nothing while that node is connected")
@@ -135,6 +146,7 @@ class Flower(Transport):
                 if self.misses[node] >= 3:
                     self.log(f"Flower: node {node} left 3 partition queries unanswered: left out")
                     self.known[node] = None
+                    del self.misses[node]
         for node, p in self.known.items():  # in the order the claims were read
             if p is not None and p not in self.node_of:
                 self.node_of[p] = node
