@@ -69,3 +69,32 @@ def test_a_hostile_node_is_left_out_round_after_round_and_the_rest_stays_exact(t
     assert all(reasons[4, c].startswith("malformed reply") for c in (1, 3))
     assert all(reasons[5, c] == "node failed: no reason given" for c in (1, 3))
     assert same_weights(exported(out), exported(one))
+
+
+def test_a_hostile_node_sending_a_1e30_block_is_refused_and_the_rest_stays_exact(tiny_dir, dolly, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    """FedIT (FedAvg + LoRA) on 2 SuperNodes, 4 clients, all sampled, 2 rounds: in round 1 node 1 uploads its
+    clients' adapters filled with 1e30 (finite, well-formed). --max_change refuses them; the exported model equals
+    the one-process run in which clients 1 and 3 miss round 1."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    import fedavg as fa
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    flags = lambda out: [*argv(tiny_dir, dolly, out)[:6], "--num_clients", "4", "-m", "1", "--local_steps", "2",  # noqa: E731
+                         "--batch_size", "2", "--max_length", "48", "--iid", "iid", "--eval_samples", "3",
+                         "--max_new_tokens", "2", "--lr", "3e-3", "--device", "cpu", "--method", "lora",
+                         "--rounds", "2"]
+    try:
+        with LocalFederation(tmp_path / "fed", nodes=2) as fed:
+            done = fed.submit("fedavg", flags(tmp_path / "flower"), 600, app=Path(__file__).parent / "hostile_app")
+            status = fed.last_run()
+        assert done.returncode == 0 and status[0] == "finished:completed", done.stdout[-3000:] + done.stderr[-3000:]
+        fa.train(fa.parse_args(flags(tmp_path / "one")), Dropping({1: (1, 3)}))
+    finally:
+        torch.set_num_threads(threads)
+    reasons = {(e["round"], e["client"]): e["dropped"] for e in lines(tmp_path / "flower" / "ledger.jsonl")
+               if e.get("dropped")}
+    assert set(reasons) == {(1, 1), (1, 3)}
+    assert all(r.startswith("it changes the weights it was sent by") for r in reasons.values()), reasons
+    assert same_weights(exported(tmp_path / "flower"), exported(tmp_path / "one"))

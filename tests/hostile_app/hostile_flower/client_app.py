@@ -2,7 +2,8 @@
 round, by what a hostile participant could send: a stat that is a 400-digit integer (round 1), uploads a megabyte
 longer than the protocol allows (round 2), every pair stacked on one seed the client was not assigned, with a large
 scalar (round 3), a reply naming other clients (round 4), an error reply with an empty reason (round 5), an
-infinite stat (round 6); from round 7 on it answers honestly."""
+infinite stat (round 6); from round 7 on it answers honestly. Under fedavg or fedcybgd it sends, in round 1, every
+upload's tensors filled with 1e30, then answers honestly."""
 import json
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
@@ -24,12 +25,27 @@ def stacked(upload, K=16):
     return fk.encode_upload(n, [other] * len(idx), [1e3] * len(idx), K)
 
 
+def huge_block(upload):
+    """FedAvg/FedCyBGD: the same tensors, names, shapes and dtypes, every value 1e30 (finite)."""
+    import torch
+
+    import tasks
+    return tasks.pack({k: torch.full_like(v, 1e30) for k, v in tasks.unpack(upload).items()})
+
+
 @app.train()
 def train(message, context):
     reply = handle(message, context)
     rnd = int(message.content[MESSAGE_KEY]["round"])
     if int(context.node_config.get("partition-id", 0)) != 1 or rnd > 6:
         return reply
+    if str(message.content[MESSAGE_KEY]["script"]) != "fedkseed":  # round 1: a 1e30 block, then honest
+        if rnd > 1:
+            return reply
+        got = reply.content[MESSAGE_KEY]
+        cfg = {k: got[k] for k in ("clients", "uploads", "errors", "stats")}
+        cfg["uploads"] = [huge_block(bytes(u)) for u in cfg["uploads"]]
+        return Message(RecordDict({MESSAGE_KEY: ConfigRecord(cfg)}), reply_to=message)
     if rnd == 5:
         return Message(Error(code=0, reason=""), reply_to=message)
     got = reply.content[MESSAGE_KEY]
