@@ -1,5 +1,6 @@
 """Shared test fixtures: a tiny character-level tokenizer and tiny random models, built in memory."""
 import os
+import re
 import string
 
 # Tests never reach a model or dataset hub: everything they use is built here or committed under tests/.
@@ -10,15 +11,18 @@ import pytest
 import torch
 
 
-def make_tiny_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + 4 specials), no files, no hub."""
+def make_tiny_tokenizer(words=()):
+    """A character-level fast tokenizer (printable ASCII + 4 specials), no files, no hub. words: strings that become
+    one token each (after those ids), e.g. the label words of tasks.prompts.TEMPLATES, which a character tokenizer
+    would split into " " + letters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable) + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    whole = "".join(f"{re.escape(w)}|" for w in sorted(words, key=len, reverse=True))  # longest first
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(whole + r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"

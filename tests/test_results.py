@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
+from tasks import prompts
 from test_fedkseed import write_dolly
+from test_prompts import write_glue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +44,8 @@ def quick(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification
 
     root = tmp_path_factory.mktemp("results")
-    tok = make_tiny_tokenizer()
+    words = {w for templates in prompts.TEMPLATES.values() for _, labels in templates.values() for w in labels}
+    tok = make_tiny_tokenizer(sorted(words))  # the label words one token each, as in the packaged tokenizer
     make_tiny_llama(len(tok)).save_pretrained(root / "llama")
     tok.save_pretrained(root / "llama")
     torch.manual_seed(0)
@@ -52,6 +55,7 @@ def quick(tmp_path_factory):
     tok.save_pretrained(root / "bert")
     argv = ["--quick", "--sft_model", str(root / "llama"), "--glue_model", str(root / "bert"),
             "--dolly", str(write_dolly(root / "dolly.jsonl", n=120)), "--mrpc", str(write_mrpc(root / "MRPC")),
+            "--sst2", str(write_glue(root / "SST-2", "sst2", 80)),
             "--runs", str(root / "runs"), "--page", str(root / "docs" / "RESULTS.md"), "--threads", "1"]
     threads = torch.get_num_threads()
     load_results().main(argv)
@@ -63,15 +67,22 @@ def test_quick_writes_the_page_with_every_row(quick):
     root, _ = quick
     page = (root / "docs" / "RESULTS.md").read_text()
     for row in ("| zero-shot (pretrained) |", "| FedKSeed |", "| FedKSeed-Pro |", "| centralized MeZO", "| FedCyBGD |",
-                "| FedAvg (full) |", "| FedIT (LoRA) |", "| majority class", "| always positive |",
-                "| centralized fine-tuning", "### `--iid iid`", "### `--iid dir0.5`", "**FedKSeed at this budget.**"):
+                "| FedAvg (full) |", "| FedIT (LoRA) |", "| FedCyBGD (its default stream) |", "| majority class",
+                "| always positive |",
+                "| centralized fine-tuning", "### FedAvg over `--iid iid` clients", "**FedKSeed at this budget.**",
+                "## SST-2", "| zero-shot, bfloat16 forwards", "| zero-shot, float32 forwards", "| FedKSeed (two-point) |",
+                "| FedKSeed (FZOO, n = 4) |", "| FedKSeed-Pro (two-point) |"):
         assert row in page, row
     assert (root / "docs" / "results_dolly.svg").read_text().startswith("<svg")
     assert (root / "docs" / "results_mrpc.svg").read_text().startswith("<svg")
+    for plot in ("examples", "bytes", "seconds"):
+        assert (root / "docs" / f"results_sst2_{plot}.svg").read_text().startswith("<svg")
     # every run left its metrics and the per-example values its intervals come from
     for name in ("fedkseed", "fedkseed-pro", "mezo", "fedcybgd", "fedavg", "fedit", "mrpc-iid-fedcybgd",
-                 "mrpc-dir0.5-fedavg", "mrpc-centralized"):
-        assert (root / "runs" / name / "metrics.jsonl").is_file() and (root / "runs" / name / "examples.json").is_file()
+                 "mrpc-iid-fedavg", "mrpc-centralized", "sst2-fedkseed", "sst2-fedkseed-fzoo", "sst2-fedkseed-pro",
+                 "sst2-fedit", "sst2-fedavg", "sst2-centralized"):
+        kept = "heldout_examples.json" if name.startswith("sst2") else "examples.json"  # SST-2: the run's own
+        assert (root / "runs" / name / "metrics.jsonl").is_file() and (root / "runs" / name / kept).is_file()
 
 
 def test_collect_refuses_a_number_the_model_does_not_reproduce(quick):
