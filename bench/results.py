@@ -438,8 +438,9 @@ def write_page(a, runs, runs_dir, page, argv_main):
           "`download_bytes`), memory the largest `peak_memory_bytes` of the run (weights held + gradients + "
           "optimizer state + saved activations, as the scripts count it), time the sum of the rounds' `seconds` "
           "(evaluation included, model loading not).", "",
-          "Knobs: the AdamW methods run at the scripts' default learning rates (full fine-tuning 1e-4 for Dolly and "
-          "2e-4 for MRPC, LoRA 3e-4), chosen on nothing here. FedKSeed's `--lr 2e-6 --zo_eps 1e-3` come from short "
+          "Knobs: the AdamW methods run at the scripts' default learning rates (full fine-tuning 1e-4 for Dolly, "
+          "2e-4 for MRPC and 1e-5 for SST-2, LoRA 3e-4; FedCyBGD's MRPC lr 4e-4 is its GLUE default, chosen on "
+          "validation, see fedcybgd.md), chosen on nothing here but where said. FedKSeed's `--lr 2e-6 --zo_eps 1e-3` come from short "
           "probes made before the validation split existed, which read the held-out category's loss; they were not "
           "chosen again on validation data (`--val_samples`) for this page, so FedKSeed's rows may be slightly "
           "optimistic.", ""]
