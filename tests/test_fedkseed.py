@@ -65,7 +65,9 @@ OPTIONS = {"two_point": (), "one_sided": ("--estimator", "one_sided", "--directi
            "fzoo": ("--estimator", "fzoo", "--directions", "3"),
            "server_momentum": ("--server_lr", "2", "--server_momentum", "0.9"),
            "one_sided+server_momentum": ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5",
-                                         "--server_momentum", "0.5")}
+                                         "--server_momentum", "0.5"),
+           "fzoo+cosine": ("--estimator", "fzoo", "--directions", "2", "--lr_scheduler", "cosine")}
+COSINE_3_ROUNDS = [1.0, 0.75, 0.25]  # (1 + cos(pi (t - 1) / 3)) / 2 for t = 1, 2, 3: cos 0 = 1, cos pi/3 = 1/2, ...
 
 
 def batch_for(tok, texts):
@@ -758,10 +760,11 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     extra = OPTIONS[option]
     fk.main(argv(tiny_dir, dolly, tmp_path / "run", "--rounds", "3", "--rouge_samples", "0", *extra))
     flag = lambda name, default: float(extra[extra.index(name) + 1]) if name in extra else default  # noqa: E731
-    lr, s, beta, n_dir = 1e-3, flag("--server_lr", 1.0), flag("--server_momentum", 0.0), int(flag("--directions", 1))
+    s, beta, n_dir = flag("--server_lr", 1.0), flag("--server_momentum", 0.0), int(flag("--directions", 1))
     K = 16
     A, m = np.zeros(K, np.float32), np.zeros(K, np.float32)
-    for ups in captured:
+    for t, ups in enumerate(captured):
+        lr = 1e-3 * (COSINE_3_ROUNDS[t] if "cosine" in extra else 1.0)
         decoded = [parse_upload(u) for u in ups]
         assert all(len(idx) == 3 * n_dir for _, idx, _ in decoded)  # 3 steps, n pairs each
         sizes = np.array([n for n, _, _ in decoded], np.float64)
@@ -777,7 +780,7 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
     w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
     seeds = fk.candidate_seeds(42, K)
-    kind = fk.RADEMACHER if option == "fzoo" else fk.GAUSSIAN  # FZOO's z as published
+    kind = fk.RADEMACHER if option.startswith("fzoo") else fk.GAUSSIAN  # FZOO's z as published
     exported = fk.trainable(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0])[0]
     for p0, off, e in zip(w0, offsets, exported):
         w = p0.double().view(-1).numpy().copy()
@@ -785,3 +788,49 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
             w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), kind).double().numpy()
         np.testing.assert_allclose(e.view(-1).numpy(), w, rtol=0, atol=1e-6)
     assert any(not torch.equal(p0, e) for p0, e in zip(w0, exported))
+
+
+@pytest.mark.parametrize("estimator", ["two_point", "fzoo"])
+def test_cosine_round_steps_at_its_rate(tiny_tokenizer, estimator):
+    """--lr_scheduler cosine, round 2 of 3: the client's steps are those of a constant-lr client at 0.75 lr (the
+    rate written out above), bit for bit: the same upload and the same local weights."""
+    est = ["--estimator", estimator] + (["--directions", "2"] if estimator == "fzoo" else [])
+    ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 5, 6], "labels": [-100, 5, 6]}]
+    seeds, results = fk.candidate_seeds(3, 16), []
+    for flags in (["--lr", "1e-2", "--lr_scheduler", "cosine"], ["--lr", str(1e-2 * COSINE_3_ROUNDS[1])]):
+        args = fk.parse_args(["--seed", "0", "--local_steps", "3", "--zo_eps", "1e-2", "--rounds", "3", "--device",
+                              "cpu", *est, *flags])
+        model = make_tiny_llama(len(tiny_tokenizer))
+        params, offsets = fk.trainable(model)
+        up, _ = fk.client_update(model, params, offsets, ex, None, seeds, args, 2, 0, tiny_tokenizer.pad_token_id)
+        results.append((up, [p.clone() for p in params]))
+    (up_a, w_a), (up_b, w_b) = results
+    assert up_a == up_b and all(torch.equal(a, b) for a, b in zip(w_a, w_b))
+    assert fk.round_lr(fk.parse_args(["--lr", "1e-2", "--lr_scheduler", "cosine", "--rounds", "3"]), 1) == 1e-2
+
+
+def test_cosine_run_resumes_exactly_and_keeps_its_rounds(tiny_dir, dolly, tmp_path, capsys, monkeypatch):
+    """A cosine run that stops after round 2 of 4 and resumes == 4 rounds straight (A bit for bit); resuming it
+    with other --rounds would change the rate of the rounds it already took: one line."""
+    flags = ("--rounds", "4", "--eval_every", "4", "--rouge_samples", "0", *OPTIONS["fzoo+cosine"])
+    fk.main(argv(tiny_dir, dolly, tmp_path / "a", *flags))
+    client_round = fk.client_round
+
+    def crash_in_round_3(run, rnd, *rest):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return client_round(run, rnd, *rest)
+
+    monkeypatch.setattr(fk, "client_round", crash_in_round_3)
+    with pytest.raises(SystemExit):  # main's one line for an interrupt: rerun with --resume
+        fk.main(argv(tiny_dir, dolly, tmp_path / "b", *flags))
+    monkeypatch.setattr(fk, "client_round", client_round)
+    assert tasks.checkpoint.read(tmp_path / "b")["round"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fk.main(argv(tiny_dir, dolly, tmp_path / "b", *flags, "--rounds", "6", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "rounds=4" in err[0] and "rounds=6" in err[0], err
+    fk.main(argv(tiny_dir, dolly, tmp_path / "b", *flags, "--resume"))
+    a, b = tasks.checkpoint.read(tmp_path / "a"), tasks.checkpoint.read(tmp_path / "b")
+    assert a["round"] == b["round"] == 4 and torch.equal(a["A_history"], b["A_history"])

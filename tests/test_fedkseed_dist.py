@@ -61,17 +61,17 @@ def exported(out):
 
 
 ONE_SIDED = ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5", "--server_momentum", "0.5")
-FZOO = ("--estimator", "fzoo", "--directions", "2")
+FZOO_COSINE = ("--estimator", "fzoo", "--directions", "2", "--lr_scheduler", "cosine")
 
 
 @pytest.mark.parametrize("compute_dtype, option", [("float32", ()), ("bfloat16", ()), ("float32", ONE_SIDED),
-                                                  ("float32", FZOO)],
-                         ids=["float32", "bfloat16", "one_sided+server_momentum", "fzoo"])
+                                                  ("float32", FZOO_COSINE)],
+                         ids=["float32", "bfloat16", "one_sided+server_momentum", "fzoo+cosine"])
 def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     """Same flags (FedKSeed-Pro, 3 rounds): 1 process vs 2 gloo ranks -> same metrics.jsonl values (all but timings
     and the one-process replay check), the same global model bit for bit, the same server state; the ledger adds
     the collectives' bytes. Also with bfloat16 forwards over the float32 weights (--compute_dtype), and with the
-    one-sided estimator and server momentum, and with FZOO."""
+    one-sided estimator and server momentum, and with FZOO under the cosine lr schedule."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--rounds", "3", "--eval_every", "1", "--compute_dtype", compute_dtype, *option)
     n_dir = 2 if option else 1
