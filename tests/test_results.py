@@ -71,7 +71,8 @@ def test_quick_writes_the_page_with_every_row(quick):
                 "| always positive |",
                 "| centralized fine-tuning", "### FedAvg over `--iid iid` clients", "**FedKSeed at this budget.**",
                 "## SST-2", "| zero-shot, bfloat16 forwards", "| zero-shot, float32 forwards", "| FedKSeed (two-point) |",
-                "| FedKSeed (FZOO, n = 4) |", "| FedKSeed-Pro (two-point) |"):
+                "| FedKSeed (FZOO, n = 4) |", "| FedKSeed-Pro (two-point) |",
+                "### FedKSeed (FZOO) for as long as 60 minutes allow", "DeComFL (OPT-125m"):
         assert row in page, row
     assert (root / "docs" / "results_dolly.svg").read_text().startswith("<svg")
     assert (root / "docs" / "results_mrpc.svg").read_text().startswith("<svg")
@@ -80,7 +81,7 @@ def test_quick_writes_the_page_with_every_row(quick):
     # every run left its metrics and the per-example values its intervals come from
     for name in ("fedkseed", "fedkseed-pro", "mezo", "fedcybgd", "fedavg", "fedit", "mrpc-iid-fedcybgd",
                  "mrpc-iid-fedavg", "mrpc-centralized", "sst2-fedkseed", "sst2-fedkseed-fzoo", "sst2-fedkseed-pro",
-                 "sst2-fedit", "sst2-fedavg", "sst2-centralized"):
+                 "sst2-fedit", "sst2-fedavg", "sst2-centralized", "sst2-fedkseed-long"):
         kept = "heldout_examples.json" if name.startswith("sst2") else "examples.json"  # SST-2: the run's own
         assert (root / "runs" / name / "metrics.jsonl").is_file() and (root / "runs" / name / kept).is_file()
 
