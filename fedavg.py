@@ -120,6 +120,14 @@ def build_model(args, device):
 
 
 # -------- client: start from the global weights, --local_steps steps with a fresh optimizer, upload what it trained
+def sync_model(model, message):
+    """Client side of the download: write the global weights it received into the model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in message.items():
+            params[n].copy_(t)
+
+
 def client_update(model, names, batches, args, seed):
     """One client's local round on `batches` (its micro-batches, one per step) -> (upload: name -> the trained
     tensors, {"loss": mean train loss, "peak_memory_bytes"}). The model holds the global weights on entry. The
@@ -151,7 +159,12 @@ def client_round(run, rnd, c, download):
 CLIENT_STATS = ("loss", "peak_memory_bytes", "client_seconds")  # what travels with an upload, for the metrics
 
 
-# -------- server: check the uploads, average them weighted by data size; clients start the round from the average
+# -------- server: the download, the uploads' check, their average weighted by data size
+def server_download(global_w):
+    """The message every sampled client gets: the global weights of the trained tensors (safetensors bytes)."""
+    return tasks.pack(global_w)
+
+
 def server_aggregate(uploads, sizes):
     """[(name -> tensor)] of the round's clients, their data sizes -> the new global weights: for every name,
     sum_i (n_i / sum_j n_j) * w_i, summed in float64 in client order and rounded once to the weights' dtype."""
@@ -165,14 +178,6 @@ def server_aggregate(uploads, sizes):
     return out
 
 
-def sync_model(model, message):
-    """Client side of the download: write the global weights it received into the model."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in message.items():
-            params[n].copy_(t)
-
-
 def check_upload(run, wire_up):
     """-> (why an upload cannot be averaged, or None; the unpacked upload). It must hold exactly the trained
     tensors, of the global weights' shapes and dtypes, all finite (`tasks.check_tensors`): a malformed or hostile
@@ -180,7 +185,7 @@ def check_upload(run, wire_up):
     return tasks.check_tensors(wire_up, run.names, run.global_w, run.args.max_change)
 
 
-def take_uploads(run, rnd, sampled, replies, wire_down):
+def check_uploads(run, rnd, sampled, replies, wire_down):
     """Server: the round's replies -> (the uploads it averages, their clients' data sizes, the round's ledger lines).
     A client that did not answer (Flower), or whose upload fails `check_upload`, is left out with one logged line."""
     uploads, sizes, turns = [], [], []
@@ -216,14 +221,15 @@ def train(args, transport=None):
             t0 = time.time()
             # 1. the server samples the round's clients; each gets the same download, the global weights
             sampled = tasks.sample_clients(args.seed, rnd, args.num_clients, run.n_sampled)
-            wire_down = tasks.pack(run.global_w)
-            # 2. each client, where it lives (`client_round`): start from the global weights, train, upload
+            wire_down = server_download(run.global_w)
+            # 2. each client, where it lives, runs client_round: start from the global weights, train, upload. In one
+            #    process `exchange` is {c: client_round(run, rnd, c, wire_down) for c in sampled}
             tags = {c: ("", "") for c in sampled}  # a FedAvg client keeps no state between rounds
             replies = run.transport.exchange(client_round, run, rnd, {c: wire_down for c in sampled}, sampled,
                                              (None, tasks.packed_bound(run.global_w)), CLIENT_STATS, tags)
             # 3. the server keeps the well-formed uploads and averages them, weighted by data size (unchanged if
             #    nobody answered); the working model takes the average, is evaluated, and the round is written
-            uploads, sizes, turns = take_uploads(run, rnd, sampled, replies, wire_down)
+            uploads, sizes, turns = check_uploads(run, rnd, sampled, replies, wire_down)
             if uploads:
                 run.global_w = server_aggregate(uploads, sizes)
             sync_model(run.model, run.global_w)
@@ -234,7 +240,8 @@ def train(args, transport=None):
     return run.files.metrics
 
 
-# -------- plumbing: set up, what every party loads, the server's round end, the export, the Flower hooks, the command
+# -------- plumbing (a reader of the method can stop here): set up, what every party loads, the server's round end,
+# the export, the Flower hooks, the command
 def setup(args, transport=None):
     """Everything the rounds need, in one namespace: model and the names it trains, the server's global weights,
     data, the transport (one process, or Flower's), the run's files and the progress display."""

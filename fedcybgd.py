@@ -79,7 +79,7 @@ DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)
 SHARED_FLAGS = ("dataset data_path model rounds num_clients local_steps batch_size lr weight_decay max_length iid seed "
                 "output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype "
                 "dist_timeout")
-TURN_STATS = ("loss", "peak_memory_bytes")  # a turn's statistics that travel with its upload (for the metrics)
+CLIENT_STATS = ("loss", "peak_memory_bytes")  # a turn's statistics that travel with its upload (for the metrics)
 
 
 def parse_args(argv=None):
@@ -165,6 +165,10 @@ def find_blocks(model, train_embeddings=False):
     return cycle + (["embeddings"] if train_embeddings and units["embeddings"] else []), units
 
 
+# ====================================================================================================
+# the method, in the order a turn happens: the cycle (whose turn trains which block), the server's download, the
+# client's sync and training, the server's check and aggregation, then the round loop
+# ====================================================================================================
 def block_of_turn(cycle, switch_mode, seed, rnd, client, num_clients):
     """The unit client `client` trains in round `rnd` (from 1), a function of these numbers alone (resume, ranks).
     With turn t = (rnd - 1) * num_clients + client and L = len(cycle), by --switch_mode:
@@ -190,14 +194,13 @@ def turn_plan(run, rnd, c):
     the flags alone, so the server and the client's own process (its rank, its Flower node) compute the same."""
     args, per_round = run.args, sum(run.turn_steps)
     first = (rnd - 1) * per_round + sum(run.turn_steps[:c])  # the schedule is one curve over the run's steps
+    # --lr by default; `learning_rate` (options, after the method) adds warmup and decay: a reader may skip it
     lrs = [learning_rate(args, first + k, args.rounds * per_round, run.warmup) for k in range(run.turn_steps[c])]
+    # one block, `block_of_turn`, by default; `blocks_of_turn` (options) handles --layers_per_turn k > 1
     blocks = blocks_of_turn(run.cycle, args.switch_mode, args.seed, rnd, c, run.num_clients, run.layers_per_turn)
     return blocks, derive_seed(args.seed, rnd, c), lrs
 
 
-# ====================================================================================================
-# the method: the download, the turn, the upload and the server's aggregation, a client's round, the rounds
-# ====================================================================================================
 def init_server(model, units):
     """The server: the exact global weights, a version per unit (bumped by every upload that changes it) and per
     client "seen" {unit: version it holds; missing = 0, pretrained} and "lossy" [units it holds only as int8]."""
@@ -286,6 +289,26 @@ def client_update(model, names, batches, lrs, weight_decay=0.0, grad_accum=1, se
     return tasks.train_steps(model, names, batches, adamw, lrs, grad_accum, seed, loss_fn, clip)
 
 
+def client_round(run, rnd, c, download):
+    """Client c's turn where it lives (this process, its rank, its Flower node: every transport calls this): apply the
+    download, train its block(s) and the head on its data -> (upload, stats). A lossy mode first rebuilds the client's
+    copy (`held_weights`; a Flower node holds it, and resets to pretrained what --download_fraction did not send)."""
+    args = run.args
+    blocks, seed, lrs = turn_plan(run, rnd, c)
+    base = run.pretrained if run.server is None else (
+        held_weights(run.server, run.units, c, run.pretrained) if run.lossy else None)
+    sync_model(run.model, tasks.unpack(download), base=base)
+    # reshuffled passes over the client's own examples, seeded by (seed, round, client); or (--iid stream, an option
+    # after the method) the stream's next batches
+    batches = (stream_batches(run, rnd, c) if run.stream else
+               tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed))
+    names = [n for b in blocks for n in run.units[b]] + run.units["head"]
+    upload, stats = client_update(run.model, names, batches, lrs, args.weight_decay, args.grad_accum, seed,
+                                  run.units["head"], args.head_lr_scale, run.log_priors[c], args.adam_eps,
+                                  args.max_grad_norm)
+    return tasks.pack(upload), stats
+
+
 def check_upload(run, wire_up, blocks):
     """-> (why a turn's upload cannot be taken, or None; the unpacked upload): exactly the tensors of the client's
     blocks and the head, of the server's shapes and dtypes, all finite: no client writes a tensor it did not train."""
@@ -306,38 +329,20 @@ def server_aggregate(server, client, upload, units):
     return touched
 
 
-def client_round(run, rnd, c, download):
-    """Client c's turn where it lives (this process, its rank, its Flower node: every transport calls this): apply the
-    download, train its block(s) and the head on its data -> (upload, stats). A lossy mode first rebuilds the client's
-    copy (`held_weights`; a Flower node holds it, and resets to pretrained what --download_fraction did not send)."""
-    args = run.args
-    blocks, seed, lrs = turn_plan(run, rnd, c)
-    base = run.pretrained if run.server is None else (
-        held_weights(run.server, run.units, c, run.pretrained) if run.lossy else None)
-    sync_model(run.model, tasks.unpack(download), base=base)
-    # reshuffled passes over the client's own examples, seeded by (seed, round, client); or the stream's next batches
-    batches = (stream_batches(run, rnd, c) if run.stream else
-               tasks.local_batches(args, run.clients[c], run.tokenizer, run.device, seed))
-    names = [n for b in blocks for n in run.units[b]] + run.units["head"]
-    upload, stats = client_update(run.model, names, batches, lrs, args.weight_decay, args.grad_accum, seed,
-                                  run.units["head"], args.head_lr_scale, run.log_priors[c], args.adam_eps,
-                                  args.max_grad_norm)
-    return tasks.pack(upload), stats
-
-
 def turn(run, rnd, c):
     """Turn c of round rnd, as every rank runs it on its replica of the server -> the turn's ledger line."""
     args, server, transport = run.args, run.server, run.transport
     blocks, seed, lrs = turn_plan(run, rnd, c)
     # 1. download: server -> client c, serialised from c's rank's replica (rank 0's too, for the ledger): no collective
-    held = dict(server["seen"].get(c, {}))  # what c holds before it (Flower's nodes check their disk against it)
+    seen_before = dict(server["seen"].get(c, {}))  # the versions c holds before it (Flower's nodes check their disk)
     down = server_download(server, run.units, c, blocks, args.download, args.download_fraction, seed)
     wire_down = tasks.pack(down) if transport.is_server or transport.mine([c]) else b""
-    tag = state_tags(server, c, blocks, held) if transport.keeps_client_state else None
-    # 2. client c's turn where it lives (`client_round`): its upload and stats reach every rank
+    tag = state_tags(server, c, blocks, seen_before) if transport.keeps_client_state else None
+    # 2. client c's turn where it lives: its upload and stats reach every rank. In one process `from_client` is
+    #    client_round(run, rnd, c, wire_down); torchrun and Flower carry the same bytes to and from the client
     t0 = time.time()
     longest = tasks.packed_bound({n: server["weights"][n] for b in blocks + ["head"] for n in run.units[b]})
-    wire_up, stats = transport.from_client(c, TURN_STATS, client_round, run, rnd, wire_down, tag, longest)
+    wire_up, stats = transport.from_client(c, CLIENT_STATS, client_round, run, rnd, wire_down, tag, longest)
     seconds = round(time.time() - t0, 3)  # the turn as this rank sees it: its own work, or waiting for it
     # 3. server: take a well-formed upload; else the turn is lost and the client treated as holding the pretrained model
     why, upload = (stats["dropped"], None) if wire_up is None else check_upload(run, wire_up, blocks)
@@ -502,7 +507,8 @@ def one_label_clients(clients, share=0.95):
     return [c for c, ys in enumerate(labels) if ys and max(ys.count(y) for y in set(ys)) >= share * len(ys)]
 
 
-# -------- plumbing: set up, what every party loads, checkpoints, the round's end, the Flower hooks, the command
+# -------- plumbing (a reader of the method can stop here): set up, what every party loads, checkpoints, the round's
+# end, the Flower hooks, the command
 def setup(args, transport=None):
     """Everything the rounds need, in one namespace: model, blocks, data, the server (every rank keeps a replica), the
     schedule, the transport (by default one process or torchrun's ranks), the run's files and the progress display."""
@@ -619,12 +625,12 @@ def finish(run):
         run.progress.log(line)
 
 
-def state_tags(server, c, blocks, held):
-    """Flower: what client c holds before its turn (`held`, the server's record before the download) and after it
-    (its trained units one version on), as tags its node checks against its disk; "" = the pretrained model."""
+def state_tags(server, c, blocks, seen_before):
+    """Flower: what client c holds before its turn (`seen_before`, the server's record before the download) and after
+    it (its trained units one version on), as tags its node checks against its disk; "" = the pretrained model."""
     after = {**server["seen"].get(c, {}), **{u: server["version"][u] + 1 for u in {*blocks, "head"}}}  # aggregated
     tag = lambda record: json.dumps(sorted(record.items())) if any(record.values()) else ""  # noqa: E731
-    return tag(held), tag(after)
+    return tag(seen_before), tag(after)
 
 
 def client_node(args):

@@ -3,7 +3,7 @@
 
     python fedkseed.py --dataset dolly              # the official Dolly command's flags with K = 4096 (GPU-sized)
     python fedkseed.py --dataset dolly --num_clients 10 -m 0.1 --rounds 2 --local_steps 200 --lr 2e-6 --zo_eps 1e-3 \
-        -K 1024 --max_length 256 --eval_samples 48 --eval_every 1 --rouge_samples 0   # minutes on a CPU (README)
+        -K 1024 --max_length 256 --eval_samples 48 --eval_every 1 --rouge_samples 0   # minutes on a CPU
 
 Zeroth-order (ZO) step. Instead of backpropagation, a client estimates the directional derivative of its loss L
 along a random direction z (a standard Gaussian vector as large as the model) from two forward passes:
@@ -11,8 +11,8 @@ along a random direction z (a standard Gaussian vector as large as the model) fr
     g = (L(w + eps*z) - L(w - eps*z)) / (2*eps)        a scalar
     w <- w - lr * g * z                               an update along z
 
-No gradients, no optimizer state: memory is that of inference. z is never stored: every party regenerates it from
-its seed with the same counter-based generator (below), so the same seed gives the same z on every device.
+No gradients and no optimizer state: a client holds w0 and its working weights (two copies of the model) and one
+forward's activations. z is never stored: every party regenerates it from its seed (the generator below).
 
 K seeds make communication tiny. Server and clients agree once on K candidate seeds (from the master --seed). Every
 local step draws its z from one of the K, so a client's round is a list of (seed index, g) pairs: 200 steps are
@@ -26,16 +26,15 @@ the official code's own definition. Weights never cross the network: every party
 (`sync_model`), so the server, a client that synced last round and one that missed ten hold the same bits.
 
 The protocol, round t (the paper's Algorithm 1; `train` below):
-  1. the server samples clients (-m) and sends each the entries of A(t-1) that differ from the client's record (the
-     A it last synced to), sparse (6 B an entry) or dense (4 K bytes), whichever is smaller: at most 16,385 B at
-     K = 4096 after any number of missed rounds (FedKSeed-Pro adds K bytes of seed importances);
-  2. the client overwrites those entries of its record and replays: weights <- w0 + sum_k A_k z_k;
+  1. the server samples clients (-m) and sends each the entries of A(t-1) that differ from its record of what the
+     client holds, sparse (6 B an entry) or dense (4 K bytes), whichever is smaller (`server_download`);
+  2. the client overwrites those entries of its own record of A and replays: weights <- w0 + sum_k A_k z_k;
   3. it takes --local_steps ZO steps from there, each on a seed drawn from the K (uniformly; Pro: by the server's
-     probabilities), and uploads its (seed index, g) pairs: 4 + 6 x steps bytes;
+     probabilities), and uploads its (seed index, g) pairs: 4 + 6 x steps bytes (`client_update`);
   4. the server aggregates the pairs into a(t) and A(t) (`server_aggregate`), which defines w(t); it refuses pairs
      on seeds other than the client's own draws, which it recomputes (`seed_draws`).
-With K = 4096 and 200 steps, up plus down is at most 1,204 + 16,385 = 17,589 bytes per client per round, under the
-paper's 18 kilobytes, whatever the model's size; every run's byte ledger shows it.
+With K = 4096 and 200 two-point steps, up plus down is at most 1,204 + 16,385 = 17,589 bytes per client per round,
+under the paper's 18 kilobytes whatever the model's size (Pro adds K bytes of seed importances: 21,685 B).
 
 What a device keeps between rounds: w0 and its record of A (K float32 = 16 KB); its working weights are scratch. The
 price is compute: a replay generates the noise of every seed with A_k != 0 (about K/3 ZO steps' worth of passes).
@@ -44,22 +43,18 @@ FedKSeed-Pro (--bias_sampling): the server keeps the history of |g| per seed (cl
 with one entry --grad_initial), min-max normalises the K means to [0, 1] and sends them as one byte each; every
 client samples seeds by their softmax (the official formula): the most useful seed is at most e times as likely.
 
-A ZO step is three passes over the weights, not MeZO's four: the third, by (eps - lr g) z, restores and updates.
-
-Options beyond the paper, in the same wire format (their definitions are in the section after the method):
-  --estimator one_sided --directions n   n one-sided directions a step sharing one forward at w
-  --estimator fzoo --directions n        the same, normalised by the spread of the n losses: FZOO as published
+Options beyond the paper, in the same wire format (defined in the section after the method):
+  --estimator one_sided|fzoo --directions n   n directions a step sharing one forward at w; fzoo: FZOO as published
                                          (equal forwards, one seed: SST-2 +1.95 points [+0.46, +3.33] over the
-                                         two-point step; Dolly: the two-point step's validation loss after 600
-                                         forwards not reached, about 2x the forwards; so two_point stays default)
+                                         two-point step; Dolly: its validation loss after 600 forwards not reached,
+                                         about 2x the forwards; so two_point stays the default)
   --server_lr s --server_momentum beta   a server optimizer on the aggregated per-seed coefficients
   --lr_scheduler cosine                  round t of R steps at lr (1 + cos(pi (t - 1) / R)) / 2 (SST-2, FZOO, 4
                                          rounds: +1.4 to +2.7 points of validation accuracy over the constant lr,
                                          none on dev.tsv, one seed: not the default)
   --compute_dtype bfloat16               forwards on a bf16 copy written by the same fused pass (weights stay fp32)
-  --fold                                 two passes a step instead of three (the closing pass joins the next opening)
-  --max_abs_g B                          the server clips every uploaded scalar to [-B, B] (Byzantine clients)
-  --clip_norm c                          the server scales each client's update to at most c x the round's median
+  --fold                                 two passes over the weights a step instead of three
+  --max_abs_g B, --clip_norm c           the server bounds what one client's scalars can move (Byzantine clients)
 Measured figures and every difference from the official code (zhenqincn/FedKSeed): docs/fedkseed.md. One process,
 torchrun ranks (client c on rank c % N) and a Flower federation sit behind one transport; each calls `client_round`.
 """
@@ -84,12 +79,8 @@ from tasks import ConfigError, GroupError
 # of (seed, i), i the element's global index (parameter offset in named_parameters() order + flat index): a
 # counter-based generator (Philox4x32-10) turned into a standard Gaussian (Box-Muller, or +-1 with --perturbation
 # rademacher) with arithmetic every device rounds the same way. seedops/reference.py is its readable definition;
-# the compiled kernels (csrc/) give the same float32 bits fast. The ops the method uses, each one pass over memory:
-#   perturb_multi_(params, seed, offsets, scale, kind)                   w += scale * z(seed)
-#   apply_seeds_multi_(params, seeds, scales, offsets, kind)             w += sum_s scales[s] * z(seeds[s])
-#   perturb_weights_(params, copies, seed, offsets, scale, kind)         the first, and with --compute_dtype the
-#   apply_weights_(params, copies, seeds, scales, offsets, kind)         bf16 copies the forwards read follow the
-#                                                                        float32 weights, rounded, in the same pass
+# the compiled kernels (csrc/) give the same float32 bits fast. The method touches the weights through two ops,
+# each one pass over memory (below: `perturb` and `apply_seeds`).
 # ----------------------------------------------------------------------------------------------------
 from seedops import COMPILED_OPS_NOTE, GAUSSIAN, HAVE_COMPILED_OPS, RADEMACHER, apply_weights_, perturb_weights_  # noqa
 
@@ -144,8 +135,9 @@ def parse_args(argv=None):
     a("--lr_scheduler", choices=["constant", "cosine"], default="constant", help="cosine: every step of round t "
       "of R at lr (1 + cos(pi (t - 1) / R)) / 2, on the clients and in the server's aggregate alike")
     a("--server_lr", type=float, default=1.0, help="server learning rate on the round's aggregated per-seed "
-      "coefficients: A += server_lr * m (1 = FedAvg's mean)")
-    a("--server_momentum", type=float, default=0.0, help="server momentum beta: m <- beta m + a(t); 0 = none")
+      "coefficients: A += server_lr * velocity (1 = FedAvg's mean)")
+    a("--server_momentum", type=float, default=0.0, help="server momentum beta: velocity <- beta velocity + a(t); "
+      "0 = none")
     a("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B] before "
       "aggregating, bounding what one client can move the model; 0 = off (docs/flower.md: its cost)")
     a("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
@@ -193,22 +185,35 @@ def check_config(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# model and data: any HF causal LM (tasks.load_model); examples {"prompt", "target", "category"} from tasks/
+# model and data: any HF causal LM (tasks.load_model); examples {"prompt", "target", "category"} or, for sst2 and
+# mrpc, {"text_a", "text_b", "label"} (tasks/); the weights as the one long vector z perturbs
 # ----------------------------------------------------------------------------------------------------
-def trainable(model):
-    """The canonical order of the z contract -> (tensors sharing the parameters' memory, global offsets): element j
-    of tensor i is element offsets[i] + j of the one long vector z perturbs (tied weights appear once)."""
-    params, offsets, total = [], [], 0
+def weights_of(model, kind=GAUSSIAN):
+    """The model's trainable tensors as the one long vector z perturbs -> SimpleNamespace(tensors: sharing the
+    parameters' memory, offsets: element j of tensors[i] is element offsets[i] + j (named_parameters() order, tied
+    weights once), kind: GAUSSIAN or RADEMACHER, z's distribution, copies: None, or --compute_dtype's copies)."""
+    tensors, offsets, total = [], [], 0
     for _, p in model.named_parameters():
         if p.requires_grad:
             assert p.is_contiguous()
-            params.append(p.detach())
+            tensors.append(p.detach())
             offsets.append(total)
             total += p.numel()
-    return params, offsets
+    return SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=None)
+
+
+def perturb(w, seed, scale):
+    """w += scale * z(seed): one fused pass over the weights (with --compute_dtype the copies follow, rounded)."""
+    perturb_weights_(w.tensors, w.copies, seed, w.offsets, scale, w.kind)
+
+
+def apply_seeds(w, seeds, scales):
+    """w += sum_s scales[s] * z(seeds[s]): one pass, summed in float32 in seed order and rounded once."""
+    apply_weights_(w.tensors, w.copies, seeds, scales, w.offsets, w.kind)
 
 
 def load_data(args, tokenizer):
+    """-> (the data: clients, val, test, summary; clients sampled per round)."""
     if args.dataset in tasks.prompts.TASKS:  # classification: examples {"text_a", "text_b", "label"}
         data = tasks.prompts.load_prompt_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
                                               args.val_samples)
@@ -223,8 +228,8 @@ def load_data(args, tokenizer):
 
 
 # ====================================================================================================
-# the method, in the order of the paper's Algorithm 1: seeds, messages, the ZO step, the client's round, the
-# server's aggregation (and Pro's probabilities), the replay, the round loop
+# the method, in the order a round happens: the seeds and the messages both sides agree on; the client's procedure
+# (sync, ZO steps, upload); the server's (download, aggregation, Pro's probabilities, A(t)); the round loop
 # ====================================================================================================
 def candidate_seeds(master_seed, K):
     """The K 64-bit seeds everyone derives from the master seed (stream 0 of its SeedSequence)."""
@@ -236,14 +241,15 @@ def index_dtype(K):
     return np.uint16 if K <= 2**16 else np.uint32
 
 
-def encode_upload(num_examples, seed_idx, grads, K):
-    """Client -> server: uint32 data size, then the step's seed indices (uint16 for K <= 65536), then float32 g."""
+def encode_upload(num_examples, seed_idx, scalars, K):
+    """Client -> server: uint32 data size, then the steps' seed indices (uint16 for K <= 65536), then float32 scalars
+    (g of each two-point step)."""
     return (np.uint32(num_examples).tobytes() + np.asarray(seed_idx, dtype=index_dtype(K)).tobytes()
-            + np.asarray(grads, dtype=np.float32).tobytes())
+            + np.asarray(scalars, dtype=np.float32).tobytes())
 
 
 def decode_upload(msg, K):
-    """-> (num_examples, seed indices int64[S], g float32[S])."""
+    """-> (num_examples, seed indices int64[S], scalars float32[S])."""
     width = np.dtype(index_dtype(K)).itemsize
     steps = (len(msg) - 4) // (width + 4)
     n = int(np.frombuffer(msg, np.uint32, 1)[0])
@@ -251,15 +257,15 @@ def decode_upload(msg, K):
     return n, idx, np.frombuffer(msg, np.float32, steps, offset=4 + width * steps)
 
 
-def encode_download(A, A_client, importance=None):
-    """Server -> client: the new values of the entries of A (float32[K]) that differ from the client's record
-    A_client, then (Pro) the K seed importances as uint8. Layout: uint8 flags (1 = sparse, 2 = importances follow);
-    dense: float32[K]; sparse: uint32 count, indices (uint16 for K <= 65536), float32 values; whichever is smaller.
-    The values are A's own bits, never differences, so the record becomes A exactly after any number of missed
-    rounds. A_client None (a record the server does not know, e.g. after a drop-out): dense."""
+def encode_download(A, record, importance=None):
+    """Server -> client: the new values of the entries of A (float32[K]) that differ from `record`, what the server
+    knows the client holds, then (Pro) the K seed importances as uint8. Layout: uint8 flags (1 = sparse, 2 =
+    importances follow); dense: float32[K]; sparse: uint32 count, indices (uint16 for K <= 65536), float32 values;
+    whichever is smaller. The values are A's own bits, never differences, so the client's record becomes A exactly
+    after any number of missed rounds. record None (unknown to the server, e.g. after a drop-out): dense."""
     K = len(A)
-    dense = A_client is None
-    changed = np.arange(K) if dense else np.flatnonzero(A.view(np.uint32) != A_client.view(np.uint32))  # bitwise
+    dense = record is None
+    changed = np.arange(K) if dense else np.flatnonzero(A.view(np.uint32) != record.view(np.uint32))  # bitwise
     sparse_size = 4 + len(changed) * (np.dtype(index_dtype(K)).itemsize + 4)
     flags = (1 if sparse_size < 4 * K and not dense else 0) | (2 if importance is not None else 0)
     parts = [np.uint8(flags).tobytes()]
@@ -273,10 +279,11 @@ def encode_download(A, A_client, importance=None):
     return b"".join(parts)
 
 
-def decode_download(msg, A_client):
-    """Client side -> (its new record: a copy of A_client with the sent entries overwritten; importances or None)."""
-    K, flags, pos = len(A_client), msg[0], 1
-    A = A_client.copy()
+def decode_download(msg, record):
+    """Client side -> (its new record of A: a copy of `record` with the sent entries overwritten; importances or
+    None)."""
+    K, flags, pos = len(record), msg[0], 1
+    A = record.copy()
     if flags & 1:
         count = int(np.frombuffer(msg, np.uint32, 1, offset=pos)[0])
         idx = np.frombuffer(msg, index_dtype(K), count, offset=pos + 4)
@@ -289,35 +296,36 @@ def decode_download(msg, A_client):
     return A, (np.frombuffer(msg, np.uint8, K, offset=pos).copy() if flags & 2 else None)
 
 
-# the ZO step: 3 fused passes over the weights, 2 forwards
+# ---------------------------------------------------------------------------------------------------- the client
+def sync_model(w, w0, seeds, A):
+    """Step 2, the replay: w <- w0 + sum_k A[k] z(seeds[k]), the global model A defines. One multi-seed pass over the
+    seeds with A[k] != 0 in ascending k, summed in float32 and rounded once: the bits depend on nothing but (w0, A),
+    whatever the client's own steps did to w."""
+    for p, p0 in zip(w.tensors, w0):
+        p.copy_(p0)
+    touched = np.flatnonzero(A)
+    if len(touched) or w.copies is not None:  # with no seed the copies still follow the weights
+        apply_seeds(w, [seeds[k] for k in touched.tolist()], [float(a) for a in A[touched]])
+
+
 @torch.no_grad()
 def batch_loss(model, batch):  # the targets' token loss; classification: the label words' cross-entropy
     return (tasks.prompts.label_word_loss(model, batch) if "label_ids" in batch else model(**batch).loss).item()
 
 
 @torch.no_grad()
-def zo_step(model, params, offsets, batch, seed, eps, lr, kind, copies=None, fold=None):
-    """One two-point ZO step along z(seed) -> (g as float32-representable float, L(w + eps z)), or (None, loss)
-    when a loss is not finite (the weights are restored, nothing recorded).
-
-    w <- w + eps z;  L+ ;  w <- w - 2 eps z;  L- ;  g = (L+ - L-) / (2 eps);  w <- w + (eps - lr g) z
-    fold: --fold's carried closing pass (see `close_fold`, after the method)."""
-    if fold:
-        (prev_seed, prev_scale), = fold
-        apply_weights_(params, copies, [prev_seed, seed], [prev_scale, eps], offsets, kind)
-        fold.clear()
-    else:
-        perturb_weights_(params, copies, seed, offsets, eps, kind)
+def zo_step(model, w, batch, seed, eps, lr):
+    """Step 3, one two-point ZO step along z(seed) -> (g, L(w + eps z)); (None, loss) when a loss is not finite: the
+    weights are restored and nothing is recorded. Three passes over the weights: the third restores and updates."""
+    perturb(w, seed, eps)  # w + eps z
     loss_plus = batch_loss(model, batch)
-    perturb_weights_(params, copies, seed, offsets, -2.0 * eps, kind)
+    perturb(w, seed, -2.0 * eps)  # w - eps z
     loss_minus = batch_loss(model, batch)
-    finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
-    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None  # the upload's float32
-    closing = eps - lr * g if finite else eps  # restore (and update): w <- w + (eps - lr g) z
-    if fold is not None:
-        fold.append((seed, closing))
-    else:
-        perturb_weights_(params, copies, seed, offsets, closing, kind)
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        perturb(w, seed, eps)  # back to w
+        return None, loss_plus
+    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps)))  # the upload's float32
+    perturb(w, seed, eps - lr * g)  # w - eps z + (eps - lr g) z = w - lr g z
     return g, loss_plus
 
 
@@ -330,52 +338,88 @@ def seed_draws(args, K, rnd, client, probabilities=None):
     return (rng.choice(K, size=n, p=probabilities) if probabilities is not None else rng.integers(0, K, size=n)), rng
 
 
-def client_update(model, params, offsets, examples, probabilities, seeds, args, rnd, client, pad_id,
-                  on_step=None, copies=None):
-    """--local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss). The model
+def client_update(model, w, examples, probabilities, seeds, args, rnd, client, pad_id, on_step=None):
+    """Step 3: --local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss). w
     holds the global weights on entry (after `sync_model`), the client's local ones on exit (scratch). Every draw
     comes from (seed, round, client), so a resumed run redoes it exactly. probabilities: None (uniform seeds) or
     Pro's float64[K]. The upload holds one (seed index, scalar) pair per direction: g for the two-point step."""
     K, n_dir = len(seeds), args.directions  # 1 direction a step for the two-point estimator
-    lr = round_lr(args, rnd)  # args.lr, unless --lr_scheduler (an option, after the method)
-    kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
+    lr = round_lr(args, rnd)  # --lr; a reader of the method may skip `round_lr` (--lr_scheduler, an option)
     draws, rng = seed_draws(args, K, rnd, client, probabilities)
     order = rng.permutation(len(examples))  # this round's pass over the local data, cycled if too short
-    sent_idx, sent_g, losses = [], [], []
-    fold = [] if args.fold else None
+    sent_idx, sent_scalars, losses = [], [], []
+    pending = None  # --fold only (an option): the closing pass carried into the next step
     for step in range(args.local_steps):
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
-        batch = {k: v.to(params[0].device) for k, v in tasks.prompts.collate_tokenized(rows, pad_id).items()}
+        batch = {k: v.to(w.tensors[0].device) for k, v in tasks.collate_tokenized(rows, pad_id).items()}
         ks = [int(k) for k in draws[step * n_dir:(step + 1) * n_dir]]
-        if args.estimator != "two_point":  # one_sided, fzoo: options, defined after the method
-            cs, loss = one_sided_step(model, params, offsets, batch, [seeds[k] for k in ks], args.zo_eps, lr, kind,
-                                      copies, normalise=args.estimator == "fzoo")
+        if args.estimator == "two_point" and not args.fold:  # the paper's step
+            g, loss = zo_step(model, w, batch, seeds[ks[0]], args.zo_eps, lr)
+            scalars = None if g is None else [g]
+        elif args.fold:  # options, defined after the method: --fold, --estimator one_sided|fzoo
+            g, loss, pending = zo_step_folded(model, w, batch, seeds[ks[0]], args.zo_eps, lr, pending)
+            scalars = None if g is None else [g]
         else:
-            g, loss = zo_step(model, params, offsets, batch, seeds[ks[0]], args.zo_eps, lr, kind, copies, fold)
-            cs = None if g is None else [g]
-        if cs is not None:
-            sent_idx, sent_g = sent_idx + ks, sent_g + cs
+            scalars, loss = one_sided_step(model, w, batch, [seeds[k] for k in ks], args.zo_eps, lr,
+                                           normalise=args.estimator == "fzoo")
+        if scalars is not None:
+            sent_idx, sent_scalars = sent_idx + ks, sent_scalars + scalars
             losses.append(loss)
         if on_step is not None:
             on_step(step, loss)
-    close_fold(params, offsets, fold, kind, copies)
-    return encode_upload(len(examples), sent_idx, sent_g, K), (float(np.mean(losses)) if losses else float("nan"))
+    if pending is not None:
+        perturb(w, *pending)  # --fold: the last step's closing pass
+    return encode_upload(len(examples), sent_idx, sent_scalars, K), (float(np.mean(losses)) if losses else float("nan"))
 
 
-def server_aggregate(uploads, K, lr, max_abs_g=0.0, clip_norm=0.0):
-    """The round's uploads -> its update as per-seed coefficients a (float32[K]): w += sum_k a_k z_k, with
-    a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's g on seed k): clients weighted by data size as the
-    official code; float64 sums in client order, rounded once. No upload: a = 0. Options: --max_abs_g, --clip_norm."""
-    decoded = [decode_upload(u, K) for u in uploads]
+def client_round(run, rnd, c, download):
+    """Client c's part of round rnd, wherever it lives (this process, its torchrun rank, its Flower node), steps 2-3:
+    apply the download to its record of A and replay w0 + sum_k A_k z_k, take --local_steps ZO steps on its data
+    -> (upload: its (seed index, scalar) pairs, stats for the metrics). Every transport calls this one function."""
+    args, progress = run.args, run.progress
+    run.records[c], importance = decode_download(download, run.records[c])
+    # step 2: sync_model(run.weights, run.w0, run.seeds, run.records[c]); in one process the round's clients share
+    # one replay (plumbing, after the method: `shared_sync`)
+    sync_seconds = shared_sync(run, run.records[c], keep=c != run.last_client)
+    examples = client_examples(run, c)  # tokenized once (plumbing)
+    progress.reset("steps", args.local_steps, f"client {c}")
+    t = time.time()
+    up, loss = client_update(run.model, run.weights, examples,
+                             seed_probabilities(importance) if importance is not None else None, run.seeds, args, rnd,
+                             c, run.pad_id, on_step=lambda *_: progress.advance("steps"))
+    train_seconds = time.time() - t
+    progress.log(f"round {rnd} client {c}: {len(examples)} examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
+                 f"{train_seconds / args.local_steps:.2f} s/step, down {len(download)} B, up {len(up)} B")
+    progress.advance("clients")
+    return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds}
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+def server_download(server, sampled, pro):
+    """Step 1: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances). The server
+    records the clients as synced to round t-1 from here on."""
+    A, synced = server["A_history"], server["synced_round"]
+    importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None
+    sent = {c: encode_download(A[-1], A[synced[c]] if synced[c] >= 0 else None, importance) for c in sampled}
+    synced[sampled] = len(A) - 1
+    return sent
+
+
+def server_aggregate(uploads, sizes, K, lr, max_abs_g=0.0, clip_norm=0.0):
+    """Step 4: the round's uploads and their clients' data sizes -> the round's update as per-seed coefficients a
+    (float32[K]): w += sum_k a_k z_k, with a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's scalars on seed
+    k): clients weighted by data size as the official code; float64 sums in client order, rounded once. No upload:
+    a = 0. Options: --max_abs_g, --clip_norm (after the method)."""
+    decoded = [(n, idx, g) for n, (_, idx, g) in zip(sizes, (decode_upload(u, K) for u in uploads))]
     if clip_norm > 0:
         decoded = clip_client_norms(decoded, K, clip_norm)
     acc = np.zeros(K, dtype=np.float64)
     if not decoded:
         return acc.astype(np.float32)
-    sizes = np.array([n for n, _, _ in decoded], dtype=np.float64)
-    for w, (_, idx, g) in zip(sizes / sizes.sum(), decoded):
+    weights = np.array([n for n, _, _ in decoded], dtype=np.float64)
+    for share, (_, idx, g) in zip(weights / weights.sum(), decoded):
         g = g.astype(np.float64)
-        np.add.at(acc, idx, w * (np.clip(g, -max_abs_g, max_abs_g) if max_abs_g > 0 else g))
+        np.add.at(acc, idx, share * (np.clip(g, -max_abs_g, max_abs_g) if max_abs_g > 0 else g))
     return (-lr * acc).astype(np.float32)
 
 
@@ -401,71 +445,29 @@ def seed_probabilities(importance):
     return e / e.sum()
 
 
-def sync_model(params, w0, offsets, seeds, A, kind, copies=None):
-    """The replay: params <- w0 + sum_k A[k] z(seeds[k]), the global model A defines. One multi-seed pass over the
-    seeds with A[k] != 0 in ascending k, summed in float32 and rounded once: the bits depend on nothing but (w0, A),
-    whatever the client's own steps did to `params`. With `copies` the same pass writes them as it goes."""
-    touched = np.flatnonzero(A)
-    for p, p0 in zip(params, w0):
-        p.copy_(p0)
-    if len(touched) or copies is not None:  # with no seed the copies still follow the weights
-        apply_weights_(params, copies, [seeds[k] for k in touched.tolist()], [float(a) for a in A[touched]], offsets,
-                       kind)
-
-
-def server_downloads(server, sampled, pro):
-    """Server, step 1: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances). The
-    clients are synced to round t-1 from here on."""
-    A, last = server["A_history"], server["last_sync"]
-    importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None
-    sent = {c: encode_download(A[-1], A[last[c]] if last[c] >= 0 else None, importance) for c in sampled}
-    last[sampled] = len(A) - 1
-    return sent
-
-
-def server_update(server, accepted, dropped, args, seeds, w0, offsets, kind, rnd):
-    """Server, step 4: aggregate the accepted uploads into a(t), A(t) = A(t-1) + a(t) (through the server optimizer,
-    `server_step`, when one is set), the model w(t) it defines (server["w"]), Pro's history. A client that dropped
-    out may or may not hold its download: its record becomes unknown (-1), so its next download is dense.
-    -> the increment A(t) - A(t-1)."""
-    uploads = [u for u, _ in accepted.values()]
-    server["last_sync"][sorted(dropped)] = -1
-    a = server_aggregate(uploads, args.K, round_lr(args, rnd), args.max_abs_g, args.clip_norm)  # the clients' lr
-    coefs, server["momentum"] = server_step(a, server["momentum"], args.server_lr, args.server_momentum)
-    server["A_history"].append(server["A_history"][-1] + coefs)  # float32 + float32
-    sync_model(server["w"], w0, offsets, seeds, server["A_history"][-1], kind)
+def server_update(server, uploads, sizes, dropped, args, seeds, w0, rnd):
+    """Step 4: aggregate the accepted uploads into a(t), A(t) = A(t-1) + a(t) (through the server optimizer,
+    `server_step`, an option, when one is set), the model w(t) it defines (server["w"]), Pro's history. A client that
+    dropped out may or may not hold its download: the server no longer knows its record (-1), so its next download
+    is dense. -> the increment A(t) - A(t-1)."""
+    server["synced_round"][sorted(dropped)] = -1
+    a = server_aggregate(uploads, sizes, args.K, round_lr(args, rnd), args.max_abs_g, args.clip_norm)  # clients' lr
+    increment, server["momentum"] = server_step(a, server["momentum"], args.server_lr, args.server_momentum)
+    server["A_history"].append(server["A_history"][-1] + increment)  # float32 + float32
+    sync_model(server["w"], w0, seeds, server["A_history"][-1])
     if args.bias_sampling:
         update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, args.bias_loss_clip)
-    return coefs
+    return increment
 
 
-def client_round(run, rnd, c, download):
-    """Client c's part of round rnd, wherever it lives (this process, its torchrun rank, its Flower node), steps 2-3:
-    apply the download to its record of A and replay w0 + sum_k A_k z_k, take --local_steps ZO steps on its data
-    -> (upload: its (seed index, g) pairs, stats for the metrics). Every transport calls this one function."""
-    args, progress = run.args, run.progress
-    run.client_A[c], importance = decode_download(download, run.client_A[c])
-    sync_seconds = replay(run, run.client_A[c], keep=c != run.last_client)
-    examples = client_examples(run, c)
-    progress.reset("steps", args.local_steps, f"client {c}")
-    t = time.time()
-    up, loss = client_update(run.model, run.params, run.offsets, examples,
-                             seed_probabilities(importance) if importance is not None else None, run.seeds, args, rnd,
-                             c, run.pad_id, on_step=lambda *_: progress.advance("steps"), copies=run.copies)
-    train_seconds = time.time() - t
-    progress.log(f"round {rnd} client {c}: {len(examples)} examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
-                 f"{train_seconds / args.local_steps:.2f} s/step, down {len(download)} B, up {len(up)} B")
-    progress.advance("clients")
-    return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds}
-
-
+# ---------------------------------------------------------------------------------------------------- the rounds
 def train(args, transport=None):
     """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
     client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
-    run = setup(args, transport)
+    run = setup(args, transport)  # plumbing: model, data, seeds, the server's state, the run's files
     transport, progress, on_server = run.transport, run.progress, run.transport.on_server
     if run.start == 0:
-        on_server(log_round, run, 0, time.time())  # the pretrained model
+        on_server(log_round, run, 0, time.time())  # the pretrained model (plumbing: evaluate, write the row)
     rnd = run.start
     try:
         for rnd in range(run.start + 1, args.rounds + 1):
@@ -473,19 +475,21 @@ def train(args, transport=None):
             # 1. the server samples the round's clients and sends each the entries of A(t-1) it lacks
             sampled = tasks.sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
             tags = on_server(state_tags, run.server, sampled) if transport.keeps_client_state else None  # Flower
-            sent = on_server(server_downloads, run.server, sampled, args.bias_sampling)
-            # 2.-3. each client, where it lives: replay w(t-1) = w0 + sum_k A_k z_k, ZO steps -> (seed, g) pairs
+            sent = on_server(server_download, run.server, sampled, args.bias_sampling)
+            # 2.-3. each client, where it lives, runs client_round -> its (seed, g) pairs. In one process `exchange` is
+            # {c: client_round(run, rnd, c, sent[c]) for c in sampled}; torchrun and Flower carry the same bytes
             mine = transport.mine(sampled)  # this process's clients of the round (all of them in one process)
-            run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None
+            run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None  # the shared replay's
             progress.reset("clients", len(mine))
-            replies = transport.exchange(client_round, run, rnd, sent, sampled, run.widths, UPLOAD_STATS, tags)
+            replies = transport.exchange(client_round, run, rnd, sent, sampled, run.widths, CLIENT_STATS, tags)
             run.replays.clear()
-            # 4. the server keeps the well-formed uploads, aggregates them into A(t) and the model w(t) it defines
+            # 4. the server keeps the well-formed uploads (plumbing: `check_uploads`), aggregates them into A(t) and
+            #    the model w(t) it defines, evaluates w(t) and writes the round (plumbing: `log_round`)
             dropped = dict(transport.dropped)  # who did not answer, and why (Flower; nobody otherwise)
-            accepted = on_server(check_uploads, run, replies, sampled, dropped)
-            coefs = on_server(server_update, run.server, accepted, dropped, args, run.seeds, run.w0, run.offsets,
-                              run.kind, rnd)
-            on_server(log_round, run, rnd, t0, sent, accepted, dropped, coefs)  # evaluate w(t), write the round
+            accepted, sizes = on_server(check_uploads, run, replies, sampled, dropped) or ({}, {})
+            increment = on_server(server_update, run.server, [u for u, _ in accepted.values()], list(sizes.values()),
+                                  dropped, args, run.seeds, run.w0, rnd)
+            on_server(log_round, run, rnd, t0, sent, accepted, dropped, increment)
             progress.advance("rounds")
     except GroupError as e:  # a rank exited or hangs: one line, no traceback
         raise transport.lost_rank(e, rnd, rnd - 1 if rnd > 1 else None, args.dist_timeout) from None
@@ -501,7 +505,7 @@ def train(args, transport=None):
 # global model w0 + sum_k A_k z_k with A cumulative, so the byte bound and the exact replay hold for all of them
 # ====================================================================================================
 @torch.no_grad()
-def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, copies=None, normalise=False):
+def one_sided_step(model, w, batch, step_seeds, eps, lr, normalise=False):
     """--estimator one_sided: one step along n = len(step_seeds) directions sharing one forward at w -> (the n
     uploaded scalars c_i, L(w)), or (None, loss) when a loss is not finite (the weights are restored).
 
@@ -520,32 +524,40 @@ def one_sided_step(model, params, offsets, batch, step_seeds, eps, lr, kind, cop
     losses = []
     for i, seed in enumerate(step_seeds):
         if i == 0:
-            perturb_weights_(params, copies, seed, offsets, eps, kind)
+            perturb(w, seed, eps)
         else:
-            apply_weights_(params, copies, [step_seeds[i - 1], seed], [-eps, eps], offsets, kind)
+            apply_seeds(w, [step_seeds[i - 1], seed], [-eps, eps])
         losses.append(batch_loss(model, batch))
         if not math.isfinite(losses[-1]):
-            perturb_weights_(params, copies, seed, offsets, -eps, kind)  # restore, record nothing
+            perturb(w, seed, -eps)  # restore, record nothing
             return None, loss0
     scale = n * (float(np.std(losses)) if normalise else eps)  # np.std: the population std (ddof 0)
     if not scale > 0:
-        perturb_weights_(params, copies, step_seeds[-1], offsets, -eps, kind)  # restore, record nothing
+        perturb(w, step_seeds[-1], -eps)  # restore, record nothing
         return None, loss0
-    coefs = [float(np.float32((loss - loss0) / scale)) for loss in losses]  # the upload's float32 values
-    scales = [-lr * c for c in coefs]
+    scalars = [float(np.float32((loss - loss0) / scale)) for loss in losses]  # the upload's float32 values
+    scales = [-lr * c for c in scalars]
     scales[-1] -= eps
-    apply_weights_(params, copies, list(step_seeds), scales, offsets, kind)
-    return coefs, loss0
+    apply_seeds(w, list(step_seeds), scales)
+    return scalars, loss0
 
 
-def close_fold(params, offsets, fold, kind, copies=None):
-    """--fold: a step leaves its closing pass (seed, eps - lr g) in `fold` instead of applying it, and the next step
-    opens with one two-seed pass w += c_prev z_prev + eps z: two passes a step instead of three. After the last
-    step this applies the pending pass. The weights round once where they rounded twice (last bits differ)."""
-    if fold:
-        (seed, scale), = fold
-        perturb_weights_(params, copies, seed, offsets, scale, kind)
-        fold.clear()
+@torch.no_grad()
+def zo_step_folded(model, w, batch, seed, eps, lr, pending):
+    """--fold: `zo_step` in two passes over the weights instead of three. A step leaves its closing pass (seed, eps -
+    lr g) pending instead of applying it; the next step opens with one two-seed pass w += c_prev z_prev + eps z, and
+    the caller applies the last one. -> (g, L(w + eps z), the pending pass). The weights round once where they
+    rounded twice, so a run differs from the three-pass one in the last bits."""
+    if pending is None:
+        perturb(w, seed, eps)
+    else:
+        apply_seeds(w, [pending[0], seed], [pending[1], eps])
+    loss_plus = batch_loss(model, batch)
+    perturb(w, seed, -2.0 * eps)
+    loss_minus = batch_loss(model, batch)
+    finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
+    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None
+    return g, loss_plus, (seed, eps - lr * g if finite else eps)
 
 
 def clip_client_norms(decoded, K, c):
@@ -571,19 +583,20 @@ def round_lr(args, rnd):
     return args.lr * (1 + math.cos(math.pi * (rnd - 1) / args.rounds)) / 2
 
 
-def server_step(coefs, momentum, server_lr, beta):
-    """--server_lr s --server_momentum beta, on the round's aggregate a(t) -> (the increment of A, the new buffer):
-    m(t) = beta m(t-1) + a(t);  A(t) = A(t-1) + s m(t)   (float64 arithmetic, each rounded once to float32)
+def server_step(a, velocity, server_lr, beta):
+    """--server_lr s --server_momentum beta, on the round's aggregate a(t) -> (the increment of A, the new velocity):
+    v(t) = beta v(t-1) + a(t);  A(t) = A(t-1) + s v(t)   (float64 arithmetic, each rounded once to float32)
     The model is linear in A, so this is momentum on the model's update itself, at the cost of K floats; with the
     defaults (s = 1, beta = 0) the increment has the bits of a(t)."""
-    m = (beta * momentum.astype(np.float64) + coefs.astype(np.float64)).astype(np.float32)
-    return (server_lr * m.astype(np.float64)).astype(np.float32), m
+    v = (beta * velocity.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
+    return (server_lr * v.astype(np.float64)).astype(np.float32), v
 
 
 # ====================================================================================================
-# plumbing: upload checks, the replay cache, evaluation, the round's outputs, checkpoints, setup, Flower's hooks
+# plumbing: a reader of the method can stop here. Upload checks, the shared replay, evaluation, the round's outputs,
+# checkpoints, setup, Flower's hooks
 # ====================================================================================================
-UPLOAD_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
+CLIENT_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
 
 
 def longest_messages(K, pro, local_steps, directions=1):
@@ -628,10 +641,10 @@ def is_in_order(steps, assigned):
 
 
 def check_uploads(run, replies, sampled, dropped):
-    """Server: the replies -> {client: (upload, stats)} it aggregates; a client without a well-formed upload is left
-    out with one logged line, its reason in `dropped`. The server weights a client by its own record of the client's
-    data size (`transport.data_size`: its partition's; in Flower's deployment mode the capped size its node declared,
-    which replaces the upload's own size field, unchecked then)."""
+    """Server: the replies -> ({client: (upload, stats)} it aggregates, {client: the data size it weights it by}); a
+    client without a well-formed upload is left out with one logged line, its reason in `dropped`. The weight is the
+    server's own record of the client's data size (`transport.data_size`: its partition's; in Flower's deployment
+    mode the capped size its node declared, and the upload's own size field is then not checked)."""
     args, server, transport = run.args, run.server, run.transport
     pro = args.bias_sampling  # the probabilities its download gave the client, from the same history
     probs = seed_probabilities(seed_importance(server["hist_sum"], server["hist_count"])) if pro else None
@@ -640,33 +653,35 @@ def check_uploads(run, replies, sampled, dropped):
     accepted = tasks.accept_replies(replies, sampled, dropped, lambda c, up: check_upload(
         up, args.K, args.local_steps, args.directions, None if transport.declares_sizes else sizes[c],
         seed_draws(args, args.K, rnd, c, probs)[0]), run.progress.log)
-    return {c: (np.uint32(sizes[c]).tobytes() + bytes(up[4:]), st) for c, (up, st) in accepted.items()}
+    return accepted, {c: sizes[c] for c in accepted}
 
 
 def state_tags(server, sampled):
     """Flower only: what each sampled client is assumed to hold before and after this round's download, as tags its
-    node checks against its record on disk: (the round of A it synced to, or "" for A = 0 or an unknown record --
-    the download is then dense --, the round it syncs to now)."""
-    last, now = server["last_sync"], len(server["A_history"]) - 1
-    return {c: (str(last[c]) if last[c] > 0 else "", str(now)) for c in sampled}
+    node checks against its record on disk: (the round of A it synced to, or "" for A = 0 or a record the server no
+    longer knows -- the download is then dense against its zeros, or sparse against A(0) = 0 --, the round it syncs
+    to now)."""
+    synced, now = server["synced_round"], len(server["A_history"]) - 1
+    return {c: (str(synced[c]) if synced[c] > 0 else "", str(now)) for c in sampled}
 
 
-def replay(run, A, keep=True):
-    """A client's sync (`sync_model`) -> its seconds. In one process the round's clients hold the same w0 and decode
-    the same A: the first replay is kept (keyed by A's bytes) and copied for the others, the same bits by construction;
-    where the server's weights live in this process, the replay is compared with them (replay_max_abs_diff)."""
-    key = A.tobytes()
+def shared_sync(run, A, keep=True):
+    """A client's `sync_model` -> its seconds. In one process the round's clients hold the same w0 and decode the same
+    A: the first replay is kept (keyed by A's bytes) and copied for the others, the same bits by construction; where
+    the server's weights live in this process, the replay is compared with them (replay_max_abs_diff)."""
+    key, w = A.tobytes(), run.weights
     if key in run.replays:
-        for p, w in zip(run.params, run.replays[key][0]):
-            p.copy_(w)
-        for c, w in zip(run.copies or (), run.replays[key][0]):
-            c.copy_(w)  # the rounding the replay's pass wrote
+        for p, kept in zip(w.tensors, run.replays[key][0]):
+            p.copy_(kept)
+        for c, kept in zip(w.copies or (), run.replays[key][0]):
+            c.copy_(kept)  # the rounding the replay's pass wrote
         return run.replays[key][1]
     t = time.time()
-    sync_model(run.params, run.w0, run.offsets, run.seeds, A, run.kind, run.copies)
-    run.replays[key] = ([p.clone() for p in run.params] if keep else None, time.time() - t)
+    sync_model(w, run.w0, run.seeds, A)
+    run.replays[key] = ([p.clone() for p in w.tensors] if keep else None, time.time() - t)
     if run.server is not None:
-        run.diffs.append(max(float((p.float() - w.float()).abs().max()) for p, w in zip(run.params, run.server["w"])))
+        run.diffs.append(max(float((p.float() - s.float()).abs().max())
+                             for p, s in zip(w.tensors, run.server["w"].tensors)))
     return run.replays[key][1]
 
 
@@ -680,63 +695,46 @@ def client_examples(run, c):  # tokenized the first time the client is sampled
 
 def evaluate(run, rnd):
     """The server's w(t) on the held-out set every --eval_every rounds and at the last (tasks.evaluate_lm): eval_loss,
-    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; else Nones.
-    Classification (tasks.prompts): accuracy and the label-word eval_loss, val_accuracy and val_loss."""
-    args, val = run.args, bool(run.sets.val)
+    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; {} in other
+    rounds. Classification (tasks.evaluate_prompt_sets): accuracy and the label-word eval_loss, val_accuracy and
+    val_loss."""
+    args = run.args
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
-        return dict.fromkeys(("accuracy", "eval_loss") + ("val_accuracy", "val_loss") * val if run.template else
-                             ("eval_loss", "rougeL") + ("val_loss",) * val)
-    for p, w in zip(run.copies or run.params, run.server["w"]):
-        p.copy_(w)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
+        return {}
+    for p, s in zip(run.weights.copies or run.weights.tensors, run.server["w"].tensors):
+        p.copy_(s)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
     per_example = {}
     if run.template:  # classification: accuracy and the label-word loss, on the held-out and validation prompts
-        out = tasks.prompts.evaluate_prompt_sets(run.model, run.pad_id, run.sets, run.progress, per_example)
-        run.files.heldout_examples(rnd, per_example)
-        return out
-    out = tasks.evaluate_lm(run.model, run.tokenizer, run.sets, rnd in ((0, args.rounds) if args.rouge_at_start else
-                            (args.rounds,)), args.max_new_tokens, run.progress, per_example)
+        out = tasks.evaluate_prompt_sets(run.model, run.pad_id, run.sets, run.progress, per_example)
+    else:
+        out = tasks.evaluate_lm(run.model, run.tokenizer, run.sets, rnd in ((0, args.rounds) if args.rouge_at_start
+                                else (args.rounds,)), args.max_new_tokens, run.progress, per_example)
     run.files.heldout_examples(rnd, per_example)
     return out
 
 
-def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, coefs=None):
-    """The end of round rnd (round 0: the pretrained model, no clients): evaluate, write the ledger lines, the
-    checkpoint and the metrics row (a crash between them redoes the round), print the round's line."""
+def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=None):
+    """The end of round rnd (round 0: the pretrained model, no clients): evaluate, write the ledger lines, the metrics
+    row (tasks.round_row, as every script, and FedKSeed's own: seeds touched, sync seconds, the replay's max |diff|)
+    and the checkpoint (a crash between them redoes the round), print the round's line."""
     sent, accepted, dropped = sent or {}, accepted or {}, dropped or {}
-    ups, mean = [u for u, _ in accepted.values()], (lambda xs: float(np.mean(xs)) if xs else None)
-    stats = [s for _, s in accepted.values()]
-    run.files.ledger([{"round": rnd, "client": c, "down": len(sent[c]), "up": len(accepted[c][0])} if c in accepted
-                      else {"round": rnd, "client": c, "down": len(sent[c]), "up": 0, "dropped": dropped[c]}
-                      for c in sent] + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
-    row = {"round": rnd, "train_loss": mean([s["loss"] for s in stats if math.isfinite(s["loss"])]),
-           **evaluate(run, rnd), "upload_bytes": mean([len(u) for u in ups]),
-           "download_bytes": mean([len(m) for m in sent.values()]),
-           "upload_bytes_total": sum(map(len, ups)), "download_bytes_total": sum(map(len, sent.values())),
-           "seconds": time.time() - t0, "seeds_touched": int(np.count_nonzero(coefs)) if coefs is not None else 0,
-           "sync_seconds": mean([s["sync_seconds"] for s in stats]),
-           "client_seconds": sum(s["sync_seconds"] + s["train_seconds"] for s in stats),  # replays + steps
-           "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None,
-           "peak_memory_bytes": run.client_memory if rnd else None, "dropped": sorted(dropped)}
+    turns = [{"round": rnd, "client": c, "download_bytes": len(sent[c]), "upload_bytes": 0, "dropped": dropped[c],
+              "client_seconds": 0.0} if c not in accepted else
+             {"round": rnd, "client": c, "loss": accepted[c][1]["loss"], "download_bytes": len(sent[c]),
+              "upload_bytes": len(accepted[c][0]), "peak_memory_bytes": run.client_memory,
+              "client_seconds": accepted[c][1]["sync_seconds"] + accepted[c][1]["train_seconds"]} for c in sent]
+    syncs = [s["sync_seconds"] for _, s in accepted.values()]
+    row = {**tasks.round_row(rnd, t0, turns, evaluate(run, rnd)),
+           "seeds_touched": int(np.count_nonzero(increment)) if increment is not None else 0,
+           "sync_seconds": float(np.mean(syncs)) if syncs else None,
+           "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None}
+    run.files.ledger(turns + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
     save_checkpoint(run)
     run.files.metric(row)
-    f = {k: "-" if v is None else f"{v:.4f}" for k, v in row.items() if k in ("train_loss", "eval_loss", "rougeL",
-         "val_loss", "sync_seconds", "accuracy", "val_accuracy")}
-    shown = (f"held-out accuracy {f['accuracy']} (loss {f['eval_loss']})" + (
-        f", validation accuracy {f['val_accuracy']} (loss {f['val_loss']})" if "val_accuracy" in row else "")
-        if run.template else f"held-out loss {f['eval_loss']}" + (f", validation loss {f['val_loss']}" if "val_loss"
-                                                                 in row else "") + f", Rouge-L {f['rougeL']}")
-    if rnd == 0:
-        return run.progress.log(f"round 0: {shown} (zero-shot)" if run.template else f"round 0: held-out loss "
-                                f"{f['eval_loss']}" + (f", Rouge-L {f['rougeL']}" if row["rougeL"] is not None else "")
-                                + (f", validation loss {f['val_loss']}" if row.get("val_loss") is not None else ""))
-    diff = "-" if row["replay_max_abs_diff"] is None else format(row["replay_max_abs_diff"], "g")
-    run.progress.log(f"round {rnd}/{run.args.rounds}: train loss {f['train_loss']}, {shown}, "
-                     f"{row['seconds']:.0f} s (sync {f['sync_seconds']} s per client, replay max |diff| {diff}; "
-                     f"{row['seeds_touched']} seeds touched"
-                     + (f"; left out: clients {', '.join(map(str, row['dropped']))}" if row["dropped"] else "") + ")")
+    run.progress.log(tasks.round_line(row) + (f" ({row['seeds_touched']} seeds touched)" if rnd else ""))
 
 
-SERVER_STATE = ("last_sync", "hist_sum", "hist_count", "momentum")  # with A's history: what the next round needs
+SERVER_STATE = ("synced_round", "hist_sum", "hist_count", "momentum")  # with A's history: what the next round needs
 
 
 def save_checkpoint(run):
@@ -754,20 +752,19 @@ def load_checkpoint(run):  # -> the server's state, or a one-line ConfigError (t
 
 
 def load_parts(run):
-    """What every party loads, the server and each client's process alike: the model and its working weights, w0,
-    the data split, the K seeds."""
+    """What every party loads, the server and each client's process alike: the model and its working weights
+    (`run.weights`), w0, the data split, the K seeds."""
     args = run.args
-    run.kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
+    kind = RADEMACHER if args.perturbation == "rademacher" else GAUSSIAN
     run.model, run.tokenizer = tasks.load_model(args.model, "sft", dtype=args.dtype, device=args.device)
     run.model.eval()
-    run.params, run.offsets = trainable(run.model)  # the working weights: a client's, while it syncs and trains
-    run.w0 = [p.clone() for p in run.params]  # the pretrained weights every party holds (read-only from here on)
-    run.copies = None  # --compute_dtype: the model's parameters become a copy in that dtype, which the forwards read
-    if args.compute_dtype != args.dtype:
-        run.params = [p.clone() for p in run.params]  # the float32 weights, apart from the model
+    run.weights = weights_of(run.model, kind)  # the working weights: a client's, while it syncs and trains
+    run.w0 = [p.clone() for p in run.weights.tensors]  # the pretrained weights every party holds (read-only)
+    if args.compute_dtype != args.dtype:  # the model's parameters become a copy in that dtype, which the forwards read
+        run.weights.tensors = [p.clone() for p in run.weights.tensors]  # the float32 weights, apart from the model
         run.model.to(getattr(torch, args.compute_dtype))
-        run.copies, _ = trainable(run.model)
-        for c, p in zip(run.copies, run.params):
+        run.weights.copies = weights_of(run.model).tensors
+        for c, p in zip(run.weights.copies, run.weights.tensors):
             c.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
     run.data, run.n_sampled = load_data(args, run.tokenizer)
@@ -776,14 +773,16 @@ def load_parts(run):
         run.template, run.label_ids = tasks.prompts.pick_template(args.dataset, args.template, run.model, run.tokenizer,
                                                                   run.data.val, args.max_length)
     run.seeds = candidate_seeds(args.seed, args.K)
-    run.tokenized, run.replays, run.last_client = {}, {}, None  # tokenized the first time a client is sampled
+    run.tokenized, run.replays, run.diffs, run.last_client = {}, {}, [], None  # the shared replay's (`shared_sync`)
     run.widths = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
 
 
 def setup(args, transport=None):
-    """Everything the rounds need, in one namespace: model and w0, data, seeds, the server's state (on the server's
-    process), each client's record of A (on its own rank), the transport, the run's files and the progress bars."""
-    run = SimpleNamespace(args=args, out=Path(args.output_dir), diffs=[])
+    """Everything the rounds need, in one namespace `run`: the flags (args, config), the model and its weights
+    (model, tokenizer, pad_id, weights, w0), the data (clients, n_sampled, template, label_ids, sets, tokenized), the
+    seeds, the server's state (server: on the server's process), each client's record of A (records: on its own
+    rank), the shared replay (replays, diffs, last_client), the transport, the run's files and progress bars."""
+    run = SimpleNamespace(args=args, out=Path(args.output_dir))
     run.transport = transport = transport or tasks.transport_from_env(args.device)
     args.device = transport.device
     run.config = dict(vars(args))
@@ -798,16 +797,16 @@ def setup(args, transport=None):
     load_parts(run)
     transport.join(args.dist_timeout)  # after loading: see Ranks.join
     data, N, K = run.data, len(run.clients), args.K
-    run.sets = (tasks.prompts.prompt_sets(run.tokenizer, data.test, data.val, run.template, run.label_ids,
-                                          args.max_length, args.eval_samples, args.seed) if run.template else
+    run.sets = (tasks.prompt_sets(run.tokenizer, data.test, data.val, run.template, run.label_ids, args.max_length,
+                                  args.eval_samples, args.seed) if run.template else
                 tasks.heldout_sets(run.tokenizer, data.test, data.val, args.max_length, args.eval_samples,
                                    args.rouge_samples, args.seed))  # the same examples as the other scripts
-    total = sum(p.numel() for p in run.params)
+    total = sum(p.numel() for p in run.weights.tensors)
     # a client's memory as the other scripts count it: weights (the model, w0, the compute copy); a ZO step keeps
     run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)  # no gradients,
-                         + (tasks.tensor_bytes(run.params) if run.copies else 0))  # optimizer state or activations
-    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"
-          + (f", forwards in {args.compute_dtype}" if run.copies else "") + f") on {args.device}; {N} clients, "
+                         + (tasks.tensor_bytes(run.weights.tensors) if run.weights.copies else 0))  # optimizer state
+    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"  # or activations
+          + (f", forwards in {args.compute_dtype}" if run.weights.copies else "") + f") on {args.device}; {N} clients, "
           f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, "
           + ("FedKSeed-Pro" if args.bias_sampling else "FedKSeed") + f", z {args.perturbation}, "
           + ("two-point estimator" if args.estimator == "two_point" else
@@ -818,20 +817,21 @@ def setup(args, transport=None):
              if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)
-    # the server's state: A(t) for every round so far (A(0) = 0: the pretrained model), the round each client last
-    # synced to, Pro's |g| history, the momentum buffer; and w(t) = w0 + sum_k A_k z_k for evaluation
+    # the server's state: A(t) for every round so far (A(0) = 0: the pretrained model), the round of A each client
+    # last synced to, Pro's |g| history, the momentum buffer; and w(t) = w0 + sum_k A_k z_k for evaluation
     server = state or {"round": 0, "A_history": [np.zeros(K, dtype=np.float32)],
-                       "last_sync": np.zeros(N, dtype=np.int64),
+                       "synced_round": np.zeros(N, dtype=np.int64),
                        "hist_sum": np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip,
                                                                  args.bias_loss_clip)))),
                        "hist_count": np.ones(K, dtype=np.int64), "momentum": np.zeros(K, dtype=np.float32)}
     run.start = server.pop("round")
-    # each client's record of A (K float32), on its own rank; on resume the simulation takes it from the history
-    run.client_A = {c: server["A_history"][server["last_sync"][c]].copy() for c in transport.mine(range(N))}
+    # each client's own record of A (K float32), on its own rank; on resume the simulation takes it from the history
+    run.records = {c: server["A_history"][server["synced_round"][c]].copy() for c in transport.mine(range(N))}
     run.server = server if transport.is_server else None
     if transport.is_server:
-        server["w"] = [p.clone() for p in run.w0]
-        sync_model(server["w"], run.w0, run.offsets, run.seeds, server["A_history"][-1], run.kind)
+        server["w"] = SimpleNamespace(tensors=[p.clone() for p in run.w0], offsets=run.weights.offsets,
+                                      kind=run.weights.kind, copies=None)
+        sync_model(server["w"], run.w0, run.seeds, server["A_history"][-1])
     run.files = tasks.RunFiles(run.out, active=transport.is_server)
     run.files.start({**run.config, "clients": N, "sampled_per_round": run.n_sampled, "trainable_params": total,
                      "compiled_ops": HAVE_COMPILED_OPS, "torch": torch.__version__, "ranks": transport.world},
@@ -844,11 +844,12 @@ def setup(args, transport=None):
 
 def finish(run):
     """Leave the global model w(T) in `model`, export it, plot the losses, print the summary."""
-    if run.copies is not None:  # export the weights in their own dtype, not the compute copy
+    tensors = run.weights.tensors
+    if run.weights.copies is not None:  # export the weights in their own dtype, not the compute copy
         run.model.to(getattr(torch, run.args.dtype))
-        run.params, _ = trainable(run.model)
-    for p, w in zip(run.params, run.server["w"]):
-        p.copy_(w)
+        tensors = weights_of(run.model).tensors
+    for p, s in zip(tensors, run.server["w"].tensors):
+        p.copy_(s)
     log, rows = run.progress.log, run.files.metrics
     log(f"wrote {tasks.export_model(run.model, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
         "tokenizer)" + (f"; wrote {run.out / 'loss.png'}" if run.files.plot("FedKSeed-Pro" if run.args.bias_sampling
@@ -872,19 +873,19 @@ def finish(run):
 def client_node(args):
     """A Flower node's view of the run: what a device holds -- w0, the seeds, its clients' data, their records of A
     (filled in from the node's disk) -- and no server."""
-    run = SimpleNamespace(args=args, diffs=[], server=None, client_A={}, progress=tasks.Progress())
+    run = SimpleNamespace(args=args, diffs=[], server=None, records={}, progress=tasks.Progress())
     load_parts(run)
     return run
 
 
 def client_state(run, c):
     """Flower: what client c keeps between rounds, on its node's disk: its record of A (K float32)."""
-    return {"A": torch.from_numpy(run.client_A[c])}
+    return {"A": torch.from_numpy(run.records[c])}
 
 
 def set_client_state(run, c, state):
     """Flower: client c's record of A from its node's disk; None (new, or unknown to the server): zeros."""
-    run.client_A[c] = state["A"].numpy().copy() if state is not None else np.zeros(run.args.K, dtype=np.float32)
+    run.records[c] = state["A"].numpy().copy() if state is not None else np.zeros(run.args.K, dtype=np.float32)
 
 
 def main(argv=None):  # a user's mistake -> one line on stderr, exit 2 (tasks.run_cli)

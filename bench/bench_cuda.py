@@ -5,7 +5,7 @@
 
 Prints, per dtype and kind, the bandwidth of `perturb_` (each element read and written once: 2 x n x itemsize
 bytes per pass) and of `apply_seeds_` with 16 seeds, as a fraction of a device-to-device copy of the same bytes
-(`Tensor.copy_`, the achievable memory bandwidth), at offset 0 (the vector path: every trainable() offset of a model
+(`Tensor.copy_`, the achievable memory bandwidth), at offset 0 (the vector path: every weights_of() offset of a model
 whose sizes are multiples of 4 is one) and at offset 3 (the element-by-element fallback); then one pass over the
 default model's parameters with one `perturb_multi_` call against one `perturb_` call per parameter, at the
 model's own offsets and with every offset shifted by 2 (a model with a 2-element parameter first, e.g. a 2-label
@@ -77,7 +77,8 @@ def main():
             print(f"{str(dtype).split('.')[1]:9} {name:44} {t * 1e3:8.3f} {nbytes / t / 1e9:8.1f} {copy / t:7.0%}")
         p = q = None  # free the device memory before the next dtype
     model, _ = tasks.load_model(args.model, "sft", device=str(dev))
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model)
+    params, offsets = weights.tensors, weights.offsets
     total = sum(x.numel() for x in params)
     for shift, what in ((0, "its own offsets"), (2, "offsets shifted by 2")):
         offs = [o + shift for o in offsets]

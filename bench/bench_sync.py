@@ -71,7 +71,8 @@ def main():
     if not seedops.HAVE_COMPILED_OPS:
         sys.exit("bench_sync: the compiled ops are not built (pip install --no-build-isolation -e .)")
     model, _ = tasks.load_model(args.model, "sft")
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model)
+    params, offsets = weights.tensors, weights.offsets
     w0 = [p.clone() for p in params]
     n = sum(p.numel() for p in params)
     sizes = sorted(int(x) for x in args.seeds.split(","))
@@ -87,7 +88,8 @@ def main():
     def project(S, kind):
         A = np.zeros(len(all_seeds), dtype=np.float32)
         A[:S] = rng.normal(size=S).astype(np.float32) * 1e-6
-        return lambda: fk.sync_model(params, w0, offsets, all_seeds, A, kind)
+        return lambda: fk.sync_model(fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=None), w0,
+                                     all_seeds, A)
 
     def official(S, kind):
         coefs = [float(x) for x in rng.normal(size=S).astype(np.float32) * 1e-6]

@@ -105,7 +105,8 @@ def main():
 
     model, tok = (llama_1b(args.device), None) if args.model == "llama-1b" else tasks.load_model(
         args.model, "sft", device=args.device)
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model)
+    params, offsets = weights.tensors, weights.offsets
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_el = sum(p.numel() for p in params)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens),
@@ -118,26 +119,29 @@ def main():
           f"{args.repeats} repeats")
 
     low = copy.deepcopy(model).to(getattr(torch, args.compute_dtype))  # the compute copy's model
-    copies, _ = fk.trainable(low)
+    copies = fk.weights_of(low).tensors
+    low_weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=fk.GAUSSIAN, copies=copies)
     fk.batch_loss(model, batch)  # warm-up
     fk.batch_loss(low, batch)
     seedops.perturb_multi_(params, seed, offsets, 0.0, fk.GAUSSIAN)  # first write to the loaded weights' pages (adds 0)
     fused, mezo, forward, fused_pass, mezo_pass, rad_pass = [], [], [], [], [], []
-    low_step, low_forward, low_pass, folded, fold = [], [], [], [], []
+    low_step, low_forward, low_pass, folded, pending = [], [], [], [], [None]
     for r in range(args.repeats):  # interleaved, so drift in the machine's load hits every kind alike
         forward.append(timed(lambda: fk.batch_loss(model, batch)))
         low_forward.append(timed(lambda: fk.batch_loss(low, batch)))
         low_pass.append(timed(lambda: seedops.perturb_copy_multi_(params, copies, seed, offsets, 1e-12, fk.GAUSSIAN)))
-        low_step.append(timed(lambda: fk.zo_step(low, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN, copies)))
-        folded.append(timed(lambda: fk.zo_step(model, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN, None,
-                                               fold)))  # --fold: 2 passes (the first step: 2 without a closing one)
+        low_step.append(timed(lambda: fk.zo_step(low, low_weights, batch, seed + r, eps, lr)))
+        folded.append(timed(lambda: pending.__setitem__(0, fk.zo_step_folded(model, weights, batch, seed + r, eps, lr,
+                                                                             pending[0])[2])))  # --fold: 2 passes
         fused_pass.append(timed(lambda: seedops.perturb_multi_(params, seed, offsets, 1e-12, fk.GAUSSIAN)))
         rad_pass.append(timed(lambda: seedops.perturb_multi_(params, seed, offsets, 1e-12, fk.RADEMACHER)))
         mezo_pass.append(timed(lambda: mezo_style_pass(named, seed, 1e-12)))
-        params, offsets = fk.trainable(model)  # the MeZO-style pass replaced the parameter tensors
-        fused.append(timed(lambda: fk.zo_step(model, params, offsets, batch, seed + r, eps, lr, fk.GAUSSIAN)))
+        weights = fk.weights_of(model)  # the MeZO-style pass replaced the parameter tensors
+        params, low_weights.tensors = weights.tensors, weights.tensors
+        fused.append(timed(lambda: fk.zo_step(model, weights, batch, seed + r, eps, lr)))
         mezo.append(timed(lambda: mezo_style_step(named, model, batch, seed + r, eps, lr)))
-        params, offsets = fk.trainable(model)
+        weights = fk.weights_of(model)
+        params, low_weights.tensors = weights.tensors, weights.tensors
 
     med = statistics.median
     fwd2, low2 = 2 * med(forward), 2 * med(low_forward)
@@ -152,7 +156,8 @@ def main():
           f"{med(rad_pass):.3f} s")
     print(f"speedup of the whole step: {med(mezo) / med(fused):.2f}x (target >= 3x on CPU); "
           f"of the perturbation passes: {4 * med(mezo_pass) / (3 * med(fused_pass)):.1f}x")
-    fk.close_fold(params, offsets, fold, fk.GAUSSIAN)
+    if pending[0] is not None:
+        fk.perturb(weights, *pending[0])  # the last folded step's closing pass
     print(f"fused step / its two forwards: {med(fused) / fwd2:.2f}x (target <= 1.15x on an H100); folded (--fold, 2 "
           f"passes) {med(folded):.3f} s, {med(folded) / fwd2:.2f}x its forwards")
     print(f"{args.compute_dtype} forwards: the step / its two forwards {med(low_step) / low2:.2f}x (target <= 1.2x); "
@@ -183,8 +188,9 @@ def probe_batches(n, tokens, tok, vocab, device):
 def probe_estimate(model, low, tok, args, eps):
     """g from the compute copy's forwards vs g from float32 forwards, at the same float32 weights +- eps z."""
     import numpy as np
-    params, offsets = fk.trainable(model)
-    copies, _ = fk.trainable(low)
+    weights = fk.weights_of(model)
+    params, offsets = weights.tensors, weights.offsets
+    copies = fk.weights_of(low).tensors
     seeds = fk.candidate_seeds(7, 8)
     what, batches = probe_batches(-(-args.probes // len(seeds)), args.tokens, tok, model.config.vocab_size,
                                   args.device)

@@ -148,7 +148,7 @@ def flag(argv, name, default=None):
 
 def read_metrics(folder):
     path = folder / "metrics.jsonl"
-    return tasks.read_jsonl(path) if path.is_file() else []
+    return tasks.read_run_jsonl(path)
 
 
 def finished(folder, argv):

@@ -32,49 +32,57 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
     scores = tasks.rouge_l_scores(predictions, references)
     delta, lo, hi = tasks.paired_interval(first, last, tasks.token_weighted_loss)   # per-example dicts, 95% bootstrap
 
-Partitions:  tasks.partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> list of index lists
-             tasks.split_validation(examples, n, seed) -> (rest, validation): carved before partitioning
-             tasks.partition_summary(parts, labels) -> str; sample_clients(seed, round, N, n), sampled_per_round(N, m),
-             derive_seed(seed, round, client, ...): every random draw is a function of these numbers
+Partitions:  (tasks/partitions.py) partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> index lists;
+             split_validation(examples, n, seed) -> (rest, validation): carved before partitioning; subsample(examples,
+             n, seed): the held-out subset every script evaluates; partition_summary(parts, labels) -> str;
+             sample_clients(seed, round, N, n), sampled_per_round(N, m), derive_seed(seed, round, client, ...): every
+             random draw is a function of these numbers
 Prompts:     (tasks/prompts.py) prompt-based classification with a causal LM (FedKSeed --dataset sst2|mrpc): a template,
              label words scored at the answer position, their cross-entropy as the loss, accuracy as the metric
 GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
              compute_metrics(task, predictions, labels) -> dict; example {"text_a", "text_b" or None, "label"}
 SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_features, prepare_eval_features,
              postprocess_predictions, evaluate(examples, predictions) -> {"exact_match", "f1"} (0-100)
-
-Models:      tasks.load_model(name, task, num_labels, dtype, device) -> (model, tokenizer); tasks.ModelError;
+Task data:   (tasks/data.py) load_task_data (each client's tokenized examples, validation, held-out), make_batch,
+             local_batches, collate_tokenized
+Evaluation:  (tasks/evaluation.py) evaluate (fedcybgd, fedavg), heldout_sets / evaluate_lm and prompt_sets /
+             evaluate_prompt_sets (fedkseed): the same metric definitions in every script
+Intervals:   (tasks/bootstrap.py) paired_interval(first, last, stat), token_weighted_loss, accuracy_of
+Models:      (tasks/models.py) load_model(name, task, num_labels, dtype, device) -> (model, tokenizer);
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
-Training:    tasks.load_task_data, local_batches, make_batch, evaluate, glue_predictions, param_groups, SavedActivations, tensor_bytes
-             train_steps (a client's local optimizer steps and their memory) (tasks/training.py: supervised plumbing
-             of fedcybgd.py and fedavg.py)
-Outputs:     tasks.export_model(model, tokenizer, folder)   # save_pretrained of both, written atomically
-             tasks.write_atomic(path, text), tasks.save_atomic(path, write), tasks.read_jsonl(path), fmt_bytes(n)
+Training:    (tasks/training.py) train_steps (a client's local optimizer steps), param_groups (weight decay groups)
+Memory:      (tasks/memory.py) SavedActivations, tensor_bytes: a step's memory as tensor bytes
 Flags:       (tasks/flags.py) the flags the scripts share, one table with the checks: tasks.flags.add / check
 Checkpoints: (tasks/checkpoint.py) one format and one resume rule: tasks.checkpoint.save / load / read
-Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.run_cli(name, fn, *args),
-             tasks.round_row(rnd, t0, turns, evaluation) (a round's metrics row), tasks.round_line(row)
+Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.round_row(rnd, t0, turns,
+             evaluation) (a round's metrics row, the same in every script), tasks.round_line(row),
+             tasks.export_model(model, tokenizer, folder), write_atomic, save_atomic, fmt_bytes, tasks.run_cli(name, fn)
+Wire:        (tasks/wire.py) tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
+             tasks.packed_bound(tensors) (uploads are refused beyond it), check_tensors (the server's check of an
+             upload of tensors), relative_change
 Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
-Errors:      tasks.ConfigError, tasks.GroupError, tasks.DataError, tasks.ModelError: one line each (run_cli)
-Wire:        tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
-             tasks.packed_bound(tensors) -> the longest pack of such tensors (uploads are refused beyond it)
+Errors:      (tasks/errors.py) tasks.ConfigError, tasks.DataError, tasks.ModelError, tasks.GroupError: one line each
+Sources:     (tasks/sources.py) local files under data/ or the hub; read_json, read_jsonl (the one jsonl reader)
 
 Local files are read from data/ next to the scripts (or data_path); when missing, the Hugging Face hub
 is tried. Every problem a user can cause raises tasks.DataError with a one-line message.
 """
 from . import checkpoint, flags, glue, prompts, squad
-from .errors import ConfigError, GroupError
+from .bootstrap import accuracy_of, paired_interval, token_weighted_loss
+from .data import collate_tokenized, load_task_data, local_batches, make_batch
+from .errors import ConfigError, DataError, GroupError, ModelError
+from .evaluation import evaluate, evaluate_lm, evaluate_prompt_sets, glue_predictions, heldout_sets, prompt_sets
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
-from .models import ModelError, load_model
-from .outputs import (check_tensors, export_model, relative_change, fmt_bytes, pack, packed_bound, read_jsonl,
-                      save_atomic, unpack, write_atomic)
-from .lm import (IGNORE_INDEX, accuracy_of, collate, generate, generate_ids, heldout_generations, heldout_loss,
-                 heldout_prompt_ids, heldout_rouge_l, heldout_sets, heldout_token_losses, evaluate_lm, paired_interval, rouge_l, rouge_l_scores,
-                 token_weighted_loss, tokenize_example, tokenize_examples)
-from .partitions import derive_seed, partition, partition_summary, sample_clients, sampled_per_round, split_validation
-from .runfiles import Progress, RunFiles, round_line, round_row, run_cli
-from .sources import DataError, hub_reachable
-from .training import (SavedActivations, evaluate, glue_predictions, load_task_data, local_batches, make_batch,
-                       param_groups, subsample, tensor_bytes, train_steps)
+from .lm import (IGNORE_INDEX, collate, generate, generate_ids, heldout_generations, heldout_loss, heldout_prompt_ids,
+                 heldout_rouge_l, heldout_token_losses, rouge_l, rouge_l_scores, tokenize_example, tokenize_examples)
+from .memory import SavedActivations, tensor_bytes
+from .models import load_model
+from .partitions import (derive_seed, partition, partition_summary, sample_clients, sampled_per_round, split_validation,
+                         subsample)
+from .runfiles import (Progress, RunFiles, export_model, fmt_bytes, read_run_jsonl, round_line, round_row, run_cli,
+                       save_atomic, write_atomic)
+from .sources import hub_reachable, read_jsonl
+from .training import param_groups, train_steps
 from .transport import Ranks, Transport, accept_replies, transport_from_env
+from .wire import check_tensors, pack, packed_bound, relative_change, unpack

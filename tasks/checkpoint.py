@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .outputs import save_atomic
+from .runfiles import save_atomic
 
 NAME = "checkpoint.safetensors"
 RESUME_FREE = frozenset({"rounds", "resume", "eval_every", "output_dir", "device", "dist_timeout", "eval_samples",

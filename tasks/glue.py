@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, default_path, load_hub
+from .errors import DataError
+from .sources import default_path, load_hub
 
 TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 NUM_LABELS = {"cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "stsb": 1, "mnli": 3, "qnli": 2, "rte": 2}

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .partitions import partition, partition_summary, split_validation
-from .sources import DataError, default_path, load_hub, read_json, read_jsonl, require_fields
+from .errors import DataError
+from .sources import default_path, load_hub, read_json, read_jsonl, require_fields
 
 # FedKSeed's Dolly template (Alpaca's, with "for the task request").
 DOLLY_TEMPLATE = (

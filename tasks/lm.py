@@ -1,7 +1,4 @@
-"""Causal-LM plumbing shared by both scripts: tokenize with masked prompts, pad a batch, generate, Rouge-L."""
-from types import SimpleNamespace
-
-import numpy as np
+"""Causal-LM plumbing the scripts share: tokenize with masked prompts, pad a batch, generate, the held-out loss, Rouge-L."""
 import torch
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
@@ -162,51 +159,3 @@ def heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress=No
 def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens, progress=None):
     """The Rouge-L every script reports: the mean per-example Rouge-L F (`rouge_l`) of `heldout_generations`."""
     return rouge_l(heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress), targets)
-
-
-def heldout_sets(tokenizer, test, val, max_length, eval_samples, rouge_samples, seed):
-    """A causal LM's evaluation sets, tokenized once (fedkseed.py): `eval`, a seeded subset of `eval_samples` held-out
-    examples (the same in every script; 0 = all) for the loss; `rouge`, the same subset (rouge_samples None), another
-    seeded subset, or none (0), with its `targets`, for Rouge-L; `val`, the validation examples ([] without)."""
-    from .training import subsample
-    eval_set = subsample(test, eval_samples, seed)
-    rouge_set = [] if rouge_samples == 0 else eval_set if rouge_samples is None else subsample(test, rouge_samples, seed)
-    return SimpleNamespace(eval=tokenize_examples(tokenizer, eval_set, max_length),
-                           rouge=tokenize_examples(tokenizer, rouge_set, max_length, log=None),
-                           targets=[e["target"] for e in rouge_set],
-                           val=tokenize_examples(tokenizer, val, max_length, log=None))
-
-
-def evaluate_lm(model, tokenizer, sets, rouge, max_new_tokens, progress=None, per_example=None):
-    """`model` on `heldout_sets` -> {eval_loss (token-weighted mean), rougeL (when `rouge` and a Rouge-L set, else None),
-    val_loss (with a validation set)}; per_example receives the held-out per-example values (`paired_interval`)."""
-    pad = tokenizer.pad_token_id
-    out = {"eval_loss": heldout_loss(model, sets.eval, pad, progress=progress, per_example=per_example),
-           "rougeL": heldout_rouge_l(model, tokenizer, sets.rouge, sets.targets, max_new_tokens, progress)
-           if rouge and sets.rouge else None}
-    if sets.val:
-        out["val_loss"] = heldout_loss(model, sets.val, pad, progress=progress, name="validation loss")
-    return out
-
-
-def paired_interval(first, last, stat, resamples=2000, seed=0):
-    """95% percentile bootstrap interval of stat(last) - stat(first) on the same resampled examples -> (delta, lo, hi).
-    first, last: dicts of per-example lists over the same examples (e.g. loss_sum and tokens); stat(d, idx) -> the
-    statistic of the examples idx (an int array [..., n]). A paired interval that excludes 0 is a change larger
-    than the evaluation's own noise."""
-    n = len(next(iter(first.values())))
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    every = np.arange(n)
-    diffs = stat(last, idx) - stat(first, idx)
-    lo, hi = np.percentile(diffs, [2.5, 97.5]).tolist()
-    return float(stat(last, every) - stat(first, every)), lo, hi
-
-
-def token_weighted_loss(d, idx):
-    """stat for paired_interval: sum of the target tokens' losses / number of target tokens, over examples idx."""
-    return np.sum(np.asarray(d["loss_sum"])[idx], -1) / np.sum(np.asarray(d["tokens"])[idx], -1)
-
-
-def accuracy_of(d, idx):
-    """stat for paired_interval: the share of examples idx predicted correctly (d["correct"]: 0/1 per example)."""
-    return np.mean(np.asarray(d["correct"])[idx], -1)

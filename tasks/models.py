@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelError
 from .sources import hub_reachable
-
-
-class ModelError(Exception):
-    """An unknown model, a missing weights package, a model that does not fit the task: one line for the user."""
 
 
 CACHE = Path(os.environ.get("FEDFULL_CACHE", Path.home() / ".cache" / "fedfull"))

@@ -13,8 +13,9 @@ Randomness comes from one numpy Generator seeded with `seed`, so a seed gives th
 from collections import Counter
 
 import numpy as np
+import torch
 
-from .sources import DataError
+from .errors import DataError
 
 MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum size
 
@@ -125,3 +126,12 @@ def derive_seed(*parts):
         for byte in str(part).encode() + b"|":
             h = ((h ^ byte) * 1099511628211) % (1 << 64)
     return h >> 1
+
+
+def subsample(examples, n, seed):
+    """A fixed subset of n held-out examples (all when n == 0), in their original order: for a given seed the
+    same examples in every script, round and run, so evaluations are comparable."""
+    if n == 0 or n >= len(examples):
+        return list(examples)
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n]
+    return [examples[i] for i in sorted(idx.tolist())]

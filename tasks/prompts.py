@@ -20,9 +20,7 @@ label words' logits, the prediction their argmax.
     out = evaluate_prompts(model, ts, pad_id, ids, per_example) -> {"accuracy", "eval_loss"} (per_example: "correct")
     name, table = choose_template(model, tokenizer, task, val, max_length)   # best zero-shot validation accuracy
     template, ids = pick_template(task, name_or_auto, model, tokenizer, val, max_length)   # what a script calls
-    sets = prompt_sets(tokenizer, test, val, template, ids, max_length, eval_samples, seed)  # tokenized once
-    out = evaluate_prompt_sets(model, pad_id, sets, progress, per_example) -> {"accuracy", "eval_loss",
-                                                                               "val_accuracy", "val_loss"}
+(the evaluation sets and the scripts' entry point: tasks/evaluation.py, prompt_sets / evaluate_prompt_sets)
 """
 from types import SimpleNamespace
 
@@ -31,7 +29,7 @@ import torch
 
 from . import glue
 from .partitions import partition, partition_summary, split_validation
-from .sources import DataError
+from .errors import DataError
 
 TASKS = ("sst2", "mrpc")
 # per task, the candidate templates (format, label words for class 0, 1, ...): MeZO's own (princeton-nlp/MeZO,
@@ -163,31 +161,3 @@ def pick_template(task, name, model, tokenizer, val, max_length, log=print):
     elif name not in TEMPLATES[task]:
         raise DataError(f"--template {name}: {task} has {', '.join(TEMPLATES[task])} (or auto: chosen on validation)")
     return TEMPLATES[task][name], label_token_ids(tokenizer, TEMPLATES[task][name][1])
-
-
-def prompt_sets(tokenizer, test, val, template, label_ids, max_length, eval_samples, seed):
-    """The evaluation sets, tokenized once: `eval`, the seeded subset of `eval_samples` held-out examples (0 = all;
-    the same subset as every script's), and `val`, the validation examples."""
-    from .training import subsample
-    tok = lambda examples: [tokenize_prompt(tokenizer, e, template, max_length, label_ids)  # noqa: E731
-                            for e in examples]
-    return SimpleNamespace(eval=tok(subsample(test, eval_samples, seed)), val=tok(val))
-
-
-def evaluate_prompt_sets(model, pad_token_id, sets, progress=None, per_example=None):
-    """`model` on `prompt_sets` -> {accuracy, eval_loss (label-word cross-entropy), val_accuracy, val_loss (with a
-    validation set)}; per_example receives the held-out per-example "correct" (`paired_interval`)."""
-    out = evaluate_prompts(model, sets.eval, pad_token_id, per_example, progress=progress)
-    if sets.val:
-        val = evaluate_prompts(model, sets.val, pad_token_id, progress=progress, name="validation accuracy")
-        out.update(val_accuracy=val["accuracy"], val_loss=val["eval_loss"])
-    return out
-
-
-def collate_tokenized(tokenized, pad_token_id):
-    """A batch of either kind of tokenized example: prompts (a label scored on label words) -> `collate_prompts`;
-    instruction examples (a target per token) -> tasks.collate."""
-    if "label_ids" in tokenized[0]:
-        return collate_prompts(tokenized, pad_token_id)
-    from .lm import collate
-    return collate(tokenized, pad_token_id)

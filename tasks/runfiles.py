@@ -1,5 +1,6 @@
 """The run's files and progress: rich progress bars, the files every run writes (config.json, metrics.jsonl,
-ledger.jsonl, heldout_examples.json, loss.png) and the command-line wrapper that turns a user's mistake into one line.
+ledger.jsonl, heldout_examples.json, loss.png, the model in Hugging Face format), written atomically, and the
+command-line wrapper that turns a user's mistake into one line.
 
     progress = tasks.Progress(rounds=(total, done), clients=n, ...)   # rich bars on a terminal; none elsewhere
     progress.reset(name, total, description); progress.advance(name); progress.log(text); progress.close()
@@ -9,18 +10,19 @@ ledger.jsonl, heldout_examples.json, loss.png) and the command-line wrapper that
     files.metric(row); files.ledger(lines); files.plot(title, turns)
     row = tasks.round_row(rnd, t0, turns, evaluation); progress.log(tasks.round_line(row))   # a round's metrics
 
+    tasks.export_model(model, tokenizer, folder); tasks.write_atomic(path, text); tasks.save_atomic(path, write)
     tasks.run_cli("fedkseed", fn, *args)   # ConfigError/DataError/ModelError -> one line, exit 2; GroupError -> 3
 """
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError, GroupError
-from .models import ModelError
-from .outputs import fmt_bytes, read_jsonl, write_atomic
-from .sources import DataError
+from .errors import ConfigError, DataError, GroupError, ModelError
+from .sources import read_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,8 +80,51 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the run's files: written by the server's process only
+# the run's files: written by the server's process only, each replaced atomically or appended a line at a time
 # ----------------------------------------------------------------------------------------------------
+def export_model(model, tokenizer, folder):
+    """Write `model` and `tokenizer` with save_pretrained (config, safetensors weights, tokenizer files) to
+    `folder`, atomically: a temporary folder beside it is renamed over the old one only once complete, so a
+    crash mid-write leaves the previous export (or none), never half of one."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_atomic(path, write):
+    """write(temporary path), then rename it over `path`: a crash mid-write leaves the previous file intact."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+
+
+def read_run_jsonl(path):
+    """A run's metrics.jsonl or ledger.jsonl -> its rows ([] before the file exists); a bad line names file:line."""
+    return [row for _, row in read_jsonl(path)] if Path(path).exists() else []
+
+
 class RunFiles:
     """config.json, metrics.jsonl (one line per round, round 0 = before training), ledger.jsonl (the bytes of
     every message) and loss.png in `folder`. With active=False (a rank that is not the server) nothing is
@@ -95,8 +140,8 @@ class RunFiles:
         of rounds <= R (what a crash left after the checkpoint runs again, bit for bit)."""
         keep = (lambda rows: [r for r in rows if r["round"] <= resumed_round]) if resumed_round is not None else (
             lambda rows: [])
-        self.metrics = keep(read_jsonl(self.metrics_path))
-        ledger = keep(read_jsonl(self.ledger_path))
+        self.metrics = keep(read_run_jsonl(self.metrics_path))
+        ledger = keep(read_run_jsonl(self.ledger_path))
         self.turns = [e for e in ledger if "loss" in e and "turn" in e]
         if not self.active:
             return
@@ -131,7 +176,7 @@ class RunFiles:
     def change_line(self):
         """'held-out loss 2.3468 -> 2.3412: change -0.0056, 95% paired bootstrap interval [-0.0070, -0.0042] over 48
         examples (beyond the evaluation's noise)', from heldout_examples.json; None without both ends."""
-        from .lm import accuracy_of, paired_interval, token_weighted_loss
+        from .bootstrap import accuracy_of, paired_interval, token_weighted_loss
         path = self.folder / "heldout_examples.json"
         kept = json.loads(path.read_text()) if self.active and path.is_file() else {}
         if "first" not in kept or "last" not in kept:
@@ -150,14 +195,14 @@ class RunFiles:
     def wire_summary(self):
         """Lines on the bytes of the ledger: under torchrun what each rank's collectives moved per round, and the mean
         message per client per round of the clients that answered."""
-        entries, lines = read_jsonl(self.ledger_path) if self.active else [], []
+        entries, lines = read_run_jsonl(self.ledger_path) if self.active else [], []
         for r in sorted({e["rank"] for e in entries if "rank" in e}):
             mine = [e for e in entries if e.get("rank") == r]
             lines.append(f"collectives, rank {r}: mean per round {sum(e['sent'] for e in mine) / len(mine):,.0f} B "
                          f"sent, {sum(e['received'] for e in mine) / len(mine):,.0f} B received")
-        answered = [e for e in entries if "client" in e and "dropped" not in e and "up" in e]
+        answered = [e for e in entries if "client" in e and "dropped" not in e and "upload_bytes" in e]
         if answered:
-            up, down = (sum(e[k] for e in answered) / len(answered) for k in ("up", "down"))
+            up, down = (sum(e[k] for e in answered) / len(answered) for k in ("upload_bytes", "download_bytes"))
             lines.append(f"communication: mean per client per round {up:,.0f} B up + {down:,.0f} B down = "
                          f"{up + down:,.0f} B")
         return lines
@@ -207,15 +252,17 @@ def round_row(rnd, t0, turns, evaluation):
     upload the server took; the evaluation's metrics (none in a round without one); upload_bytes and download_bytes,
     means per client turn (a client left out, marked "dropped", counts its download and 0 bytes up), and their
     _totals; seconds since t0; peak_memory_bytes, the max over the clients taken; client_seconds, summed and popped
-    from the turns (the ledger lines carry no timings); dropped, the clients left out. turns: the round's ledger lines
+    from the turns (the ledger lines carry no timings); dropped, the clients left out; train_loss leaves out a client
+    whose loss is not finite (a ZO client whose every step failed). turns: the round's ledger lines
     of its clients ("loss", "upload_bytes", "download_bytes", "peak_memory_bytes", "client_seconds"). Round 0 (no
     turns): the evaluation before training, with train_loss, the bytes and the memory None."""
     if rnd == 0:
         return {"round": 0, "train_loss": None, **evaluation, "upload_bytes": None, "download_bytes": None,
                 "seconds": round(time.time() - t0, 2), "peak_memory_bytes": None}
     taken = [t for t in turns if "dropped" not in t]
+    losses = [t["loss"] for t in taken if math.isfinite(t["loss"])]  # a client whose every step failed: no loss
     up, down = [t["upload_bytes"] for t in turns], [t["download_bytes"] for t in turns]
-    return {"round": rnd, "train_loss": sum(t["loss"] for t in taken) / len(taken) if taken else None, **evaluation,
+    return {"round": rnd, "train_loss": sum(losses) / len(losses) if losses else None, **evaluation,
             "upload_bytes": sum(up) / len(turns), "download_bytes": sum(down) / len(turns),
             "upload_bytes_total": sum(up), "download_bytes_total": sum(down), "seconds": round(time.time() - t0, 2),
             "peak_memory_bytes": max((t["peak_memory_bytes"] for t in taken), default=None),

@@ -9,12 +9,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .errors import DataError
+
 # data/ next to the scripts, wherever they are run from (a local copy can be linked: ln -s /path/to/data data)
 DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
-
-
-class DataError(Exception):
-    """A user-caused data problem (missing file, malformed record, unknown name, impossible split)."""
 
 
 def default_path(*parts):
@@ -34,7 +32,8 @@ def read_json(path):
 
 
 def read_jsonl(path):
-    """One JSON object per line (blank lines skipped) -> list of (line number, dict); a bad line names file:line."""
+    """One JSON object per line (blank lines skipped) -> list of (line number, dict); a bad line names file:line.
+    The one reader of jsonl files: data sets, and the run's own metrics.jsonl and ledger.jsonl (tasks/runfiles.py)."""
     path = Path(path)
     records = []
     with open(path, encoding="utf-8") as f:

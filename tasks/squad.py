@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, default_path, load_hub, read_json
+from .errors import DataError
+from .sources import default_path, load_hub, read_json
 
 HINT = ("expected the official train-v1.1.json and dev-v1.1.json (https://rajpurkar.github.io/SQuAD-explorer/) "
         "in data/squad/")

@@ -74,7 +74,7 @@ def test_dropped_client_syncs_exactly_when_it_comes_back(tiny_dir, dolly, tmp_pa
     for e in ledger:  # after its drop, a client's next download is dense A (1 + 4 K bytes)
         if e["round"] > 1 and e["client"] in (1, 2) and e["round"] == min(
                 x["round"] for x in ledger if x["client"] == e["client"] and x["round"] > 1):
-            assert e["down"] == 1 + 4 * K
+            assert e["download_bytes"] == 1 + 4 * K
     honest = run_fk(tiny_dir, dolly, tmp_path / "b")
     assert not same_weights(exported(out), exported(honest))  # the drop changed the run
 
@@ -126,7 +126,7 @@ def test_server_aggregate_clips_by_hand():
     """--max_abs_g clips each scalar before the weighted sum: a by-hand example."""
     K = 4
     ups = [fk.encode_upload(1, [0, 1], [1e30, -0.5], K), fk.encode_upload(3, [1, 2], [2.0, -7.0], K)]
-    got = fk.server_aggregate(ups, K, 0.1, max_abs_g=3.0)
+    got = fk.server_aggregate(ups, [1, 3], K, 0.1, max_abs_g=3.0)
     want = -0.1 * np.array([0.25 * 3.0, 0.25 * -0.5 + 0.75 * 2.0, 0.75 * -3.0, 0.0])
     assert np.array_equal(got, want.astype(np.float32))
 

@@ -306,7 +306,7 @@ def test_logit_adjusted_loss_is_cross_entropy_of_logits_plus_the_clients_log_pri
     examples = [dict(tiny_tokenizer(f"ab {i}"), labels=int(i == 0)) for i in range(9)]  # 8 x label 0, 1 x label 1
     prior = cy.label_log_prior(examples, 2)
     assert torch.allclose(prior, torch.tensor([9 / 11, 2 / 11]).log())  # (8 + 1, 1 + 1) / (9 + 2)
-    batch = tasks.training.make_batch("glue", examples, tiny_tokenizer, "cpu")
+    batch = tasks.make_batch("glue", examples, tiny_tokenizer, "cpu")
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     by_hand = torch.nn.functional.cross_entropy(logits + prior, batch["labels"]).item()
@@ -350,7 +350,7 @@ def tiny_cycle_recalls(tokenizer, split):
         for c, examples in enumerate(clients):
             block = cy.block_of_turn(cycle, "ascending", 0, r, c, len(clients))
             g = torch.Generator().manual_seed(10 * r + c)
-            batches = [tasks.training.make_batch("glue", [examples[i] for i in torch.randperm(64, generator=g)[:16]],
+            batches = [tasks.make_batch("glue", [examples[i] for i in torch.randperm(64, generator=g)[:16]],
                                                  tokenizer, "cpu") for _ in range(10)]
             cy.client_update(model, units[block] + units["head"], batches, [3e-3] * 10, 0.01, 1, 10 * r + c,
                              units["head"])

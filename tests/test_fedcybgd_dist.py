@@ -57,7 +57,7 @@ def test_two_ranks_equal_one_process(tiny_run_files, tmp_path, extra):
     assert p2.stdout.count("2 ranks (torchrun)") == 1  # rank 0 alone speaks
     turns = [e for e in ledger(two) if "turn" in e]
     assert turns == ledger(one) and [t["client"] for t in turns] == [0, 1, 2] * 2
-    header = 8 * (1 + len(cy.TURN_STATS))  # float64 [length, *the turn's stats] before each upload broadcast
+    header = 8 * (1 + len(cy.CLIENT_STATS))  # float64 [length, *the turn's stats] before each upload broadcast
     for r in (1, 2):  # what crossed: each turn's float64[3] header + its upload, to the one other rank
         wire = {e["rank"]: e for e in ledger(two) if "rank" in e and e["round"] == r}
         up = {t["client"]: header + t["upload_bytes"] for t in turns if t["round"] == r}

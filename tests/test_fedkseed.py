@@ -78,6 +78,11 @@ def batch_for(tok, texts):
 
 
 # ---------------------------------------------------------------------------------------------- the ZO step
+def flat(tensors, offsets, kind=fk.GAUSSIAN, copies=None):
+    """Tensors as fedkseed's weights namespace (`weights_of`'s shape) for tensors that are not a model's."""
+    return fk.SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=copies)
+
+
 def f32(x):
     return torch.tensor(x, dtype=torch.float32)  # the ops round their scales to float32
 
@@ -98,7 +103,8 @@ def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
     Computed in float32 with z_reference; the step (compiled ops when built) must give the same bits."""
     model, seed, eps, lr = tiny_llama, 1234567, 1e-2, 1e-2
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model, kind)
+    params, offsets = weights.tensors, weights.offsets
     w0 = [p.clone() for p in params]
     zs = [seedops.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)]
 
@@ -111,7 +117,7 @@ def test_zo_step_equals_explicit_formula(tiny_llama, tiny_tokenizer, kind):
 
     for p, w in zip(params, w0):
         p.copy_(w)
-    got_g, got_loss = fk.zo_step(model, params, offsets, batch, seed, eps, lr, kind)
+    got_g, got_loss = fk.zo_step(model, weights, batch, seed, eps, lr)
     assert got_g == g and got_loss == l_plus and g != 0.0
     for p, e in zip(params, expected):
         assert torch.equal(p, e)
@@ -126,7 +132,7 @@ def test_zo_step_with_a_compute_copy_equals_explicit_formula(tiny_tokenizer, com
     seed, eps, lr, kind = 99, 1e-2, 1e-2, fk.GAUSSIAN
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
     model = make_tiny_llama(len(tiny_tokenizer)).to(compute_dtype)  # the copy the forwards read
-    copies, offsets = fk.trainable(model)
+    copies, offsets = fk.weights_of(model).tensors, fk.weights_of(model).offsets
     w0 = [p.float().clone() for p in copies]
     zs = [seedops.z_reference(seed, off, p.numel(), kind).view_as(p) for p, off in zip(w0, offsets)]
 
@@ -139,7 +145,8 @@ def test_zo_step_with_a_compute_copy_equals_explicit_formula(tiny_tokenizer, com
 
     params = [w.clone() for w in w0]
     loss_at(w0)
-    got_g, got_loss = fk.zo_step(model, params, offsets, batch, seed, eps, lr, kind, copies)
+    weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=copies)
+    got_g, got_loss = fk.zo_step(model, weights, batch, seed, eps, lr)
     assert got_g == g and got_loss == l_plus and g != 0.0
     for p, c, e in zip(params, copies, expected):
         assert torch.equal(p, e) and torch.equal(c, e.to(compute_dtype))
@@ -151,7 +158,8 @@ def test_folded_steps_equal_their_explicit_formula(tiny_llama, tiny_tokenizer):
     model, eps, lr, kind = tiny_llama, 1e-2, 1e-2, fk.GAUSSIAN
     s1, s2 = 11, 22
     batch = batch_for(tiny_tokenizer, ["hello world", "abc"])
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model, kind)
+    params, offsets = weights.tensors, weights.offsets
     w0 = [p.clone() for p in params]
     z1, z2 = ([seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in (s1, s2))
 
@@ -172,11 +180,11 @@ def test_folded_steps_equal_their_explicit_formula(tiny_llama, tiny_tokenizer):
 
     for p, a in zip(params, w0):
         p.copy_(a)
-    fold = []
-    got = [fk.zo_step(model, params, offsets, batch, s, eps, lr, kind, None, fold) for s in (s1, s2)]
-    assert [g for g, _ in got] == [g1, g2] and fold == [(s2, eps - lr * g2)]
-    fk.close_fold(params, offsets, fold, kind)
-    assert fold == [] and all(torch.equal(p, e) for p, e in zip(params, expected))
+    g1_got, _, pending = fk.zo_step_folded(model, weights, batch, s1, eps, lr, None)
+    g2_got, _, pending = fk.zo_step_folded(model, weights, batch, s2, eps, lr, pending)
+    assert [g1_got, g2_got] == [g1, g2] and pending == (s2, eps - lr * g2)
+    fk.perturb(weights, *pending)  # the closing pass the caller applies after the last step
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
 
 def test_fold_run_resumes_exactly(tiny_dir, dolly, tmp_path):
@@ -192,18 +200,18 @@ def test_fold_run_resumes_exactly(tiny_dir, dolly, tmp_path):
 def test_replay_with_a_compute_copy_equals_the_replay_without_it():
     """sync_model with copies: the float32 weights are the plain replay's bits, the copy their rounding."""
     model = make_tiny_llama(104)
-    w0, offsets = fk.trainable(model)
+    w0, offsets = fk.weights_of(model).tensors, fk.weights_of(model).offsets
     seeds = fk.candidate_seeds(5, 16)
     A = np.zeros(16, dtype=np.float32)
     A[[1, 4, 9]] = [1e-3, -2e-3, 5e-4]
     plain = [torch.empty_like(w) for w in w0]
-    fk.sync_model(plain, w0, offsets, seeds, A, fk.GAUSSIAN)
+    fk.sync_model(flat(plain, offsets), w0, seeds, A)
     params = [torch.empty_like(w) for w in w0]
     copies = [torch.empty(w.shape, dtype=torch.bfloat16) for w in w0]
-    fk.sync_model(params, w0, offsets, seeds, A, fk.GAUSSIAN, copies)
+    fk.sync_model(flat(params, offsets, copies=copies), w0, seeds, A)
     assert all(torch.equal(p, q) for p, q in zip(params, plain))
     assert all(torch.equal(c, q.to(torch.bfloat16)) for c, q in zip(copies, plain))
-    fk.sync_model(params, w0, offsets, seeds, np.zeros(16, dtype=np.float32), fk.GAUSSIAN, copies)  # nothing touched
+    fk.sync_model(flat(params, offsets, copies=copies), w0, seeds, np.zeros(16, dtype=np.float32))  # nothing touched
     assert all(torch.equal(c, w.to(torch.bfloat16)) for c, w in zip(copies, w0))
 
 
@@ -219,10 +227,10 @@ def test_compute_dtype_run_resumes_exactly_and_exports_float32(tiny_dir, dolly, 
     rows = {x: [json.loads(l) for l in (tmp_path / x / "metrics.jsonl").read_text().splitlines()] for x in "ab"}
     assert [(r["train_loss"], r["eval_loss"]) for r in rows["a"]] == [(r["train_loss"], r["eval_loss"]) for r in rows["b"]]
     model, _ = tasks.load_model(str(tiny_dir), "sft")
-    params, offsets = fk.trainable(model)
-    fk.sync_model(params, [p.clone() for p in params], offsets, fk.candidate_seeds(42, 16),
-                  a["A_history"][-1].numpy(), fk.GAUSSIAN)
-    exported = fk.trainable(tasks.load_model(str(tmp_path / "a" / "model"), "sft")[0])[0]
+    weights = fk.weights_of(model)
+    params = weights.tensors
+    fk.sync_model(weights, [p.clone() for p in params], fk.candidate_seeds(42, 16), a["A_history"][-1].numpy())
+    exported = fk.weights_of(tasks.load_model(str(tmp_path / "a" / "model"), "sft")[0]).tensors
     assert all(e.dtype == torch.float32 and torch.equal(e, p) for e, p in zip(exported, params))
     n = sum(p.numel() for p in params)
     plain = tmp_path / "plain"
@@ -237,11 +245,12 @@ def test_non_finite_loss_is_skipped(tiny_llama, tiny_tokenizer):
     """All labels masked -> loss NaN: weights restored (to rounding), nothing recorded, nothing uploaded."""
     import tasks
 
-    params, offsets = fk.trainable(tiny_llama)
+    weights = fk.weights_of(tiny_llama)
+    params = weights.tensors
     w0 = [p.clone() for p in params]
     batch = batch_for(tiny_tokenizer, ["x"])
     batch["labels"][:] = -100
-    g, _ = fk.zo_step(tiny_llama, params, offsets, batch, 7, 1e-2, 1e-2, fk.GAUSSIAN)
+    g, _ = fk.zo_step(tiny_llama, weights, batch, 7, 1e-2, 1e-2)
     assert g is None
     for p, w in zip(params, w0):
         torch.testing.assert_close(p, w, rtol=0, atol=1e-6)
@@ -250,7 +259,7 @@ def test_non_finite_loss_is_skipped(tiny_llama, tiny_tokenizer):
                           "--device", "cpu"])  # the paper's step: two-point, no fold
 
     ex = [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]
-    up, loss = fk.client_update(tiny_llama, params, offsets, ex, None, fk.candidate_seeds(0, 4), Args, 1, 0,
+    up, loss = fk.client_update(tiny_llama, weights, ex, None, fk.candidate_seeds(0, 4), Args, 1, 0,
                                 tiny_tokenizer.pad_token_id)
     n, idx, gs = fk.decode_upload(up, 4)
     assert n == 1 and len(idx) == 0 and len(gs) == 0 and math.isnan(loss)
@@ -262,7 +271,7 @@ def test_server_aggregate_weights_by_data_size():
     K, lr = 8, 0.5
     ups = [fk.encode_upload(1, [2, 5, 2], [1.0, -2.0, 0.5], K),  # client A: 1 example
            fk.encode_upload(3, [5, 7], [4.0, 1.0], K)]  # client B: 3 examples
-    coefs = fk.server_aggregate(ups, K, lr)
+    coefs = fk.server_aggregate(ups, [1, 3], K, lr)
     expected = np.zeros(K)
     expected[2] = 0.25 * (1.0 + 0.5)
     expected[5] = 0.25 * -2.0 + 0.75 * 4.0
@@ -333,28 +342,29 @@ def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(
     K = 32
     seeds = fk.candidate_seeds(3, K)
     pretrained = make_tiny_llama(tiny_llama.config.vocab_size)
-    w0, offsets = fk.trainable(pretrained)
+    w0, offsets = fk.weights_of(pretrained).tensors, fk.weights_of(pretrained).offsets
     client = make_tiny_llama(tiny_llama.config.vocab_size)
-    cp, _ = fk.trainable(client)
+    weights = fk.weights_of(client, kind)
+    cp = weights.tensors
     record = np.zeros(K, dtype=np.float32)  # client B's own state besides w0
 
     Args = fk.parse_args(["--seed", "0", "--local_steps", "2", "--batch_size", "1", "--zo_eps", "1e-2", "--lr", "1e-2",
                           "--device", "cpu"])  # the paper's step: two-point, no fold
 
     ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
-    fk.client_update(client, cp, offsets, ex, None, seeds, Args, 1, 0, tiny_tokenizer.pad_token_id)  # local steps
+    fk.client_update(client, weights, ex, None, seeds, Args, 1, 0, tiny_tokenizer.pad_token_id)  # local steps
     assert any(not torch.equal(a, b) for a, b in zip(cp, w0))  # B now holds its own, locally trained weights
     rng = np.random.default_rng(1)
     A, independent = np.zeros(K, dtype=np.float32), np.zeros(K, dtype=np.float32)
     for rnd in range(1, 7):  # the server's rounds (B is away for 2..6)
-        ups = [fk.encode_upload(int(rng.integers(1, 9)), rng.integers(0, K, 5), rng.normal(size=5), K)
-               for _ in range(3)]
-        coefs = fk.server_aggregate(ups, K, 1e-2)
+        sizes = [int(rng.integers(1, 9)) for _ in range(3)]
+        ups = [fk.encode_upload(n, rng.integers(0, K, 5), rng.normal(size=5), K) for n in sizes]
+        coefs = fk.server_aggregate(ups, sizes, K, 1e-2)
         A = A + coefs
         independent = np.float32(independent + coefs)
     msg = fk.encode_download(A, record)
     record, _ = fk.decode_download(msg, record)
-    fk.sync_model(cp, w0, offsets, seeds, record, kind)
+    fk.sync_model(weights, w0, seeds, record)
     touched = np.flatnonzero(independent)
     assert len(touched) > 10
     for p, p0, off in zip(cp, w0, offsets):
@@ -385,15 +395,16 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     assert sum(sums) / sum(counts) == pytest.approx(rows[2]["eval_loss"], rel=1e-12)
     assert rows[1]["upload_bytes"] == 4 + 3 * 6  # 3 steps of (uint16, float32) + the data size
     ledger = [json.loads(l) for l in (out / "ledger.jsonl").read_text().splitlines()]
-    assert len(ledger) == 2 * 2 and all(e["up"] > 0 and e["down"] > 0 for e in ledger)
+    assert len(ledger) == 2 * 2 and all(e["upload_bytes"] > 0 and e["download_bytes"] > 0 for e in ledger)
     # the exported model is the global model A defines: the pretrained weights + sum_k A_k z_k
     state = tasks.checkpoint.read(out)
     assert state["A_history"].shape == (3, 16) and all(r["replay_max_abs_diff"] == 0.0 for r in rows[1:])
     model, _ = tasks.load_model(str(tiny_dir), "sft")
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model)
+    params = weights.tensors
     w0 = [p.clone() for p in params]
-    fk.sync_model(params, w0, offsets, fk.candidate_seeds(42, 16), state["A_history"][-1].numpy(), fk.GAUSSIAN)
-    exported, _ = fk.trainable(tasks.load_model(str(out / "model"), "sft")[0])
+    fk.sync_model(weights, w0, fk.candidate_seeds(42, 16), state["A_history"][-1].numpy())
+    exported = fk.weights_of(tasks.load_model(str(out / "model"), "sft")[0]).tensors
     assert all(torch.equal(p, w) for p, w in zip(params, exported))
     assert any(not torch.equal(p, w) for p, w in zip(w0, exported))
 
@@ -409,10 +420,10 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path, option):
     a = tasks.checkpoint.read(tmp_path / "a")
     b = tasks.checkpoint.read(tmp_path / "b")
     assert a["round"] == b["round"] == 4
-    assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["last_sync"], b["last_sync"])
+    assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["synced_round"], b["synced_round"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
     assert torch.equal(a["momentum"], b["momentum"])
-    wa, wb = (fk.trainable(tasks.load_model(str(tmp_path / x / "model"), "sft")[0])[0] for x in "ab")
+    wa, wb = (fk.weights_of(tasks.load_model(str(tmp_path / x / "model"), "sft")[0]).tensors for x in "ab")
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -512,18 +523,18 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     fk.main(argv(tiny_dir, dolly, out, *flags))
     state = tasks.checkpoint.read(out)
     model, _ = tasks.load_model(str(tiny_dir), "sft")
-    params, offsets = fk.trainable(model)  # the global model the checkpoint's A defines
-    fk.sync_model(params, [p.clone() for p in params], offsets, fk.candidate_seeds(42, 16),
-                  state["A_history"][-1].numpy(), fk.GAUSSIAN)
+    weights = fk.weights_of(model)  # the global model the checkpoint's A defines
+    params = weights.tensors
+    fk.sync_model(weights, [p.clone() for p in params], fk.candidate_seeds(42, 16), state["A_history"][-1].numpy())
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(exported)[0], params))
+    assert all(torch.equal(p, w) for p, w in zip(fk.weights_of(exported).tensors, params))
     tok = AutoTokenizer.from_pretrained(out / "model")
     assert tok("abc")["input_ids"]
     rows = (out / "metrics.jsonl").read_text()
     shutil.rmtree(out / "model")
     fk.main(argv(tiny_dir, dolly, out, *flags, "--resume"))
     again = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert all(torch.equal(p, w) for p, w in zip(fk.trainable(again)[0], params))
+    assert all(torch.equal(p, w) for p, w in zip(fk.weights_of(again).tensors, params))
     assert (out / "metrics.jsonl").read_text() == rows
     assert tasks.checkpoint.read(out)["round"] == 2
 
@@ -560,7 +571,7 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
     A = state["A_history"].numpy()
     lacking = int(np.count_nonzero(A[back - 1].view(np.uint32) != A[back - missed - 2].view(np.uint32)))
     assert missed >= 5 and lacking > 0
-    assert entry["down"] == min(1 + 4 + lacking * 6, 1 + 4 * 16)  # sparse or dense, whichever is smaller
+    assert entry["download_bytes"] == min(1 + 4 + lacking * 6, 1 + 4 * 16)  # sparse or dense, whichever is smaller
 
 
 def test_validation_loss_is_logged_beside_the_held_out_loss(tiny_dir, dolly, tmp_path):
@@ -589,7 +600,8 @@ def one_sided_losses(model, tokenizer, kind, step_seeds, eps):
     L0 = L(w); w1 = w + eps z1; w2 = w1 - eps z1 + eps z2; w3 = w2 - eps z2 + eps z3 -> (params, offsets, batch, w0,
     zs, L0, [L(w1), L(w2), L(w3)], w3); the model's weights are w0 again on return."""
     batch = batch_for(tokenizer, ["hello world", "abc"])
-    params, offsets = fk.trainable(model)
+    weights = fk.weights_of(model, kind)
+    params, offsets = weights.tensors, weights.offsets
     w0 = [p.clone() for p in params]
     zs = [[seedops.z_reference(s, off, p.numel(), kind).view_as(p) for p, off in zip(params, offsets)] for s in step_seeds]
 
@@ -606,19 +618,19 @@ def one_sided_losses(model, tokenizer, kind, step_seeds, eps):
         losses.append(loss_at(w))
     for p, a in zip(params, w0):
         p.copy_(a)
-    return params, offsets, batch, w0, zs, l0, losses, w
+    return weights, batch, w0, zs, l0, losses, w
 
 
 def test_one_sided_step_equals_explicit_formula(tiny_llama, tiny_tokenizer):
     """--estimator one_sided, n = 3 (`one_sided_losses`): c_i = (L(w_i) - L0) / (n eps) in float32;
     w' = w3 + sum_i (-lr c_i) z_i - eps z3."""
     eps, lr, kind, step_seeds = 1e-2, 1e-2, fk.GAUSSIAN, [11, 22, 33]
-    params, offsets, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
+    weights, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
     c = [float(np.float32((loss - l0) / (3 * eps))) for loss in losses]
     expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
-    got_c, got_loss = fk.one_sided_step(tiny_llama, params, offsets, batch, step_seeds, eps, lr, kind)
+    got_c, got_loss = fk.one_sided_step(tiny_llama, weights, batch, step_seeds, eps, lr)
     assert got_c == c and got_loss == l0 and all(x != 0.0 for x in c)
-    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    assert all(torch.equal(p, e) for p, e in zip(weights.tensors, expected))
 
 
 def test_an_upload_on_seeds_other_than_the_assigned_draws_is_refused():
@@ -654,6 +666,7 @@ def test_clip_norm_bounds_one_client_as_its_formula_says():
     clients = [(10 + i, rng.integers(0, K, 5), rng.normal(0, 3, 5).astype(np.float32)) for i in range(4)]
     hostile = (13, clients[3][1], np.full(5, 1e30, np.float32))
     ups = [fk.encode_upload(n, idx, g, K) for n, idx, g in clients[:3] + [hostile]]
+    ns = [n for n, _, _ in clients[:3] + [hostile]]
     vs = []
     for n, idx, g in clients[:3] + [hostile]:
         v = np.zeros(K)
@@ -666,14 +679,15 @@ def test_clip_norm_bounds_one_client_as_its_formula_says():
     expected = np.zeros(K)
     for w, v, nv in zip(sizes / sizes.sum(), vs, norms):
         expected += w * (v * (bound / nv) if nv > bound else v)
-    got = fk.server_aggregate(ups, K, lr, clip_norm=c)
+    got = fk.server_aggregate(ups, ns, K, lr, clip_norm=c)
     np.testing.assert_allclose(got, (-lr * expected).astype(np.float32), rtol=1e-6)
     hostile_share = lr * sizes[3] / sizes.sum() * bound
     assert norms[3] > bound  # the hostile client is clipped: its share of a has norm lr * n_i / sum n * bound
     share = lr * sizes[3] / sizes.sum() * vs[3] * (bound / norms[3])
     assert abs(np.linalg.norm(share) - hostile_share) <= 1e-9 * hostile_share and np.isfinite(got).all()
     honest = ups[:3]  # no norm above 2 x the median: the same bits as without the option
-    assert np.array_equal(fk.server_aggregate(honest, K, lr, clip_norm=10.0), fk.server_aggregate(honest, K, lr))
+    assert np.array_equal(fk.server_aggregate(honest, ns[:3], K, lr, clip_norm=10.0),
+                          fk.server_aggregate(honest, ns[:3], K, lr))
 
 
 def test_fzoo_step_equals_its_formula(tiny_llama, tiny_tokenizer):
@@ -681,24 +695,24 @@ def test_fzoo_step_equals_its_formula(tiny_llama, tiny_tokenizer):
     sigma = sqrt(mean_i (L_i - mean L)^2) (the population std, in Python floats); c_i = (L_i - L0) / (3 sigma) rounded
     to float32 (no 1/eps); w' = w_3 + sum_i (-lr c_i) z_i - eps z3."""
     eps, lr, kind, step_seeds = 1e-2, 1e-1, fk.RADEMACHER, [5, 6, 7]
-    params, offsets, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
+    weights, batch, w0, zs, l0, losses, w = one_sided_losses(tiny_llama, tiny_tokenizer, kind, step_seeds, eps)
     mean = sum(losses) / 3
     sigma = math.sqrt(sum((x - mean) ** 2 for x in losses) / 3)
     c = [float(np.float32((x - l0) / (3 * sigma))) for x in losses]
     expected = add_seeds(w, [-lr * c[0], -lr * c[1], -lr * c[2] - eps], zs)
-    got_c, got_loss = fk.one_sided_step(tiny_llama, params, offsets, batch, step_seeds, eps, lr, kind, normalise=True)
+    got_c, got_loss = fk.one_sided_step(tiny_llama, weights, batch, step_seeds, eps, lr, normalise=True)
     assert got_c == c and got_loss == l0 and sigma > 0
-    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    assert all(torch.equal(p, e) for p, e in zip(weights.tensors, expected))
 
 
 def test_fzoo_step_without_spread_restores_and_records_nothing(tiny_llama, tiny_tokenizer, monkeypatch):
-    params, offsets = fk.trainable(tiny_llama)
+    weights = fk.weights_of(tiny_llama, fk.RADEMACHER)
+    params = weights.tensors
     w0 = [p.clone() for p in params]
     losses = iter([1.0, 2.0, 2.0])  # L0, then two perturbed losses with no spread: sigma = 0
     monkeypatch.setattr(fk, "batch_loss", lambda model, batch: next(losses))
     batch = batch_for(tiny_tokenizer, ["x"])
-    assert fk.one_sided_step(tiny_llama, params, offsets, batch, [1, 2], 1e-2, 1e-2, fk.RADEMACHER, normalise=True) \
-        == (None, 1.0)
+    assert fk.one_sided_step(tiny_llama, weights, batch, [1, 2], 1e-2, 1e-2, normalise=True) == (None, 1.0)
     # undone by the opposite pass: the same weights up to float32 rounding (w + eps z1 - eps z1 + eps z2 - eps z2)
     assert all(torch.allclose(p, w, rtol=0, atol=1e-6) for p, w in zip(params, w0))
 
@@ -712,11 +726,12 @@ def test_fzoo_flags():
 
 
 def test_one_sided_step_with_a_non_finite_loss_restores_and_records_nothing(tiny_llama, tiny_tokenizer):
-    params, offsets = fk.trainable(tiny_llama)
+    weights = fk.weights_of(tiny_llama)
+    params = weights.tensors
     w0 = [p.clone() for p in params]
     batch = batch_for(tiny_tokenizer, ["x"])
     batch["labels"][:] = -100  # loss NaN
-    assert fk.one_sided_step(tiny_llama, params, offsets, batch, [1, 2], 1e-2, 1e-2, fk.GAUSSIAN)[0] is None
+    assert fk.one_sided_step(tiny_llama, weights, batch, [1, 2], 1e-2, 1e-2)[0] is None
     assert all(torch.equal(p, w) for p, w in zip(params, w0))  # L(w) is evaluated first: nothing was perturbed
 
 
@@ -752,9 +767,10 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     captured = []
     server_update = fk.server_update
 
-    def spy(server, gathered, *rest):
-        captured.append([u for u, _ in gathered.values()])
-        return server_update(server, gathered, *rest)
+    def spy(server, uploads, sizes, *rest):
+        captured.append(list(uploads))
+        assert sizes == [parse_upload(u)[0] for u in uploads]  # the server's record: each client's own size
+        return server_update(server, uploads, sizes, *rest)
 
     monkeypatch.setattr(fk, "server_update", spy)
     extra = OPTIONS[option]
@@ -778,10 +794,11 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     state = tasks.checkpoint.read(tmp_path / "run")
     assert len(captured) == 3 and np.array_equal(state["A_history"][-1].numpy(), A) and np.count_nonzero(A) > 0
     assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
-    w0, offsets = fk.trainable(tasks.load_model(str(tiny_dir), "sft")[0])
+    initial = fk.weights_of(tasks.load_model(str(tiny_dir), "sft")[0])
+    w0, offsets = initial.tensors, initial.offsets
     seeds = fk.candidate_seeds(42, K)
     kind = fk.RADEMACHER if option.startswith("fzoo") else fk.GAUSSIAN  # FZOO's z as published
-    exported = fk.trainable(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0])[0]
+    exported = fk.weights_of(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0]).tensors
     for p0, off, e in zip(w0, offsets, exported):
         w = p0.double().view(-1).numpy().copy()
         for k in np.flatnonzero(A):
@@ -801,9 +818,9 @@ def test_cosine_round_steps_at_its_rate(tiny_tokenizer, estimator):
         args = fk.parse_args(["--seed", "0", "--local_steps", "3", "--zo_eps", "1e-2", "--rounds", "3", "--device",
                               "cpu", *est, *flags])
         model = make_tiny_llama(len(tiny_tokenizer))
-        params, offsets = fk.trainable(model)
-        up, _ = fk.client_update(model, params, offsets, ex, None, seeds, args, 2, 0, tiny_tokenizer.pad_token_id)
-        results.append((up, [p.clone() for p in params]))
+        weights = fk.weights_of(model, fk.RADEMACHER if estimator == "fzoo" else fk.GAUSSIAN)
+        up, _ = fk.client_update(model, weights, ex, None, seeds, args, 2, 0, tiny_tokenizer.pad_token_id)
+        results.append((up, [p.clone() for p in weights.tensors]))
     (up_a, w_a), (up_b, w_b) = results
     assert up_a == up_b and all(torch.equal(a, b) for a, b in zip(w_a, w_b))
     assert fk.round_lr(fk.parse_args(["--lr", "1e-2", "--lr_scheduler", "cosine", "--rounds", "3"]), 1) == 1e-2

@@ -78,7 +78,7 @@ def test_scripts_on_flower_equal_one_process(tiny_dir, dolly, tiny_run_files, tm
     assert lines(tmp_path / "fa_one" / "ledger.jsonl") == lines(tmp_path / "fa_flower" / "ledger.jsonl")
     assert same_weights(exported(tmp_path / "fk_one"), exported(tmp_path / "fk_flower"))
     a, b = (tasks.checkpoint.read(tmp_path / d) for d in ("fk_one", "fk_flower"))
-    assert all(torch.equal(a[k], b[k]) for k in ("A_history", "last_sync", "hist_sum", "hist_count"))
+    assert all(torch.equal(a[k], b[k]) for k in ("A_history", "synced_round", "hist_sum", "hist_count"))
     assert lines(tmp_path / "fk_one" / "ledger.jsonl") == lines(tmp_path / "fk_flower" / "ledger.jsonl")
     assert same_weights(exported(tmp_path / "cy_one"), exported(tmp_path / "cy_flower"))
     turns = lambda d: [{k: v for k, v in e.items()} for e in lines(tmp_path / d / "ledger.jsonl")]  # noqa: E731
@@ -122,7 +122,7 @@ def test_killed_supernode_is_left_out_and_rejoins_exactly(tiny_dir, dolly, tmp_p
     ledger = lines(out / "ledger.jsonl")
     back = [e for e in ledger if e["client"] == 1 and e["round"] > max(r for r, d in drops.items() if 1 in d)]
     assert back and "dropped" not in back[0], "the restarted node's client never answered again"
-    assert back[0]["down"] == 1 + 4 * 16  # dense: the server no longer knew its record
+    assert back[0]["download_bytes"] == 1 + 4 * 16  # dense: the server no longer knew its record
     simulated = tmp_path / "one"
     fk.train(fk.parse_args(argv(tiny_dir, dolly, simulated, "-m", "1", "--rounds", "6", "--rouge_samples", "0")),
              Dropping(drops))

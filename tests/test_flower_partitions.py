@@ -143,8 +143,8 @@ def test_a_malformed_declaration_leaves_the_node_out(declaration):
 
 
 def test_fedkseed_weights_each_client_by_the_servers_record_of_its_size():
-    """check_uploads in the deployment mode: the upload's own size field is replaced by the capped declaration, and
-    the aggregate is the by-hand weighted sum with those weights."""
+    """check_uploads in the deployment mode: the server weights each client by the capped declaration, not by the
+    upload's own size field, and the aggregate is the by-hand weighted sum with those weights."""
     K, lr = 16, 0.1
     args = SimpleNamespace(K=K, local_steps=2, directions=1, bias_sampling=False, seed=3)
     ups, want = {}, np.zeros(K)
@@ -157,7 +157,7 @@ def test_fedkseed_weights_each_client_by_the_servers_record_of_its_size():
     transport = SimpleNamespace(declares_sizes=True, data_size=lambda c, held: {0: 5, 1: 1000}[c])
     run = SimpleNamespace(args=args, transport=transport, clients=[[None] * 3, [None] * 3],
                           server={"A_history": [np.zeros(K, np.float32)]}, progress=SimpleNamespace(log=print))
-    accepted = fk.check_uploads(run, ups, [0, 1], {})
-    assert [fk.decode_upload(u, K)[0] for u, _ in accepted.values()] == [5, 1000]
-    got = fk.server_aggregate([u for u, _ in accepted.values()], K, lr)
+    accepted, weights = fk.check_uploads(run, ups, [0, 1], {})
+    assert list(accepted) == [0, 1] and weights == {0: 5, 1: 1000}
+    got = fk.server_aggregate([u for u, _ in accepted.values()], list(weights.values()), K, lr)
     assert np.allclose(got, -lr * want, rtol=1e-6, atol=0)

@@ -70,7 +70,7 @@ def test_label_word_loss_and_accuracy_equal_one_prompt_at_a_time(tiny, tiny_temp
     want = by_hand(model, tok, examples, template)
     label_ids = prompts.label_token_ids(tok, template[1])
     ts = [prompts.tokenize_prompt(tok, e, template, 512, label_ids) for e in examples]
-    batch = prompts.collate_tokenized(ts, tok.pad_token_id)  # padded: prompts of different lengths
+    batch = tasks.collate_tokenized(ts, tok.pad_token_id)  # padded: prompts of different lengths
     with torch.no_grad():
         scores = prompts.label_word_logits(model, batch).double().numpy()
         loss = float(prompts.label_word_loss(model, batch))

@@ -1,37 +1,11 @@
-"""Run outputs the scripts share: the tuned model in Hugging Face format, atomic text files, jsonl, the
-safetensors wire format of tensor messages, byte counts for people."""
-import json
-import os
-import shutil
-from pathlib import Path
+"""The wire format of tensor messages (FedCyBGD's blocks, FedAvg's weights, FedIT's adapters) and the server's check
+of an upload: what crosses the network is `pack`'s bytes, and nothing a client sends is used before `check_tensors`.
 
-
-def export_model(model, tokenizer, folder):
-    """Write `model` and `tokenizer` with save_pretrained (config, safetensors weights, tokenizer files) to
-    `folder`, atomically: a temporary folder beside it is renamed over the old one only once complete, so a
-    crash mid-write leaves the previous export (or none), never half of one."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path):
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    wire = tasks.pack({name: tensor})          # safetensors bytes; tasks.unpack(wire) -> {name: tensor}
+    most = tasks.packed_bound(tensors)         # the longest pack of such tensors (a longer upload is refused)
+    why, upload = tasks.check_tensors(wire, names, reference, max_change)   # why it is refused, or None
+    tasks.relative_change(upload, reference)   # ||upload - sent|| / ||sent||
+"""
 
 
 def pack(message):
@@ -85,17 +59,3 @@ def relative_change(upload, reference):
     diff = sum(float(torch.sum((t.double() - reference[n].double()) ** 2)) for n, t in upload.items())
     size = sum(float(torch.sum(reference[n].double() ** 2)) for n in upload)
     return (diff / size) ** 0.5 if size > 0 else (0.0 if diff == 0 else float("inf"))
-
-
-def fmt_bytes(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000
-
-
-def save_atomic(path, write):
-    """write(temporary path), then rename it over `path`: a crash mid-write leaves the previous file intact."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
