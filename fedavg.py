@@ -292,7 +292,8 @@ def load_checkpoint(run):
 
 def log_round(run, rnd, t0, turns):
     """Server, end of round rnd (round 0: before training, no turns): evaluate the global model (in `model`), write
-    the round's ledger lines, checkpoint and metrics row (a crash between them redoes the round), print its line."""
+    the round's ledger lines, metrics row and then the checkpoint (a crash between them redoes the round), print its
+    line."""
     args, per_example, evaluation = run.args, {}, {}
     if rnd % args.eval_every == 0 or rnd == args.rounds:
         evaluation = tasks.evaluate(args, run.model, run.tokenizer, run.test, run.device, run.val, run.progress,
@@ -300,8 +301,8 @@ def log_round(run, rnd, t0, turns):
         run.files.heldout_examples(rnd, per_example)
     row = tasks.round_row(rnd, t0, turns, evaluation)  # pops the turns' client_seconds: the ledger keeps no timings
     run.files.ledger(turns)
-    tasks.checkpoint.save(run.out, "fedavg", rnd, run.config, run.global_w)
     run.files.metric(row)
+    tasks.checkpoint.save(run.out, "fedavg", rnd, run.config, run.global_w)  # last: a crash before it redoes the round
     run.progress.log(tasks.round_line(row))
 
 

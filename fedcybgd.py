@@ -347,8 +347,9 @@ def turn(run, rnd, c):
     # 3. server: take a well-formed upload; else the turn is lost and the client treated as holding the pretrained model
     why, upload = (stats["dropped"], None) if wire_up is None else check_upload(run, wire_up, blocks)
     line, block = {"round": rnd, "turn": (rnd - 1) * run.num_clients + c}, "+".join(blocks)
-    if why is not None:
+    if why is not None:  # the client may have trained the working model in place: its blocks and head go back
         server["seen"][c], server["lossy"][c] = {}, []
+        sync_model(run.model, {n: server["weights"][n] for b in blocks + ["head"] for n in run.units[b]})
         line.update(client=c, block=block, dropped=why, download_bytes=len(wire_down), upload_bytes=0)
         run.progress.log(f"round {rnd} client {c}: left out of the round: {why}")
     else:

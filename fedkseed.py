@@ -16,14 +16,15 @@ forward's activations. z is never stored: every party regenerates it from its se
 
 K seeds make communication tiny. Server and clients agree once on K candidate seeds (from the master --seed). Every
 local step draws its z from one of the K, so a client's round is a list of (seed index, g) pairs: 200 steps are
-200 x (2 + 4) bytes. The server aggregates the round's pairs, weighted by the clients' data sizes, into one
-coefficient per seed a_k(t) and adds them to its cumulative coefficients A(t) = A(t-1) + a(t) (float32[K]). The
-global model IS
+4 + 200 x (2 + 4) bytes. The server aggregates the round's pairs, weighted by the clients' data sizes (its own record
+of them), into one coefficient per seed a_k(t) and adds them to its cumulative A(t) = A(t-1) + a(t) (float32[K]).
+The global model IS
 
-    w(t) = w0 + sum_k A_k(t) z_k        (w0: the pretrained weights; one pass, summed in float32, one rounding)
+    w(t) = w0 + sum_k A_k(t) z_k   (w0: the pretrained weights; one pass: the terms summed in float32, then added)
 
-the official code's own definition. Weights never cross the network: every party holds w0 and computes w(t) from A
-(`sync_model`), so the server, a client that synced last round and one that missed ten hold the same bits.
+the official code's own definition. Weights never cross the network: every party holds w0 and replays w(t) from A
+(`sync_model`), so the server, a client that synced last round and one that missed ten hold the same bits (z is the
+same bits on every device: tests/test_kernels.py; the replay against an independent sum: tests/test_fedkseed.py).
 
 The protocol, round t (the paper's Algorithm 1; `train` below):
   1. the server samples clients (-m) and sends each the entries of A(t-1) that differ from its record of what the
@@ -31,13 +32,13 @@ The protocol, round t (the paper's Algorithm 1; `train` below):
   2. the client overwrites those entries of its own record of A and replays: weights <- w0 + sum_k A_k z_k;
   3. it takes --local_steps ZO steps from there, each on a seed drawn from the K (uniformly; Pro: by the server's
      probabilities), and uploads its (seed index, g) pairs: 4 + 6 x steps bytes (`client_update`);
-  4. the server aggregates the pairs into a(t) and A(t) (`server_aggregate`), which defines w(t); it refuses pairs
-     on seeds other than the client's own draws, which it recomputes (`seed_draws`).
+  4. the server aggregates the pairs into a(t) and A(t) (`server_aggregate`), which defines w(t); it refuses an
+     upload whose pairs are not on the client's own draws, which it recomputes (`seed_draws`, `check_upload`).
 With K = 4096 and 200 two-point steps, up plus down is at most 1,204 + 16,385 = 17,589 bytes per client per round,
 under the paper's 18 kilobytes whatever the model's size (Pro adds K bytes of seed importances: 21,685 B).
 
-What a device keeps between rounds: w0 and its record of A (K float32 = 16 KB); its working weights are scratch. The
-price is compute: a replay generates the noise of every seed with A_k != 0 (about K/3 ZO steps' worth of passes).
+A device keeps w0 and its record of A (16 KB at K = 4096) between rounds. The price is compute: a replay generates z
+for every seed with A_k != 0, up to K, in one pass: the z of up to K/3 ZO steps (a step generates its z 3 times).
 
 FedKSeed-Pro (--bias_sampling): the server keeps the history of |g| per seed (clipped to --bias_loss_clip, starting
 with one entry --grad_initial), min-max normalises the K means to [0, 1] and sends them as one byte each; every
@@ -45,21 +46,16 @@ client samples seeds by their softmax (the official formula): the most useful se
 
 Options beyond the paper, in the same wire format (defined in the section after the method):
   --estimator one_sided|fzoo --directions n   n directions a step sharing one forward at w; fzoo: FZOO as published
-                                         (equal forwards, one seed: SST-2 +1.95 points [+0.46, +3.33] over the
-                                         two-point step; Dolly: its validation loss after 600 forwards not reached,
-                                         about 2x the forwards; so two_point stays the default)
+                      (SST-2: +1.95 points over the two-point step at equal forwards; Dolly: twice its forwards)
   --server_lr s --server_momentum beta   a server optimizer on the aggregated per-seed coefficients
-  --lr_scheduler cosine                  round t of R steps at lr (1 + cos(pi (t - 1) / R)) / 2 (SST-2, FZOO, 4
-                                         rounds: +1.4 to +2.7 points of validation accuracy over the constant lr,
-                                         none on dev.tsv, one seed: not the default)
+  --lr_scheduler cosine                  round t of R at lr (1 + cos(pi (t - 1) / R)) / 2 (no gain on dev.tsv)
   --compute_dtype bfloat16               forwards on a bf16 copy written by the same fused pass (weights stay fp32)
   --fold                                 two passes over the weights a step instead of three
   --max_abs_g B, --clip_norm c           the server bounds what one client's scalars can move (Byzantine clients)
-Measured figures and every difference from the official code (zhenqincn/FedKSeed): docs/fedkseed.md. One process,
-torchrun ranks (client c on rank c % N) and a Flower federation sit behind one transport; each calls `client_round`.
+Measured figures, each option's default and every difference from the official code (zhenqincn/FedKSeed):
+docs/fedkseed.md. One process, torchrun ranks (client c on rank c % world) and Flower sit behind one transport.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -114,37 +110,37 @@ def parse_args(argv=None):
                     output_dir=dict(default="out/fedkseed"), eval_every=dict(default=5), eval_samples=dict(
                     default=200), dtype=dict(help="weight dtype; bf16/fp16 round most ZO updates (lr*g ~ 1e-7) away, "
                     "so float32 is the default"))
-    a = p.add_argument
-    a("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients (4096: the paper's "
+    add = p.add_argument
+    add("-K", type=int, default=4096, help="number of candidate seeds shared by server and clients (4096: the paper's "
       "'under 18 KB' figure; the official code's published commands use 1024)")
-    a("--zo_eps", type=float, default=5e-4, help="perturbation scale eps of the two-point estimate")
-    a("--bias_sampling", action="store_true", help="FedKSeed-Pro: sample seeds by the server's probabilities "
+    add("--zo_eps", type=float, default=5e-4, help="perturbation scale eps of the two-point estimate")
+    add("--bias_sampling", action="store_true", help="FedKSeed-Pro: sample seeds by the server's probabilities "
       "from the history of |g| per seed (default: uniform, plain FedKSeed)")
-    a("--bias_loss_clip", type=float, default=1000.0, help="Pro: |g| beyond this is clipped in the seed history")
-    a("--grad_initial", type=float, default=0.0, help="Pro: first entry of every seed's |g| history")
-    a("--perturbation", choices=["gaussian", "rademacher"], default=None, help="distribution of z (default: "
+    add("--bias_loss_clip", type=float, default=1000.0, help="Pro: |g| beyond this is clipped in the seed history")
+    add("--grad_initial", type=float, default=0.0, help="Pro: first entry of every seed's |g| history")
+    add("--perturbation", choices=["gaussian", "rademacher"], default=None, help="distribution of z (default: "
       "rademacher for --estimator fzoo, as published; gaussian otherwise)")
-    a("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation after the "
+    add("--rouge_samples", type=int, default=None, help="held-out examples for Rouge-L (greedy generation after the "
       "last round, as the official code; 0 = no Rouge-L; default: the --eval_samples subset)")
-    a("--rouge_at_start", action="store_true", help="also score Rouge-L before training (round 0), to compare")
+    add("--rouge_at_start", action="store_true", help="also score Rouge-L before training (round 0), to compare")
     # options beyond the paper (their definitions: the section after the method)
-    a("--estimator", choices=["two_point", "one_sided", "fzoo"], default="two_point", help="two_point: the paper's "
+    add("--estimator", choices=["two_point", "one_sided", "fzoo"], default="two_point", help="two_point: the paper's "
       "step, 2 forwards; one_sided: --directions n directions a step sharing one forward at w, n + 1 forwards; fzoo: "
       "the same n + 1 forwards, each scalar divided by n times the std of the n perturbed losses instead of n eps")
-    a("--directions", type=int, default=1, help="one_sided: directions per step (n); two_point takes 1")
-    a("--lr_scheduler", choices=["constant", "cosine"], default="constant", help="cosine: every step of round t "
+    add("--directions", type=int, default=1, help="one_sided: directions per step (n); two_point takes 1")
+    add("--lr_scheduler", choices=["constant", "cosine"], default="constant", help="cosine: every step of round t "
       "of R at lr (1 + cos(pi (t - 1) / R)) / 2, on the clients and in the server's aggregate alike")
-    a("--server_lr", type=float, default=1.0, help="server learning rate on the round's aggregated per-seed "
+    add("--server_lr", type=float, default=1.0, help="server learning rate on the round's aggregated per-seed "
       "coefficients: A += server_lr * velocity (1 = FedAvg's mean)")
-    a("--server_momentum", type=float, default=0.0, help="server momentum beta: velocity <- beta velocity + a(t); "
+    add("--server_momentum", type=float, default=0.0, help="server momentum beta: velocity <- beta velocity + a(t); "
       "0 = none")
-    a("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B] before "
+    add("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B] before "
       "aggregating, bounding what one client can move the model; 0 = off (docs/flower.md: its cost)")
-    a("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
+    add("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
       "its scalars on each seed) is scaled down to at most this many times the round's median client norm; 0 = off")
-    a("--fold", action="store_true", help="two passes over the weights a step instead of three (the weights round "
+    add("--fold", action="store_true", help="two passes over the weights a step instead of three (the weights round "
       "once where they rounded twice, so the run differs in the last bits)")
-    a("--compute_dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    add("--compute_dtype", choices=["float32", "bfloat16", "float16"], default=None,
       help="dtype of the copy of the weights the forwards read (default: --dtype); the weights stay --dtype")
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -228,12 +224,13 @@ def load_data(args, tokenizer):
 
 
 # ====================================================================================================
-# the method, in the order a round happens: the seeds and the messages both sides agree on; the client's procedure
-# (sync, ZO steps, upload); the server's (download, aggregation, Pro's probabilities, A(t)); the round loop
+# the method, in the order a round happens: the seeds and the messages both sides agree on; step 1, the server's
+# download; steps 2-3, the client's sync and ZO steps; step 4, the server's check of the uploads and aggregation;
+# the round loop. Calls into the options (after this section) or the plumbing (last) say so where they are made.
 # ====================================================================================================
 def candidate_seeds(master_seed, K):
-    """The K 64-bit seeds everyone derives from the master seed (stream 0 of its SeedSequence)."""
-    return np.random.default_rng([master_seed, 0]).integers(1, 2**63 - 1, size=K, dtype=np.int64).tolist()
+    """The K 64-bit seeds everyone derives from the master seed (its own stream: tasks.partitions.STREAMS)."""
+    return tasks.stream(master_seed, "candidate_seeds").integers(1, 2**63 - 1, size=K, dtype=np.int64).tolist()
 
 
 # messages: exactly the bytes that would cross the network; the ledger counts len(bytes)
@@ -296,7 +293,29 @@ def decode_download(msg, record):
     return A, (np.frombuffer(msg, np.uint8, K, offset=pos).copy() if flags & 2 else None)
 
 
-# ---------------------------------------------------------------------------------------------------- the client
+# ---------------------------------------------------------------------------------------------------- step 1, server
+# The server's state (built in `setup`): server["A_history"] = [A(0), A(1), ..., A(t-1)], each float32[K] (A(0) = 0:
+# the pretrained model); server["synced_round"][c] = the round of A the server knows client c holds (-1: unknown,
+# after a drop-out); Pro's |g| history (hist_sum, hist_count); --server_momentum's velocity; server["w"] = w(t-1).
+# Each client keeps its own record of A, run.records[c] (float32[K]), on the process where it lives.
+def server_download(server, sampled, pro):
+    """Step 1: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances). The server
+    records the clients as synced to round t-1 from here on."""
+    history, synced = server["A_history"], server["synced_round"]
+    importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None  # Pro (below)
+    sent = {c: encode_download(history[-1], history[synced[c]] if synced[c] >= 0 else None, importance)
+            for c in sampled}
+    synced[sampled] = len(history) - 1
+    return sent
+
+
+def seed_importance(hist_sum, hist_count):
+    """Pro, server: mean |g| per seed, min-max normalised to [0, 1] (the official formula), as uint8 for the wire."""
+    mean = hist_sum / hist_count
+    return np.round((mean - mean.min()) / (mean.max() + 1e-10 - mean.min()) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------- steps 2-3, client
 def sync_model(w, w0, seeds, A):
     """Step 2, the replay: w <- w0 + sum_k A[k] z(seeds[k]), the global model A defines. One multi-seed pass over the
     seeds with A[k] != 0 in ascending k, summed in float32 and rounded once: the bits depend on nothing but (w0, A),
@@ -315,8 +334,9 @@ def batch_loss(model, batch):  # the targets' token loss; classification: the la
 
 @torch.no_grad()
 def zo_step(model, w, batch, seed, eps, lr):
-    """Step 3, one two-point ZO step along z(seed) -> (g, L(w + eps z)); (None, loss) when a loss is not finite: the
-    weights are restored and nothing is recorded. Three passes over the weights: the third restores and updates."""
+    """Step 3, one two-point ZO step along z(seed) -> (g, the loss at w: (L(w + eps z) + L(w - eps z)) / 2, which is
+    L(w) + O(eps^2)); (None, loss) when a loss is not finite: the weights are restored and nothing is recorded. Three
+    passes over the weights: the third restores and updates."""
     perturb(w, seed, eps)  # w + eps z
     loss_plus = batch_loss(model, batch)
     perturb(w, seed, -2.0 * eps)  # w - eps z
@@ -326,20 +346,29 @@ def zo_step(model, w, batch, seed, eps, lr):
         return None, loss_plus
     g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps)))  # the upload's float32
     perturb(w, seed, eps - lr * g)  # w - eps z + (eps - lr g) z = w - lr g z
-    return g, loss_plus
+    return g, (loss_plus + loss_minus) / 2
 
 
 def seed_draws(args, K, rnd, client, probabilities=None):
     """The seed indices client c uses in round rnd -> (int64[local_steps * directions], the generator, which then
     orders the client's data): step s uses draws[s n : (s + 1) n], uniform over the K (FedKSeed) or by Pro's
     probabilities, with replacement. A function of (seed, round, client) and the download: the server recomputes it."""
-    rng = np.random.default_rng([args.seed, 2, rnd, client])
+    rng = tasks.stream(args.seed, "seed_draws", rnd, client)
     n = args.local_steps * args.directions
     return (rng.choice(K, size=n, p=probabilities) if probabilities is not None else rng.integers(0, K, size=n)), rng
 
 
+def seed_probabilities(importance):
+    """Pro, client: softmax of the importances in [0, 1] (the official formula, on the quantised values): every client
+    computes it from the same bytes, so all sample from the very same distribution."""
+    norm = importance.astype(np.float64) / 255
+    e = np.exp(norm - norm.max())
+    return e / e.sum()
+
+
 def client_update(model, w, examples, probabilities, seeds, args, rnd, client, pad_id, on_step=None):
-    """Step 3: --local_steps ZO steps on this client's tokenized examples -> (upload message, mean train loss). w
+    """Step 3: --local_steps ZO steps on this client's tokenized examples -> (upload message, train loss: the mean over
+    its steps of each step's loss at its weights w, the same quantity for every estimator). w
     holds the global weights on entry (after `sync_model`), the client's local ones on exit (scratch). Every draw
     comes from (seed, round, client), so a resumed run redoes it exactly. probabilities: None (uniform seeds) or
     Pro's float64[K]. The upload holds one (seed index, scalar) pair per direction: g for the two-point step."""
@@ -394,217 +423,7 @@ def client_round(run, rnd, c, download):
     return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds}
 
 
-# ---------------------------------------------------------------------------------------------------- the server
-def server_download(server, sampled, pro):
-    """Step 1: each sampled client's download = the entries of A(t-1) it lacks (+ Pro's importances). The server
-    records the clients as synced to round t-1 from here on."""
-    A, synced = server["A_history"], server["synced_round"]
-    importance = seed_importance(server["hist_sum"], server["hist_count"]) if pro else None
-    sent = {c: encode_download(A[-1], A[synced[c]] if synced[c] >= 0 else None, importance) for c in sampled}
-    synced[sampled] = len(A) - 1
-    return sent
-
-
-def server_aggregate(uploads, sizes, K, lr, max_abs_g=0.0, clip_norm=0.0):
-    """Step 4: the round's uploads and their clients' data sizes -> the round's update as per-seed coefficients a
-    (float32[K]): w += sum_k a_k z_k, with a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's scalars on seed
-    k): clients weighted by data size as the official code; float64 sums in client order, rounded once. No upload:
-    a = 0. Options: --max_abs_g, --clip_norm (after the method)."""
-    decoded = [(n, idx, g) for n, (_, idx, g) in zip(sizes, (decode_upload(u, K) for u in uploads))]
-    if clip_norm > 0:
-        decoded = clip_client_norms(decoded, K, clip_norm)
-    acc = np.zeros(K, dtype=np.float64)
-    if not decoded:
-        return acc.astype(np.float32)
-    weights = np.array([n for n, _, _ in decoded], dtype=np.float64)
-    for share, (_, idx, g) in zip(weights / weights.sum(), decoded):
-        g = g.astype(np.float64)
-        np.add.at(acc, idx, share * (np.clip(g, -max_abs_g, max_abs_g) if max_abs_g > 0 else g))
-    return (-lr * acc).astype(np.float32)
-
-
-def update_seed_history(hist_sum, hist_count, uploads, K, clip):
-    """Pro: add the round's |clip(g)| to each seed's history (kept as a running sum and count)."""
-    for u in uploads:
-        _, idx, g = decode_upload(u, K)
-        np.add.at(hist_sum, idx, np.abs(np.clip(g.astype(np.float64), -clip, clip)))
-        np.add.at(hist_count, idx, 1)
-
-
-def seed_importance(hist_sum, hist_count):
-    """Pro, server: mean |g| per seed, min-max normalised to [0, 1] (the official formula), as uint8 for the wire."""
-    mean = hist_sum / hist_count
-    return np.round((mean - mean.min()) / (mean.max() + 1e-10 - mean.min()) * 255).astype(np.uint8)
-
-
-def seed_probabilities(importance):
-    """Pro, client: softmax of the importances in [0, 1] (the official formula, on the quantised values): every client
-    computes it from the same bytes, so all sample from the very same distribution."""
-    norm = importance.astype(np.float64) / 255
-    e = np.exp(norm - norm.max())
-    return e / e.sum()
-
-
-def server_update(server, uploads, sizes, dropped, args, seeds, w0, rnd):
-    """Step 4: aggregate the accepted uploads into a(t), A(t) = A(t-1) + a(t) (through the server optimizer,
-    `server_step`, an option, when one is set), the model w(t) it defines (server["w"]), Pro's history. A client that
-    dropped out may or may not hold its download: the server no longer knows its record (-1), so its next download
-    is dense. -> the increment A(t) - A(t-1)."""
-    server["synced_round"][sorted(dropped)] = -1
-    a = server_aggregate(uploads, sizes, args.K, round_lr(args, rnd), args.max_abs_g, args.clip_norm)  # clients' lr
-    increment, server["momentum"] = server_step(a, server["momentum"], args.server_lr, args.server_momentum)
-    server["A_history"].append(server["A_history"][-1] + increment)  # float32 + float32
-    sync_model(server["w"], w0, seeds, server["A_history"][-1])
-    if args.bias_sampling:
-        update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, args.bias_loss_clip)
-    return increment
-
-
-# ---------------------------------------------------------------------------------------------------- the rounds
-def train(args, transport=None):
-    """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
-    client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
-    run = setup(args, transport)  # plumbing: model, data, seeds, the server's state, the run's files
-    transport, progress, on_server = run.transport, run.progress, run.transport.on_server
-    if run.start == 0:
-        on_server(log_round, run, 0, time.time())  # the pretrained model (plumbing: evaluate, write the row)
-    rnd = run.start
-    try:
-        for rnd in range(run.start + 1, args.rounds + 1):
-            t0 = time.time()
-            # 1. the server samples the round's clients and sends each the entries of A(t-1) it lacks
-            sampled = tasks.sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
-            tags = on_server(state_tags, run.server, sampled) if transport.keeps_client_state else None  # Flower
-            sent = on_server(server_download, run.server, sampled, args.bias_sampling)
-            # 2.-3. each client, where it lives, runs client_round -> its (seed, g) pairs. In one process `exchange` is
-            # {c: client_round(run, rnd, c, sent[c]) for c in sampled}; torchrun and Flower carry the same bytes
-            mine = transport.mine(sampled)  # this process's clients of the round (all of them in one process)
-            run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None  # the shared replay's
-            progress.reset("clients", len(mine))
-            replies = transport.exchange(client_round, run, rnd, sent, sampled, run.widths, CLIENT_STATS, tags)
-            run.replays.clear()
-            # 4. the server keeps the well-formed uploads (plumbing: `check_uploads`), aggregates them into A(t) and
-            #    the model w(t) it defines, evaluates w(t) and writes the round (plumbing: `log_round`)
-            dropped = dict(transport.dropped)  # who did not answer, and why (Flower; nobody otherwise)
-            accepted, sizes = on_server(check_uploads, run, replies, sampled, dropped) or ({}, {})
-            increment = on_server(server_update, run.server, [u for u, _ in accepted.values()], list(sizes.values()),
-                                  dropped, args, run.seeds, run.w0, rnd)
-            on_server(log_round, run, rnd, t0, sent, accepted, dropped, increment)
-            progress.advance("rounds")
-    except GroupError as e:  # a rank exited or hangs: one line, no traceback
-        raise transport.lost_rank(e, rnd, rnd - 1 if rnd > 1 else None, args.dist_timeout) from None
-    finally:
-        progress.close()
-    on_server(finish, run)
-    transport.close()
-    return run.files.metrics
-
-
-# ====================================================================================================
-# options beyond the paper, each in the same wire format: the message stays (seed index, scalar) pairs and the
-# global model w0 + sum_k A_k z_k with A cumulative, so the byte bound and the exact replay hold for all of them
-# ====================================================================================================
-@torch.no_grad()
-def one_sided_step(model, w, batch, step_seeds, eps, lr, normalise=False):
-    """--estimator one_sided: one step along n = len(step_seeds) directions sharing one forward at w -> (the n
-    uploaded scalars c_i, L(w)), or (None, loss) when a loss is not finite (the weights are restored).
-
-    L0 = L(w);  L_i = L(w + eps z_i);  c_i = (L_i - L0) / (n eps);  w <- w - lr sum_i c_i z_i
-    the mean of n one-sided estimates: n + 1 forwards for n directions (n two-point steps take 2n); n + 1 passes:
-    w + eps z_1, then two-seed passes w - eps z_(i-1) + eps z_i, then one n-seed pass that restores and updates.
-
-    normalise (--estimator fzoo, FZOO as its authors' code DKmiyan/FZOO defines it, with Rademacher z by default):
-    c_i = (L_i - L0) / (n sigma), sigma the population standard deviation of L_1..L_n, and no division by eps. The
-    step's size is then set by lr, not by the loss's scale (a normalised step: its lr is about 100x the two-point
-    one's). A step whose losses have no spread (sigma 0) is undone and records nothing."""
-    n = len(step_seeds)
-    loss0 = batch_loss(model, batch)
-    if not math.isfinite(loss0):
-        return None, loss0  # the weights were not touched
-    losses = []
-    for i, seed in enumerate(step_seeds):
-        if i == 0:
-            perturb(w, seed, eps)
-        else:
-            apply_seeds(w, [step_seeds[i - 1], seed], [-eps, eps])
-        losses.append(batch_loss(model, batch))
-        if not math.isfinite(losses[-1]):
-            perturb(w, seed, -eps)  # restore, record nothing
-            return None, loss0
-    scale = n * (float(np.std(losses)) if normalise else eps)  # np.std: the population std (ddof 0)
-    if not scale > 0:
-        perturb(w, step_seeds[-1], -eps)  # restore, record nothing
-        return None, loss0
-    scalars = [float(np.float32((loss - loss0) / scale)) for loss in losses]  # the upload's float32 values
-    scales = [-lr * c for c in scalars]
-    scales[-1] -= eps
-    apply_seeds(w, list(step_seeds), scales)
-    return scalars, loss0
-
-
-@torch.no_grad()
-def zo_step_folded(model, w, batch, seed, eps, lr, pending):
-    """--fold: `zo_step` in two passes over the weights instead of three. A step leaves its closing pass (seed, eps -
-    lr g) pending instead of applying it; the next step opens with one two-seed pass w += c_prev z_prev + eps z, and
-    the caller applies the last one. -> (g, L(w + eps z), the pending pass). The weights round once where they
-    rounded twice, so a run differs from the three-pass one in the last bits."""
-    if pending is None:
-        perturb(w, seed, eps)
-    else:
-        apply_seeds(w, [pending[0], seed], [pending[1], eps])
-    loss_plus = batch_loss(model, batch)
-    perturb(w, seed, -2.0 * eps)
-    loss_minus = batch_loss(model, batch)
-    finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
-    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None
-    return g, loss_plus, (seed, eps - lr * g if finite else eps)
-
-
-def clip_client_norms(decoded, K, c):
-    """--clip_norm c: client i's update is v_i = its sum of scalars per seed (float64[K]); every v_i whose L2 norm
-    exceeds c x the median of the round's norms is scaled down to it, by scaling the client's scalars (a factor of
-    exactly 1 leaves them, and the run, bit for bit as without the option). One client then moves A by at most
-    lr x (its data share) x c x median in a round's aggregate (then x --server_lr, and carried on by
-    --server_momentum), whatever it uploads (g = 1e30 included), as long as the median is an honest client's: it
-    needs three or more clients a round, most of them honest (with one, the median is the client's own norm; a
-    Flower node that serves several of the sampled clients controls all of their uploads)."""
-    norms = [float(np.linalg.norm(np.bincount(i, weights=g.astype(np.float64), minlength=K))) for _, i, g in decoded]
-    bound = c * float(np.median(norms)) if norms else 0.0
-    return [(n, idx, g.astype(np.float64) * (bound / norm) if norm > bound else g)
-            for (n, idx, g), norm in zip(decoded, norms)]
-
-
-def round_lr(args, rnd):
-    """The lr of round rnd (1..R = --rounds): --lr, or with --lr_scheduler cosine lr (1 + cos(pi (rnd - 1) / R)) / 2,
-    full in round 1 and lr (1 + cos(pi (R - 1) / R)) / 2 > 0 in round R. Clients step at it and the server weighs
-    their scalars by it (`server_aggregate`), so A, the wire format and the exact replay are as with one lr."""
-    if args.lr_scheduler == "constant":
-        return args.lr
-    return args.lr * (1 + math.cos(math.pi * (rnd - 1) / args.rounds)) / 2
-
-
-def server_step(a, velocity, server_lr, beta):
-    """--server_lr s --server_momentum beta, on the round's aggregate a(t) -> (the increment of A, the new velocity):
-    v(t) = beta v(t-1) + a(t);  A(t) = A(t-1) + s v(t)   (float64 arithmetic, each rounded once to float32)
-    The model is linear in A, so this is momentum on the model's update itself, at the cost of K floats; with the
-    defaults (s = 1, beta = 0) the increment has the bits of a(t)."""
-    v = (beta * velocity.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
-    return (server_lr * v.astype(np.float64)).astype(np.float32), v
-
-
-# ====================================================================================================
-# plumbing: a reader of the method can stop here. Upload checks, the shared replay, evaluation, the round's outputs,
-# checkpoints, setup, Flower's hooks
-# ====================================================================================================
-CLIENT_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
-
-
-def longest_messages(K, pro, local_steps, directions=1):
-    """-> (the longest download: flags + dense A + Pro's importances, the longest upload: the data size, then a
-    (seed index, float32) pair per direction of every step). The server refuses anything longer, before decoding."""
-    return 1 + 4 * K + (K if pro else 0), 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
-
-
+# ---------------------------------------------------------------------------------------------------- step 4, server
 def check_upload(msg, K, local_steps, directions, num_examples, draws=None):
     """Server: why an upload cannot be aggregated, or None: it must be the client's data size (num_examples; None: not
     checked), then whole steps of (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a
@@ -656,6 +475,194 @@ def check_uploads(run, replies, sampled, dropped):
     return accepted, {c: sizes[c] for c in accepted}
 
 
+def server_aggregate(uploads, sizes, K, lr, max_abs_g=0.0, clip_norm=0.0):
+    """Step 4: the round's uploads and their clients' data sizes -> the round's update as per-seed coefficients a
+    (float32[K]): w += sum_k a_k z_k, with a_k = -lr * sum_i (n_i / sum_j n_j) * (sum of client i's scalars on seed
+    k): clients weighted by data size as the official code; float64 sums in client order, rounded once. No upload:
+    a = 0. Options: --max_abs_g, --clip_norm (after the method)."""
+    decoded = [(n, idx, g) for n, (_, idx, g) in zip(sizes, (decode_upload(u, K) for u in uploads))]
+    if clip_norm > 0:
+        decoded = clip_client_norms(decoded, K, clip_norm)
+    acc = np.zeros(K, dtype=np.float64)
+    if not decoded:
+        return acc.astype(np.float32)
+    n = np.array([n for n, _, _ in decoded], dtype=np.float64)
+    for share, (_, idx, g) in zip(n / n.sum(), decoded):
+        g = g.astype(np.float64)
+        np.add.at(acc, idx, share * (np.clip(g, -max_abs_g, max_abs_g) if max_abs_g > 0 else g))
+    return (-lr * acc).astype(np.float32)
+
+
+def update_seed_history(hist_sum, hist_count, uploads, K, clip):
+    """Pro: add the round's |clip(g)| to each seed's history (kept as a running sum and count)."""
+    for u in uploads:
+        _, idx, g = decode_upload(u, K)
+        np.add.at(hist_sum, idx, np.abs(np.clip(g.astype(np.float64), -clip, clip)))
+        np.add.at(hist_count, idx, 1)
+
+
+def server_update(server, uploads, sizes, dropped, args, seeds, w0, rnd):
+    """Step 4: aggregate the accepted uploads into a(t), A(t) = A(t-1) + a(t) (through the server optimizer,
+    `server_step`, an option, when one is set), the model w(t) it defines (server["w"]), Pro's history. A client that
+    dropped out may or may not hold its download: the server no longer knows its record (-1), so its next download
+    is dense. -> the increment A(t) - A(t-1)."""
+    server["synced_round"][sorted(dropped)] = -1
+    a = server_aggregate(uploads, sizes, args.K, round_lr(args, rnd), args.max_abs_g, args.clip_norm)  # clients' lr
+    increment, server["velocity"] = server_step(a, server["velocity"], args.server_lr, args.server_momentum)
+    server["A_history"].append(server["A_history"][-1] + increment)  # float32 + float32
+    sync_model(server["w"], w0, seeds, server["A_history"][-1])
+    if args.bias_sampling:
+        update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, args.bias_loss_clip)
+    return increment
+
+
+# ---------------------------------------------------------------------------------------------------- the rounds
+def train(args, transport=None):
+    """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
+    client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
+    run = setup(args, transport)  # plumbing: model, data, seeds, the server's state, the run's files
+    transport, progress, on_server = run.transport, run.progress, run.transport.on_server  # on_server(fn, *a): fn(*a)
+    # on the server's process (in one process, simply fn(*a)); None on the other torchrun ranks
+    if run.start == 0:
+        on_server(log_round, run, 0, time.time())  # the pretrained model (plumbing: evaluate, write the row)
+    rnd = run.start
+    try:
+        for rnd in range(run.start + 1, args.rounds + 1):
+            t0 = time.time()
+            # 1. the server samples the round's clients and sends each the entries of A(t-1) it lacks
+            sampled = tasks.sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
+            tags = on_server(state_tags, run.server, sampled) if transport.keeps_client_state else None  # Flower
+            sent = on_server(server_download, run.server, sampled, args.bias_sampling)
+            # 2.-3. each client, where it lives, runs client_round -> its (seed, g) pairs. In one process `exchange` is
+            # {c: client_round(run, rnd, c, sent[c]) for c in sampled}; torchrun and Flower carry the same bytes
+            mine = transport.mine(sampled)  # this process's clients of the round (all of them in one process)
+            run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None  # the shared replay's
+            progress.reset("clients", len(mine))
+            replies = transport.exchange(client_round, run, rnd, sent, sampled, run.longest, CLIENT_STATS, tags)
+            run.replays.clear()
+            # 4. the server keeps the well-formed uploads, aggregates them into A(t) and the model w(t) it defines,
+            #    evaluates w(t) and writes the round (plumbing: `log_round`)
+            dropped = dict(transport.dropped)  # who did not answer, and why (Flower; nobody otherwise)
+            accepted, sizes = on_server(check_uploads, run, replies, sampled, dropped) or ({}, {})
+            increment = on_server(server_update, run.server, [u for u, _ in accepted.values()], list(sizes.values()),
+                                  dropped, args, run.seeds, run.w0, rnd)
+            on_server(log_round, run, rnd, t0, sent, accepted, dropped, increment)
+            progress.advance("rounds")
+    except GroupError as e:  # a rank exited or hangs: one line, no traceback
+        raise transport.lost_rank(e, rnd, rnd - 1 if rnd > 1 else None, args.dist_timeout) from None
+    finally:
+        progress.close()
+    on_server(finish, run)
+    transport.close()
+    return run.files.metrics
+
+
+# ====================================================================================================
+# options beyond the paper, each in the same wire format: the message stays (seed index, scalar) pairs and the
+# global model w0 + sum_k A_k z_k with A cumulative, so the exact replay holds for all of them; the upload grows with
+# the pairs a step sends (--directions n: n), the download never (`longest_messages`)
+# ====================================================================================================
+@torch.no_grad()
+def one_sided_step(model, w, batch, step_seeds, eps, lr, normalise=False):
+    """--estimator one_sided: one step along n = len(step_seeds) directions sharing one forward at w -> (the n
+    uploaded scalars c_i, L(w)), or (None, loss) when a loss is not finite (the weights are restored).
+
+    L0 = L(w);  L_i = L(w + eps z_i);  c_i = (L_i - L0) / (n eps);  w <- w - lr sum_i c_i z_i
+    the mean of n one-sided estimates: n + 1 forwards for n directions (n two-point steps take 2n); n + 1 passes:
+    w + eps z_1, then two-seed passes w - eps z_(i-1) + eps z_i, then one n-seed pass that restores and updates.
+
+    normalise (--estimator fzoo, FZOO as its authors' code DKmiyan/FZOO defines it, with Rademacher z by default):
+    c_i = (L_i - L0) / (n sigma), sigma the population standard deviation of L_1..L_n, and no division by eps. The
+    step's size is then set by lr, not by the loss's scale (a normalised step: its lr is about 100x the two-point
+    one's). A step whose losses have no spread (sigma 0) is undone and records nothing."""
+    n = len(step_seeds)
+    loss0 = batch_loss(model, batch)
+    if not math.isfinite(loss0):
+        return None, loss0  # the weights were not touched
+    losses = []
+    for i, seed in enumerate(step_seeds):
+        if i == 0:
+            perturb(w, seed, eps)
+        else:
+            apply_seeds(w, [step_seeds[i - 1], seed], [-eps, eps])
+        losses.append(batch_loss(model, batch))
+        if not math.isfinite(losses[-1]):
+            perturb(w, seed, -eps)  # restore, record nothing
+            return None, loss0
+    scale = n * (float(np.std(losses)) if normalise else eps)  # np.std: the population std (ddof 0)
+    if not scale > 0:
+        perturb(w, step_seeds[-1], -eps)  # restore, record nothing
+        return None, loss0
+    scalars = [float(np.float32((loss - loss0) / scale)) for loss in losses]  # the upload's float32 values
+    pass_scales = [-lr * c for c in scalars]  # the closing pass: the update, and back by -eps z_n
+    pass_scales[-1] -= eps
+    apply_seeds(w, list(step_seeds), pass_scales)
+    return scalars, loss0
+
+
+@torch.no_grad()
+def zo_step_folded(model, w, batch, seed, eps, lr, pending):
+    """--fold: `zo_step` in two passes over the weights instead of three. A step leaves its closing pass (seed, eps -
+    lr g) pending instead of applying it; the next step opens with one two-seed pass w += c_prev z_prev + eps z, and
+    the caller applies the last one. -> (g, the loss at w as `zo_step`'s, the pending pass). The weights round once
+    where they rounded twice, so a run differs from the three-pass one in the last bits."""
+    if pending is None:
+        perturb(w, seed, eps)
+    else:
+        apply_seeds(w, [pending[0], seed], [pending[1], eps])
+    loss_plus = batch_loss(model, batch)
+    perturb(w, seed, -2.0 * eps)
+    loss_minus = batch_loss(model, batch)
+    finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
+    g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None
+    return g, (loss_plus + loss_minus) / 2, (seed, eps - lr * g if finite else eps)
+
+
+def clip_client_norms(decoded, K, factor):
+    """--clip_norm c (`factor`): client i's update is v_i = its sum of scalars per seed (float64[K]); every v_i whose L2 norm
+    exceeds c x the median of the round's norms is scaled down to it, by scaling the client's scalars (a factor of
+    exactly 1 leaves them, and the run, bit for bit as without the option). One client then moves A by at most
+    lr x (its data share) x c x median in a round's aggregate (then x --server_lr, and carried on by
+    --server_momentum), whatever it uploads (g = 1e30 included), as long as the median is an honest client's: it
+    needs three or more clients a round, most of them honest (with one, the median is the client's own norm; a
+    Flower node that serves several of the sampled clients controls all of their uploads)."""
+    norms = [float(np.linalg.norm(np.bincount(i, weights=g.astype(np.float64), minlength=K))) for _, i, g in decoded]
+    bound = factor * float(np.median(norms)) if norms else 0.0
+    return [(n, idx, g.astype(np.float64) * (bound / norm) if norm > bound else g)
+            for (n, idx, g), norm in zip(decoded, norms)]
+
+
+def round_lr(args, rnd):
+    """The lr of round rnd (1..R = --rounds): --lr, or with --lr_scheduler cosine lr (1 + cos(pi (rnd - 1) / R)) / 2,
+    full in round 1 and lr (1 + cos(pi (R - 1) / R)) / 2 > 0 in round R. Clients step at it and the server weighs
+    their scalars by it (`server_aggregate`), so A, the wire format and the exact replay are as with one lr."""
+    if args.lr_scheduler == "constant":
+        return args.lr
+    return args.lr * (1 + math.cos(math.pi * (rnd - 1) / args.rounds)) / 2
+
+
+def server_step(a, velocity, server_lr, beta):
+    """--server_lr s --server_momentum beta, on the round's aggregate a(t) -> (the increment of A, the new velocity):
+    v(t) = beta v(t-1) + a(t);  A(t) = A(t-1) + s v(t)   (float64 arithmetic, each rounded once to float32)
+    The model is linear in A, so this is momentum on the model's update itself, at the cost of K floats; with the
+    defaults (s = 1, beta = 0) the increment has the bits of a(t)."""
+    v = (beta * velocity.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
+    return (server_lr * v.astype(np.float64)).astype(np.float32), v
+
+
+# ====================================================================================================
+# plumbing: a reader of the method can stop here. The longest messages, the shared replay, evaluation, the round's
+# outputs, checkpoints, setup, Flower's hooks
+# ====================================================================================================
+CLIENT_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
+
+
+def longest_messages(K, pro, local_steps, directions=1):
+    """-> (the longest download: flags + dense A + Pro's importances, the longest upload: the data size, then a
+    (seed index, float32) pair per direction of every step). The server refuses anything longer, before decoding."""
+    return 1 + 4 * K + (K if pro else 0), 4 + local_steps * directions * (np.dtype(index_dtype(K)).itemsize + 4)
+
+
 def state_tags(server, sampled):
     """Flower only: what each sampled client is assumed to hold before and after this round's download, as tags its
     node checks against its record on disk: (the round of A it synced to, or "" for A = 0 or a record the server no
@@ -673,8 +680,8 @@ def shared_sync(run, A, keep=True):
     if key in run.replays:
         for p, kept in zip(w.tensors, run.replays[key][0]):
             p.copy_(kept)
-        for c, kept in zip(w.copies or (), run.replays[key][0]):
-            c.copy_(kept)  # the rounding the replay's pass wrote
+        for copy, kept in zip(w.copies or (), run.replays[key][0]):
+            copy.copy_(kept)  # the rounding the replay's pass wrote
         return run.replays[key][1]
     t = time.time()
     sync_model(w, run.w0, run.seeds, A)
@@ -694,21 +701,16 @@ def client_examples(run, c):  # tokenized the first time the client is sampled
 
 
 def evaluate(run, rnd):
-    """The server's w(t) on the held-out set every --eval_every rounds and at the last (tasks.evaluate_lm): eval_loss,
-    rougeL after the last round (and at round 0 with --rouge_at_start), val_loss with --val_samples; {} in other
-    rounds. Classification (tasks.evaluate_prompt_sets): accuracy and the label-word eval_loss, val_accuracy and
-    val_loss."""
+    """The server's w(t) every --eval_every rounds and at the last (tasks.evaluate_sets): held-out eval_loss and rougeL
+    (after the last round; also round 0 with --rouge_at_start), or for classification accuracy and the label-word
+    eval_loss; val_* on --val_samples; {} in other rounds."""
     args = run.args
     if not (rnd == 0 or rnd % args.eval_every == 0 or rnd == args.rounds):
         return {}
     for p, s in zip(run.weights.copies or run.weights.tensors, run.server["w"].tensors):
         p.copy_(s)  # the tensors the forwards read: with --compute_dtype, w(t) rounded to it
-    per_example = {}
-    if run.template:  # classification: accuracy and the label-word loss, on the held-out and validation prompts
-        out = tasks.evaluate_prompt_sets(run.model, run.pad_id, run.sets, run.progress, per_example)
-    else:
-        out = tasks.evaluate_lm(run.model, run.tokenizer, run.sets, rnd in ((0, args.rounds) if args.rouge_at_start
-                                else (args.rounds,)), args.max_new_tokens, run.progress, per_example)
+    per_example, rouge = {}, rnd in ((0, args.rounds) if args.rouge_at_start else (args.rounds,))
+    out = tasks.evaluate_sets(run.model, run.tokenizer, run.sets, rouge, args.max_new_tokens, run.progress, per_example)
     run.files.heldout_examples(rnd, per_example)
     return out
 
@@ -716,7 +718,7 @@ def evaluate(run, rnd):
 def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=None):
     """The end of round rnd (round 0: the pretrained model, no clients): evaluate, write the ledger lines, the metrics
     row (tasks.round_row, as every script, and FedKSeed's own: seeds touched, sync seconds, the replay's max |diff|)
-    and the checkpoint (a crash between them redoes the round), print the round's line."""
+    and then the checkpoint (a crash between them redoes the round), print the round's line."""
     sent, accepted, dropped = sent or {}, accepted or {}, dropped or {}
     turns = [{"round": rnd, "client": c, "download_bytes": len(sent[c]), "upload_bytes": 0, "dropped": dropped[c],
               "client_seconds": 0.0} if c not in accepted else
@@ -729,16 +731,16 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=No
            "sync_seconds": float(np.mean(syncs)) if syncs else None,
            "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None}
     run.files.ledger(turns + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
-    save_checkpoint(run)
     run.files.metric(row)
+    save_checkpoint(run)  # last: a crash before it redoes the round, and resume drops the rows past the checkpoint
     run.progress.log(tasks.round_line(row) + (f" ({row['seeds_touched']} seeds touched)" if rnd else ""))
 
 
-SERVER_STATE = ("synced_round", "hist_sum", "hist_count", "momentum")  # with A's history: what the next round needs
+SERVER_STATE = ("synced_round", "hist_sum", "hist_count", "velocity")  # with A's history: what the next round needs
 
 
 def save_checkpoint(run):
-    """The server's state (kilobytes, not weights): A(0..t), each client's last sync, Pro's history, the momentum."""
+    """The server's state (kilobytes, not weights): A(0..t), each client's last sync, Pro's history, the velocity."""
     server = run.server
     tasks.checkpoint.save(run.out, "fedkseed", len(server["A_history"]) - 1, run.config,
                           {"A_history": torch.from_numpy(np.stack(server["A_history"])),
@@ -764,8 +766,8 @@ def load_parts(run):
         run.weights.tensors = [p.clone() for p in run.weights.tensors]  # the float32 weights, apart from the model
         run.model.to(getattr(torch, args.compute_dtype))
         run.weights.copies = weights_of(run.model).tensors
-        for c, p in zip(run.weights.copies, run.weights.tensors):
-            c.copy_(p)
+        for copy, p in zip(run.weights.copies, run.weights.tensors):
+            copy.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
     run.data, run.n_sampled = load_data(args, run.tokenizer)
     run.clients, run.template, run.label_ids = run.data.clients, None, None
@@ -774,7 +776,7 @@ def load_parts(run):
                                                                   run.data.val, args.max_length)
     run.seeds = candidate_seeds(args.seed, args.K)
     run.tokenized, run.replays, run.diffs, run.last_client = {}, {}, [], None  # the shared replay's (`shared_sync`)
-    run.widths = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
+    run.longest = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
 
 
 def setup(args, transport=None):
@@ -805,28 +807,24 @@ def setup(args, transport=None):
     # a client's memory as the other scripts count it: weights (the model, w0, the compute copy); a ZO step keeps
     run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)  # no gradients,
                          + (tasks.tensor_bytes(run.weights.tensors) if run.weights.copies else 0))  # optimizer state
-    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}"  # or activations
-          + (f", forwards in {args.compute_dtype}" if run.weights.copies else "") + f") on {args.device}; {N} clients, "
-          f"{run.n_sampled} per round, K={K}, {args.local_steps} steps, "
-          + ("FedKSeed-Pro" if args.bias_sampling else "FedKSeed") + f", z {args.perturbation}, "
-          + ("two-point estimator" if args.estimator == "two_point" else
-             f"{args.estimator.replace('_', '-')} estimator, {args.directions} directions a step")
-          + (f", lr {args.lr:g} with {args.lr_scheduler} decay over {args.rounds} rounds"
-             if args.lr_scheduler != "constant" else "")
-          + (f", server lr {args.server_lr:g} momentum {args.server_momentum:g}"
-             if (args.server_lr, args.server_momentum) != (1.0, 0.0) else "")
+    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}, forwards in "  # or
+          f"{args.compute_dtype}) on {args.device}; {N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} "
+          f"steps, {'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, {args.estimator} estimator "  # activations
+          f"({args.directions} directions a step), z {args.perturbation}, lr {args.lr:g} ({args.lr_scheduler})"
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)
-    # the server's state: A(t) for every round so far (A(0) = 0: the pretrained model), the round of A each client
-    # last synced to, Pro's |g| history, the momentum buffer; and w(t) = w0 + sum_k A_k z_k for evaluation
+    # the server's state (step 1's comment): A(t) for every round so far, the round of A each client last synced to,
+    # Pro's |g| history, the velocity of --server_momentum; and w(t) = w0 + sum_k A_k z_k for evaluation
     server = state or {"round": 0, "A_history": [np.zeros(K, dtype=np.float32)],
                        "synced_round": np.zeros(N, dtype=np.int64),
                        "hist_sum": np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip,
                                                                  args.bias_loss_clip)))),
-                       "hist_count": np.ones(K, dtype=np.int64), "momentum": np.zeros(K, dtype=np.float32)}
+                       "hist_count": np.ones(K, dtype=np.int64), "velocity": np.zeros(K, dtype=np.float32)}
     run.start = server.pop("round")
     # each client's own record of A (K float32), on its own rank; on resume the simulation takes it from the history
-    run.records = {c: server["A_history"][server["synced_round"][c]].copy() for c in transport.mine(range(N))}
+    # (a client the server no longer knows, -1, gets zeros: its next download is dense anyway)
+    run.records = {c: server["A_history"][s].copy() if s >= 0 else np.zeros(K, dtype=np.float32)
+                   for c, s in ((c, server["synced_round"][c]) for c in transport.mine(range(N)))}
     run.server = server if transport.is_server else None
     if transport.is_server:
         server["w"] = SimpleNamespace(tensors=[p.clone() for p in run.w0], offsets=run.weights.offsets,
@@ -856,13 +854,9 @@ def finish(run):
                                                                             else "FedKSeed") else ""))
     for line in run.files.wire_summary():  # torchrun's collectives, the messages' mean bytes per client
         log(line + (f" (paper: under {PAPER_BYTES:,} B for K=4096, 200 steps)" if line.startswith("comm") else ""))
-    synced = [r for r in rows if r.get("sync_seconds") is not None]
-    diffs = [r["replay_max_abs_diff"] for r in synced if r.get("replay_max_abs_diff") is not None]
-    if synced:
-        log(f"sync (replay of A): mean {np.mean([r['sync_seconds'] for r in synced]):.2f} s per client" + (
-            f"; replayed weights vs the server's: max |diff| {max(diffs):g}" + (" (bit for bit)" if max(diffs) == 0
-                                                                                else "") if diffs else
-            " (not checked: no client lives in the server's process under torchrun or Flower)"))
+    diffs = [r["replay_max_abs_diff"] for r in rows if r.get("replay_max_abs_diff") is not None]
+    log(f"replayed weights vs the server's: max |diff| {max(diffs):g}" if diffs else "replays not checked: no client "
+        "lives in the server's process (torchrun, Flower)")
     rg = [r for r in rows if r.get("rougeL") is not None]
     for line in ([f"Rouge-L: round {rg[0]['round']} {rg[0]['rougeL']:.4f} -> round {rg[-1]['round']} "
                   f"{rg[-1]['rougeL']:.4f}"] if len(rg) > 1 else []) + [run.files.change_line()]:

@@ -35,8 +35,8 @@ Instruction data (causal LM: FedKSeed --dataset dolly|instruct, FedCyBGD --task 
 Partitions:  (tasks/partitions.py) partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10) -> index lists;
              split_validation(examples, n, seed) -> (rest, validation): carved before partitioning; subsample(examples,
              n, seed): the held-out subset every script evaluates; partition_summary(parts, labels) -> str;
-             sample_clients(seed, round, N, n), sampled_per_round(N, m), derive_seed(seed, round, client, ...): every
-             random draw is a function of these numbers
+             sample_clients(seed, round, N, n), sampled_per_round(N, m), derive_seed(seed, round, client, ...),
+             stream(seed, name, ...): every random draw is a function of these numbers, each use its own stream
 Prompts:     (tasks/prompts.py) prompt-based classification with a causal LM (FedKSeed --dataset sst2|mrpc): a template,
              label words scored at the answer position, their cross-entropy as the loss, accuracy as the metric
 GLUE:        tasks.glue.TASKS, NUM_LABELS[task], METRIC[task], load(task, data_path=None) -> (train, dev),
@@ -46,7 +46,7 @@ SQuAD v1.1:  tasks.squad.load(data_path=None) -> (train, dev), prepare_train_fea
 Task data:   (tasks/data.py) load_task_data (each client's tokenized examples, validation, held-out), make_batch,
              local_batches, collate_tokenized
 Evaluation:  (tasks/evaluation.py) evaluate (fedcybgd, fedavg), heldout_sets / evaluate_lm and prompt_sets /
-             evaluate_prompt_sets (fedkseed): the same metric definitions in every script
+             evaluate_prompt_sets, both through evaluate_sets (fedkseed): the same metric definitions in every script
 Intervals:   (tasks/bootstrap.py) paired_interval(first, last, stat), token_weighted_loss, accuracy_of
 Models:      (tasks/models.py) load_model(name, task, num_labels, dtype, device) -> (model, tokenizer);
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
@@ -72,14 +72,15 @@ from . import checkpoint, flags, glue, prompts, squad
 from .bootstrap import accuracy_of, paired_interval, token_weighted_loss
 from .data import collate_tokenized, load_task_data, local_batches, make_batch
 from .errors import ConfigError, DataError, GroupError, ModelError
-from .evaluation import evaluate, evaluate_lm, evaluate_prompt_sets, glue_predictions, heldout_sets, prompt_sets
+from .evaluation import (evaluate, evaluate_lm, evaluate_prompt_sets, evaluate_sets, glue_predictions, heldout_sets,
+                         prompt_sets)
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .lm import (IGNORE_INDEX, collate, generate, generate_ids, heldout_generations, heldout_loss, heldout_prompt_ids,
                  heldout_rouge_l, heldout_token_losses, rouge_l, rouge_l_scores, tokenize_example, tokenize_examples)
 from .memory import SavedActivations, tensor_bytes
 from .models import load_model
-from .partitions import (derive_seed, partition, partition_summary, sample_clients, sampled_per_round, split_validation,
-                         subsample)
+from .partitions import (STREAMS, derive_seed, partition, partition_summary, sample_clients, sampled_per_round,
+                         split_validation, stream, subsample)
 from .runfiles import (Progress, RunFiles, export_model, fmt_bytes, read_run_jsonl, round_line, round_row, run_cli,
                        save_atomic, write_atomic)
 from .sources import hub_reachable, read_jsonl

@@ -52,6 +52,13 @@ def prompt_sets(tokenizer, test, val, template, label_ids, max_length, eval_samp
     return SimpleNamespace(eval=tok(subsample(test, eval_samples, seed)), val=tok(val))
 
 
+def evaluate_sets(model, tokenizer, sets, rouge, max_new_tokens, progress=None, per_example=None):
+    """fedkseed.py's evaluation: `prompt_sets` -> `evaluate_prompt_sets`; `heldout_sets` -> `evaluate_lm`."""
+    if hasattr(sets, "targets"):
+        return evaluate_lm(model, tokenizer, sets, rouge, max_new_tokens, progress, per_example)
+    return evaluate_prompt_sets(model, tokenizer.pad_token_id, sets, progress, per_example)
+
+
 def evaluate_prompt_sets(model, pad_token_id, sets, progress=None, per_example=None):
     """`model` on `prompt_sets` -> {accuracy, eval_loss (label-word cross-entropy), val_accuracy, val_loss (with a
     validation set)}; per_example receives the held-out per-example "correct" (`paired_interval`)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .partitions import partition, partition_summary, split_validation
+from .partitions import partition, partition_summary, split_validation, stream
 from .errors import DataError
 from .sources import default_path, load_hub, read_json, read_jsonl, require_fields
 
@@ -172,7 +172,7 @@ def load_natural_instructions(data_path, seed, tokenizer=None, max_length=1024, 
     split = root / "splits" / "default"
     train_names = _read_task_list(split / "train_tasks.txt")
     test_names = _read_task_list(split / "test_tasks.txt")
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, "test_split")
 
     def task_examples(name):
         definition, pairs = read_ni_task(root, name)
@@ -261,7 +261,7 @@ def load_alpaca(data_path, num_clients, iid, seed, test_fraction=0.01, min_size=
     examples = [
         make_example(r["instruction"], r.get("input") or "", r["output"], "alpaca", ALPACA_TEMPLATE) for r in records
     ]
-    order = np.random.default_rng(seed).permutation(len(examples))
+    order = stream(seed, "test_split").permutation(len(examples))
     n_test = max(1, int(round(test_fraction * len(examples))))
     if n_test >= len(examples):
         raise DataError(f"only {len(examples)} records: too few to hold out {n_test} for testing")

@@ -8,7 +8,9 @@
 (One client per task, for Natural Instructions, is built by its loader.)
 split_validation(examples, n, seed) carves a validation set out of the training pool before any of this.
 
-Randomness comes from one numpy Generator seeded with `seed`, so a seed gives the same split everywhere.
+Randomness: every use of the master seed draws from a stream of its own, `stream(seed, name, ...)` =
+numpy's Generator of the SeedSequence [seed, STREAMS[name], ...], so a seed gives the same split everywhere and no
+two uses share numbers (the torch-side draws of fedcybgd.py and fedavg.py go through `derive_seed`).
 """
 from collections import Counter
 
@@ -18,18 +20,26 @@ import torch
 from .errors import DataError
 
 MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum size
+# the master seed's streams (numbers are forever: changing one changes every run's draws of that kind)
+STREAMS = {"partition": 0, "sampling": 1, "seed_draws": 2, "validation": 3, "candidate_seeds": 4, "test_split": 5,
+           "mask": 6}
+
+
+def stream(seed, name, *more):
+    """The numpy Generator of one use of the master seed: SeedSequence [seed, STREAMS[name], *more]."""
+    return np.random.default_rng([seed, STREAMS[name], *more])
 
 
 def split_validation(examples, n, seed):
     """Carve a validation set of n examples out of the training pool before it is partitioned over clients ->
-    (the pool without them, the validation examples in their original order). A seeded choice (stream 3 of
+    (the pool without them, the validation examples in their original order). A seeded choice (its own stream of
     `seed`), so every script given the same data, seed and n holds out the same examples; n = 0 -> (pool, []).
     Knobs are chosen on validation; the held-out test set is only reported."""
     if n <= 0:
         return list(examples), []
     if n >= len(examples):
         raise DataError(f"--val_samples {n}: the training data has only {len(examples)} examples")
-    chosen = set(np.random.default_rng([seed, 3]).choice(len(examples), n, replace=False).tolist())
+    chosen = set(stream(seed, "validation").choice(len(examples), n, replace=False).tolist())
     return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
 
 
@@ -55,7 +65,7 @@ def partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10):
         raise DataError(f"num_clients must be at least 1, got {num_clients}")
     if num_clients > n:
         raise DataError(f"cannot split {n} training examples over {num_clients} clients: use at most {n} clients")
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, "partition")
     if alpha is None:
         order = rng.permutation(n)
         return [part.tolist() for part in np.array_split(order, num_clients)]
@@ -115,7 +125,7 @@ def sampled_per_round(num_clients, m):
 
 def sample_clients(seed, rnd, num_clients, n_sampled):
     """The round's clients, sorted: a function of (seed, round) only, so resume and every rank agree."""
-    return np.sort(np.random.default_rng([seed, 1, rnd]).choice(num_clients, n_sampled, replace=False)).tolist()
+    return np.sort(stream(seed, "sampling", rnd).choice(num_clients, n_sampled, replace=False)).tolist()
 
 
 def derive_seed(*parts):

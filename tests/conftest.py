@@ -49,3 +49,17 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_llama(tiny_tokenizer):
     return make_tiny_llama(len(tiny_tokenizer))
+
+
+def crash_after_checkpoint(monkeypatch, at_round):
+    """tasks.checkpoint.save writes round `at_round`'s checkpoint, then the process is interrupted (Ctrl-C)."""
+    import tasks
+
+    real = tasks.checkpoint.save
+
+    def save_then_crash(out, script, rnd, *rest, **kw):
+        real(out, script, rnd, *rest, **kw)
+        if rnd == at_round:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks.checkpoint, "save", save_then_crash)

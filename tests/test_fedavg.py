@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import crash_after_checkpoint, make_tiny_llama, make_tiny_tokenizer
 
 import fedavg as fa
 import tasks
@@ -185,3 +185,17 @@ def test_lora_takes_its_own_default_learning_rate():
 def test_validation_loss_is_logged(files, tmp_path):
     rows = fa.main(argv(files, tmp_path / "out", "--rounds", "1", "--val_samples", "4", "--max_new_tokens", "0"))
     assert [r["round"] for r in rows] == [0, 1] and all(r["val_loss"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_crash_after_the_checkpoint_loses_no_metrics_row(files, tmp_path, monkeypatch, method):
+    """A crash right after round 2's checkpoint is written: --resume finishes the run with every round's row in
+    metrics.jsonl once, as the run that did not crash wrote them (the row is written before the checkpoint)."""
+    flags = ("--rounds", "3", "--method", method)
+    fa.main(argv(files, tmp_path / "straight", *flags))
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        fa.main(argv(files, tmp_path / "crashed", *flags))
+    monkeypatch.undo()
+    fa.main(argv(files, tmp_path / "crashed", *flags, "--resume"))
+    assert read_metrics(tmp_path / "crashed") == read_metrics(tmp_path / "straight")

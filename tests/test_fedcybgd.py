@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import crash_after_checkpoint, make_tiny_llama, make_tiny_tokenizer
 
 import fedcybgd as cy
 import tasks
@@ -699,3 +699,61 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_run
 def test_validation_metrics_are_logged_beside_the_test_metrics(tiny_run_files, tmp_path):
     metrics = cy.main(tiny_argv(tiny_run_files, tmp_path / "run", "--rounds", "1", "--val_samples", "4"))
     assert all(math.isfinite(m["val_loss"]) for m in metrics) and "val_rougeL" not in metrics[0]
+
+
+class Skipping(tasks.Transport):
+    """One process, but client `left_out`'s turns never run (the reference a refused turn must equal: nothing of it
+    reaches the working model)."""
+
+    def __init__(self, left_out):
+        super().__init__("cpu")
+        self.left_out = left_out
+
+    def from_client(self, client, keys, fn, run, rnd, download, tag=None, longest=None):
+        if client == self.left_out:
+            return None, {"dropped": "left out"}
+        return super().from_client(client, keys, fn, run, rnd, download, tag, longest)
+
+
+def test_a_refused_turn_leaves_no_trace(tiny_run_files, tmp_path, monkeypatch):
+    """Client 1's training diverges to NaN in place every turn, and its upload is refused. The run equals, bit for
+    bit, the run in which client 1's turns never run: the refused weights do not stay in the working model for the
+    next clients to train on and for the evaluation to read."""
+    flags = ("--rounds", "2", "--num_clients", "3", "--eval_every", "1")
+    cy.train(cy.parse_args(tiny_argv(tiny_run_files, tmp_path / "skipped", *flags)), Skipping(1))
+    real = cy.client_round
+
+    def diverging(run, rnd, c, download):
+        wire, stats = real(run, rnd, c, download)
+        if c != 1:
+            return wire, stats
+        upload = tasks.unpack(wire)
+        with torch.no_grad():
+            for n, p in run.model.named_parameters():
+                if n in upload:
+                    p.fill_(float("nan"))  # what a diverged step leaves in the weights it trained
+        return tasks.pack({n: torch.full_like(t, float("nan")) for n, t in upload.items()}), stats
+
+    monkeypatch.setattr(cy, "client_round", diverging)
+    cy.main(tiny_argv(tiny_run_files, tmp_path / "nan", *flags))
+    a, b = checkpoint_weights(tmp_path / "skipped"), checkpoint_weights(tmp_path / "nan")
+    assert all(torch.isfinite(t).all() for t in b.values()) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["eval_loss"] for r in read_metrics(tmp_path / "skipped")] == [r["eval_loss"] for r in
+                                                                           read_metrics(tmp_path / "nan")]
+    reasons = [t["dropped"] for t in (json.loads(l) for l in (tmp_path / "nan" / "ledger.jsonl").read_text()
+                                      .splitlines()) if "dropped" in t]
+    assert len(reasons) == 2 and all("not finite" in r for r in reasons)
+
+
+def test_a_crash_after_the_checkpoint_loses_no_metrics_row(tiny_run_files, tmp_path, monkeypatch):
+    """A crash right after round 2's checkpoint is written: --resume finishes the run with every round's row in
+    metrics.jsonl once, as the run that did not crash wrote them."""
+    flags = ("--rounds", "3")
+    cy.main(tiny_argv(tiny_run_files, tmp_path / "straight", *flags))
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        cy.main(tiny_argv(tiny_run_files, tmp_path / "crashed", *flags))
+    monkeypatch.undo()
+    cy.main(tiny_argv(tiny_run_files, tmp_path / "crashed", *flags, "--resume"))
+    assert read_metrics(tmp_path / "crashed") == read_metrics(tmp_path / "straight")
+

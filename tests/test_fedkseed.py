@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import fedkseed as fk
 import seedops
 import tasks
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import crash_after_checkpoint, make_tiny_llama, make_tiny_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -88,12 +88,14 @@ def f32(x):
 
 
 def explicit_zo_step(loss_at, w0, zs, eps, lr):
-    """The two-point step written out in float32 -> (g, L(w + eps z), the weights after the step)."""
+    """The two-point step written out in float32 -> (g, the loss at w (L(w + eps z) + L(w - eps z)) / 2, the weights
+    after the step)."""
     w_plus = [w + f32(eps) * z for w, z in zip(w0, zs)]
     l_plus = loss_at(w_plus)
     w_minus = [w + f32(-2 * eps) * z for w, z in zip(w_plus, zs)]
-    g = float(np.float32((l_plus - loss_at(w_minus)) / (2 * eps)))
-    return g, l_plus, [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
+    l_minus = loss_at(w_minus)
+    g = float(np.float32((l_plus - l_minus) / (2 * eps)))
+    return g, (l_plus + l_minus) / 2, [w + f32(eps - lr * g) * z for w, z in zip(w_minus, zs)]
 
 
 @pytest.mark.parametrize("kind", [fk.GAUSSIAN, fk.RADEMACHER])
@@ -422,7 +424,7 @@ def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path, option):
     assert a["round"] == b["round"] == 4
     assert torch.equal(a["A_history"], b["A_history"]) and torch.equal(a["synced_round"], b["synced_round"])
     assert torch.equal(a["hist_sum"], b["hist_sum"]) and torch.equal(a["hist_count"], b["hist_count"])
-    assert torch.equal(a["momentum"], b["momentum"])
+    assert torch.equal(a["velocity"], b["velocity"])
     wa, wb = (fk.weights_of(tasks.load_model(str(tmp_path / x / "model"), "sft")[0]).tensors for x in "ab")
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
     ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -793,7 +795,7 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
         A = A + (s * m.astype(np.float64)).astype(np.float32)
     state = tasks.checkpoint.read(tmp_path / "run")
     assert len(captured) == 3 and np.array_equal(state["A_history"][-1].numpy(), A) and np.count_nonzero(A) > 0
-    assert np.array_equal(state["momentum"].numpy(), m)  # beta 0: m is the last round's a(t)
+    assert np.array_equal(state["velocity"].numpy(), m)  # beta 0: m is the last round's a(t)
     initial = fk.weights_of(tasks.load_model(str(tiny_dir), "sft")[0])
     w0, offsets = initial.tensors, initial.offsets
     seeds = fk.candidate_seeds(42, K)
@@ -851,3 +853,55 @@ def test_cosine_run_resumes_exactly_and_keeps_its_rounds(tiny_dir, dolly, tmp_pa
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", *flags, "--resume"))
     a, b = tasks.checkpoint.read(tmp_path / "a"), tasks.checkpoint.read(tmp_path / "b")
     assert a["round"] == b["round"] == 4 and torch.equal(a["A_history"], b["A_history"])
+
+
+def test_a_crash_after_the_checkpoint_loses_no_metrics_row(tiny_dir, dolly, tmp_path, monkeypatch):
+    """A crash right after round 2's checkpoint is written: --resume finishes the run with every round's row in
+    metrics.jsonl once, as the run that did not crash wrote them (the row is written before the checkpoint)."""
+    flags = ("--rounds", "3", "--rouge_samples", "0")
+    fk.main(argv(tiny_dir, dolly, tmp_path / "straight", *flags))
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        fk.main(argv(tiny_dir, dolly, tmp_path / "crashed", *flags))
+    monkeypatch.undo()
+    fk.main(argv(tiny_dir, dolly, tmp_path / "crashed", *flags, "--resume"))
+    timings = ("seconds", "client_seconds", "sync_seconds")
+    rows = {x: [{k: v for k, v in json.loads(l).items() if k not in timings}
+                for l in (tmp_path / x / "metrics.jsonl").read_text().splitlines()] for x in ("straight", "crashed")}
+    assert rows["crashed"] == rows["straight"] and [r["round"] for r in rows["crashed"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("estimator", ["two_point", "fzoo"])
+def test_train_loss_is_the_loss_at_the_steps_weights_for_every_estimator(tiny_tokenizer, estimator, monkeypatch):
+    """train_loss means one thing for every estimator: the mean over a client's steps of the loss at the step's
+    weights w. The one-sided and FZOO steps compute L(w); the two-point step reports (L(w + eps z) + L(w - eps z)) / 2
+    (= L(w) + O(eps^2)). Written out from the losses each step saw, in the order it saw them."""
+    seen = []
+    real = fk.batch_loss
+    monkeypatch.setattr(fk, "batch_loss", lambda model, batch: seen.append(real(model, batch)) or seen[-1])
+    est = ["--estimator", estimator] + (["--directions", "2"] if estimator == "fzoo" else [])
+    args = fk.parse_args(["--seed", "0", "--local_steps", "3", "--zo_eps", "1e-2", "--lr", "1e-3", "--device", "cpu",
+                          *est])
+    model = make_tiny_llama(len(tiny_tokenizer))
+    ex = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 5, 6], "labels": [-100, 5, 6]}]
+    weights = fk.weights_of(model, fk.RADEMACHER if estimator == "fzoo" else fk.GAUSSIAN)
+    _, loss = fk.client_update(model, weights, ex, None, fk.candidate_seeds(3, 16), args, 1, 0,
+                               tiny_tokenizer.pad_token_id)
+    per_step = 2 if estimator == "two_point" else 3  # forwards a step: L+, L-; or L(w), L(w + eps z_1), L(...z_2)
+    steps = [seen[i:i + per_step] for i in range(0, len(seen), per_step)]
+    at_w = [(s[0] + s[1]) / 2 if estimator == "two_point" else s[0] for s in steps]
+    assert len(steps) == 3 and loss == pytest.approx(sum(at_w) / 3, rel=1e-12)
+
+
+def test_every_use_of_the_master_seed_has_its_own_stream():
+    """The candidate seeds, the partition, the sampling, the seed draws, the validation carve-out: distinct streams
+    of the master seed (the candidate seeds once shared the partition's)."""
+    assert len(set(tasks.STREAMS.values())) == len(tasks.STREAMS)
+    K = 8
+    shared = np.random.default_rng(42).integers(1, 2**63 - 1, size=K, dtype=np.int64).tolist()  # the partition's
+    assert fk.candidate_seeds(42, K) != shared
+    assert fk.candidate_seeds(42, K) == tasks.stream(42, "candidate_seeds").integers(1, 2**63 - 1, size=K,
+                                                                                       dtype=np.int64).tolist()
+    labels = [i % 3 for i in range(60)]
+    assert tasks.partition(labels, 4, "iid", 42) == [p.tolist() for p in np.array_split(
+        tasks.stream(42, "partition").permutation(60), 4)]

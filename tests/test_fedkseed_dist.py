@@ -84,7 +84,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     assert p2.returncode == 0, p2.stdout + p2.stderr
     assert metrics(one) == metrics(two) and [r["round"] for r in metrics(two)] == [0, 1, 2, 3]
     a, b = checkpoint(one), checkpoint(two)
-    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "synced_round", "hist_sum", "hist_count", "momentum"))
+    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "synced_round", "hist_sum", "hist_count", "velocity"))
     assert all(torch.equal(x, y) for x, y in zip(exported(one), exported(two)))
     assert any(not torch.equal(x, y) for x, y in zip(exported(two), checkpoint_initial(files)))  # training moved them
     # rank 0 alone speaks: one header line, one summary
