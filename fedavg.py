@@ -14,7 +14,7 @@ sizes n_i / sum_j n_j (`server_aggregate`). With --num_clients 1 -m 1 one client
 "federated" run is plain centralized fine-tuning, the upper-bound row of a results table.
 
 What crosses, serialised with safetensors (its length per client, round and direction in ledger.jsonl, beside the
-memory the client's step needed, counted as fedcybgd.py counts it):
+memory the client's step needed, counted as every script counts it: tasks/memory.py):
     --method full  every weight, down and up: the whole model crosses twice per client per round
     --method lora  FedIT (Zhang et al., "Towards Building the Federated GPT", 2023): the pretrained weights are frozen
                    and every client holds them; only the LoRA adapters (peft) cross, and for --task glue the new
@@ -131,7 +131,7 @@ def sync_model(model, message):
 def client_update(model, names, batches, args, seed):
     """One client's local round on `batches` (its micro-batches, one per step) -> (upload: name -> the trained
     tensors, {"loss": mean train loss, "peak_memory_bytes"}). The model holds the global weights on entry. The
-    optimizer lives for this call only; the memory is counted as fedcybgd.py counts it (`tasks.train_steps`)."""
+    optimizer lives for this call only; its memory is counted as every script counts it (tasks/memory.py)."""
     def optimizer(named):  # [(name, tensor)] -> AdamW or SGD; decay on ndim >= 2 only (tasks.param_groups)
         groups = tasks.param_groups(named, args.weight_decay)
         return (torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8) if args.optimizer == "adamw"
@@ -156,7 +156,8 @@ def client_round(run, rnd, c, download):
     return wire_up, {**stats, "client_seconds": time.time() - t}  # its sync, batches and local steps
 
 
-CLIENT_STATS = ("loss", "peak_memory_bytes", "client_seconds")  # what travels with an upload, for the metrics
+CLIENT_STATS = ("loss", "peak_memory_bytes", "held_bytes", "step_bytes", "client_seconds")  # what travels with an
+# upload, for the metrics (the memory: tasks/memory.py)
 
 
 # -------- server: the download, the uploads' check, their average weighted by data size
@@ -205,6 +206,7 @@ def check_uploads(run, rnd, sampled, replies, wire_down):
         turns.append({**line, "loss": stats["loss"], "change": round(tasks.relative_change(upload, run.global_w), 6),
                       "upload_bytes": len(replies[c][0]),
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
+                      "held_bytes": int(stats["held_bytes"]), "step_bytes": int(stats["step_bytes"]),
                       "client_seconds": round(stats["client_seconds"], 3)})
     return uploads, sizes, turns
 

@@ -79,7 +79,8 @@ DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)
 SHARED_FLAGS = ("dataset data_path model rounds num_clients local_steps batch_size lr weight_decay max_length iid seed "
                 "output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype "
                 "dist_timeout")
-CLIENT_STATS = ("loss", "peak_memory_bytes")  # a turn's statistics that travel with its upload (for the metrics)
+CLIENT_STATS = ("loss", "peak_memory_bytes", "held_bytes", "step_bytes")  # a turn's statistics that travel with
+# its upload, for the metrics (the memory: tasks/memory.py)
 
 
 def parse_args(argv=None):
@@ -358,7 +359,8 @@ def turn(run, rnd, c):
         sync_model(run.model, upload)  # every working copy follows the global model
         line.update(turns_per_round=run.num_clients, client=c, block=block, lr_first=lrs[0], lr_last=lrs[-1],
                     download_units=sent_units(down, run.units), loss=stats["loss"], upload_bytes=len(wire_up),
-                    download_bytes=len(wire_down), peak_memory_bytes=int(stats["peak_memory_bytes"]))
+                    download_bytes=len(wire_down), peak_memory_bytes=int(stats["peak_memory_bytes"]),
+                    held_bytes=int(stats["held_bytes"]), step_bytes=int(stats["step_bytes"]))
         run.progress.log(f"round {rnd} client {c} {block}: loss {stats['loss']:.4f} up {tasks.fmt_bytes(len(wire_up))}"
                          f" down {tasks.fmt_bytes(len(wire_down))} mem {tasks.fmt_bytes(stats['peak_memory_bytes'])}")
     run.progress.advance("turns")

@@ -56,6 +56,7 @@ Measured figures, each option's default and every difference from the official c
 docs/fedkseed.md. One process, torchrun ranks (client c on rank c % world) and Flower sit behind one transport.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -187,7 +188,8 @@ def check_config(args):
 def weights_of(model, kind=GAUSSIAN):
     """The model's trainable tensors as the one long vector z perturbs -> SimpleNamespace(tensors: sharing the
     parameters' memory, offsets: element j of tensors[i] is element offsets[i] + j (named_parameters() order, tied
-    weights once), kind: GAUSSIAN or RADEMACHER, z's distribution, copies: None, or --compute_dtype's copies)."""
+    weights once), kind: GAUSSIAN or RADEMACHER, z's distribution, copies: None, or --compute_dtype's copies, masks:
+    None, or --mask's index tensor per tensor: z is then zero outside the masks)."""
     tensors, offsets, total = [], [], 0
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -195,17 +197,17 @@ def weights_of(model, kind=GAUSSIAN):
             tensors.append(p.detach())
             offsets.append(total)
             total += p.numel()
-    return SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=None)
+    return SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=None, masks=None)
 
 
 def perturb(w, seed, scale):
     """w += scale * z(seed): one fused pass over the weights (with --compute_dtype the copies follow, rounded)."""
-    perturb_weights_(w.tensors, w.copies, seed, w.offsets, scale, w.kind)
+    perturb_weights_(w.tensors, w.copies, seed, w.offsets, scale, w.kind, w.masks)
 
 
 def apply_seeds(w, seeds, scales):
     """w += sum_s scales[s] * z(seeds[s]): one pass, summed in float32 in seed order and rounded once."""
-    apply_weights_(w.tensors, w.copies, seeds, scales, w.offsets, w.kind)
+    apply_weights_(w.tensors, w.copies, seeds, scales, w.offsets, w.kind, w.masks)
 
 
 def load_data(args, tokenizer):
@@ -366,12 +368,13 @@ def seed_probabilities(importance):
     return e / e.sum()
 
 
-def client_update(model, w, examples, probabilities, seeds, args, rnd, client, pad_id, on_step=None):
+def client_update(model, w, examples, probabilities, seeds, args, rnd, client, pad_id, on_step=None, memory=None):
     """Step 3: --local_steps ZO steps on this client's tokenized examples -> (upload message, train loss: the mean over
     its steps of each step's loss at its weights w, the same quantity for every estimator). w
     holds the global weights on entry (after `sync_model`), the client's local ones on exit (scratch). Every draw
     comes from (seed, round, client), so a resumed run redoes it exactly. probabilities: None (uniform seeds) or
-    Pro's float64[K]. The upload holds one (seed index, scalar) pair per direction: g for the two-point step."""
+    Pro's float64[K]. The upload holds one (seed index, scalar) pair per direction: g for the two-point step.
+    memory (plumbing): a tasks.PeakAllocations that measures the first step."""
     K, n_dir = len(seeds), args.directions  # 1 direction a step for the two-point estimator
     lr = round_lr(args, rnd)  # --lr; a reader of the method may skip `round_lr` (--lr_scheduler, an option)
     draws, rng = seed_draws(args, K, rnd, client, probabilities)
@@ -382,15 +385,16 @@ def client_update(model, w, examples, probabilities, seeds, args, rnd, client, p
         rows = [examples[order[(step * args.batch_size + b) % len(order)]] for b in range(args.batch_size)]
         batch = {k: v.to(w.tensors[0].device) for k, v in tasks.collate_tokenized(rows, pad_id).items()}
         ks = [int(k) for k in draws[step * n_dir:(step + 1) * n_dir]]
-        if args.estimator == "two_point" and not args.fold:  # the paper's step
-            g, loss = zo_step(model, w, batch, seeds[ks[0]], args.zo_eps, lr)
-            scalars = None if g is None else [g]
-        elif args.fold:  # options, defined after the method: --fold, --estimator one_sided|fzoo
-            g, loss, pending = zo_step_folded(model, w, batch, seeds[ks[0]], args.zo_eps, lr, pending)
-            scalars = None if g is None else [g]
-        else:
-            scalars, loss = one_sided_step(model, w, batch, [seeds[k] for k in ks], args.zo_eps, lr,
-                                           normalise=args.estimator == "fzoo")
+        with memory if memory is not None and step == 0 else contextlib.nullcontext():
+            if args.estimator == "two_point" and not args.fold:  # the paper's step
+                g, loss = zo_step(model, w, batch, seeds[ks[0]], args.zo_eps, lr)
+                scalars = None if g is None else [g]
+            elif args.fold:  # options, defined after the method: --fold, --estimator one_sided|fzoo
+                g, loss, pending = zo_step_folded(model, w, batch, seeds[ks[0]], args.zo_eps, lr, pending)
+                scalars = None if g is None else [g]
+            else:
+                scalars, loss = one_sided_step(model, w, batch, [seeds[k] for k in ks], args.zo_eps, lr,
+                                               normalise=args.estimator == "fzoo")
         if scalars is not None:
             sent_idx, sent_scalars = sent_idx + ks, sent_scalars + scalars
             losses.append(loss)
@@ -412,15 +416,16 @@ def client_round(run, rnd, c, download):
     sync_seconds = shared_sync(run, run.records[c], keep=c != run.last_client)
     examples = client_examples(run, c)  # tokenized once (plumbing)
     progress.reset("steps", args.local_steps, f"client {c}")
-    t = time.time()
+    t, memory = time.time(), tasks.PeakAllocations()  # the first step's memory (plumbing: tasks/memory.py)
     up, loss = client_update(run.model, run.weights, examples,
                              seed_probabilities(importance) if importance is not None else None, run.seeds, args, rnd,
-                             c, run.pad_id, on_step=lambda *_: progress.advance("steps"))
+                             c, run.pad_id, on_step=lambda *_: progress.advance("steps"), memory=memory)
     train_seconds = time.time() - t
     progress.log(f"round {rnd} client {c}: {len(examples)} examples, loss {loss:.4f}, sync {sync_seconds:.2f} s, "
                  f"{train_seconds / args.local_steps:.2f} s/step, down {len(download)} B, up {len(up)} B")
     progress.advance("clients")
-    return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds}
+    return up, {"loss": loss, "sync_seconds": sync_seconds, "train_seconds": train_seconds,
+                "held_bytes": run.held_bytes, "step_bytes": memory.peak}
 
 
 # ---------------------------------------------------------------------------------------------------- step 4, server
@@ -654,7 +659,8 @@ def server_step(a, velocity, server_lr, beta):
 # plumbing: a reader of the method can stop here. The longest messages, the shared replay, evaluation, the round's
 # outputs, checkpoints, setup, Flower's hooks
 # ====================================================================================================
-CLIENT_STATS = ("loss", "sync_seconds", "train_seconds")  # what travels with an upload, for the metrics only
+CLIENT_STATS = ("loss", "sync_seconds", "train_seconds", "held_bytes", "step_bytes")  # travel with an upload, for
+# the metrics only
 
 
 def longest_messages(K, pro, local_steps, directions=1):
@@ -723,7 +729,9 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=No
     turns = [{"round": rnd, "client": c, "download_bytes": len(sent[c]), "upload_bytes": 0, "dropped": dropped[c],
               "client_seconds": 0.0} if c not in accepted else
              {"round": rnd, "client": c, "loss": accepted[c][1]["loss"], "download_bytes": len(sent[c]),
-              "upload_bytes": len(accepted[c][0]), "peak_memory_bytes": run.client_memory,
+              "upload_bytes": len(accepted[c][0]), "held_bytes": int(accepted[c][1]["held_bytes"]),
+              "step_bytes": int(accepted[c][1]["step_bytes"]),
+              "peak_memory_bytes": int(accepted[c][1]["held_bytes"] + accepted[c][1]["step_bytes"]),
               "client_seconds": accepted[c][1]["sync_seconds"] + accepted[c][1]["train_seconds"]} for c in sent]
     syncs = [s["sync_seconds"] for _, s in accepted.values()]
     row = {**tasks.round_row(rnd, t0, turns, evaluate(run, rnd)),
@@ -776,6 +784,10 @@ def load_parts(run):
                                                                   run.data.val, args.max_length)
     run.seeds = candidate_seeds(args.seed, args.K)
     run.tokenized, run.replays, run.diffs, run.last_client = {}, {}, [], None  # the shared replay's (`shared_sync`)
+    # what a client holds besides a step's own tensors (tasks/memory.py): the model, w0, and the float32 weights kept
+    # apart from a --compute_dtype copy
+    apart = run.weights.tensors if run.weights.copies is not None else []
+    run.held_bytes = tasks.tensor_bytes([*run.model.parameters(), *run.w0, *apart])
     run.longest = longest_messages(args.K, args.bias_sampling, args.local_steps, args.directions)
 
 
@@ -804,12 +816,9 @@ def setup(args, transport=None):
                 tasks.heldout_sets(run.tokenizer, data.test, data.val, args.max_length, args.eval_samples,
                                    args.rouge_samples, args.seed))  # the same examples as the other scripts
     total = sum(p.numel() for p in run.weights.tensors)
-    # a client's memory as the other scripts count it: weights (the model, w0, the compute copy); a ZO step keeps
-    run.client_memory = (tasks.tensor_bytes(run.model.parameters()) + tasks.tensor_bytes(run.w0)  # no gradients,
-                         + (tasks.tensor_bytes(run.weights.tensors) if run.weights.copies else 0))  # optimizer state
-    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}, forwards in "  # or
+    print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}, forwards in "
           f"{args.compute_dtype}) on {args.device}; {N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} "
-          f"steps, {'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, {args.estimator} estimator "  # activations
+          f"steps, {'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, {args.estimator} estimator "
           f"({args.directions} directions a step), z {args.perturbation}, lr {args.lr:g} ({args.lr_scheduler})"
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)
@@ -827,8 +836,7 @@ def setup(args, transport=None):
                    for c, s in ((c, server["synced_round"][c]) for c in transport.mine(range(N)))}
     run.server = server if transport.is_server else None
     if transport.is_server:
-        server["w"] = SimpleNamespace(tensors=[p.clone() for p in run.w0], offsets=run.weights.offsets,
-                                      kind=run.weights.kind, copies=None)
+        server["w"] = SimpleNamespace(**{**vars(run.weights), "tensors": [p.clone() for p in run.w0], "copies": None})
         sync_model(server["w"], run.w0, run.seeds, server["A_history"][-1])
     run.files = tasks.RunFiles(run.out, active=transport.is_server)
     run.files.start({**run.config, "clients": N, "sampled_per_round": run.n_sampled, "trainable_params": total,

@@ -69,15 +69,18 @@ import torch
 import fedfull_ops  # noqa: F401  registers torch.ops.fedfull.*
 
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-missing = [f"fedfull::{op} [{key}]" for op in ("perturb_", "apply_seeds_", "perturb_multi_", "apply_seeds_multi_", "noise_fill_") for key in ("CPU", "CUDA", "Meta")
+missing = [f"fedfull::{op} [{key}]" for op in ("perturb_", "apply_seeds_", "perturb_multi_", "apply_seeds_multi_", "noise_fill_",
+                                                "perturb_masked_multi_", "apply_seeds_masked_multi_") for key in ("CPU", "CUDA", "Meta")
            if not has(f"fedfull::{op}", key)]
+missing += [f"fedfull::noise_masked_fill_ [{key}]" for key in ("CPU", "CUDA") if not has("fedfull::noise_masked_fill_", key)]
 assert not missing, f"kernels not registered: {missing}"
 # noise is composite (it allocates on the requested device and calls noise_fill_, which dispatches)
 assert has("fedfull::noise", "CompositeImplicitAutograd")
 # the copy-writing ops: a fused CPU kernel; every other device (CUDA) runs the plain op, then copy_
 for op in ("perturb_copy_multi_", "apply_seeds_copy_multi_"):
     assert has(f"fedfull::{op}", "CPU") and has(f"fedfull::{op}", "CompositeExplicitAutograd"), op
-print("cuda_build_check: perturb_, apply_seeds_, their _multi_ forms and noise_fill_ have CPU, CUDA and Meta kernels; "
-      "noise is composite; the _copy_multi_ ops have a CPU kernel and a composite one")
+print("cuda_build_check: perturb_, apply_seeds_, their _multi_ and _masked_multi_ forms and noise_fill_ have CPU, CUDA "
+      "and Meta kernels, noise_masked_fill_ CPU and CUDA; noise is composite; the _copy_multi_ ops have a CPU kernel and "
+      "a composite one")
 EOF
 echo "cuda_build_check: OK in $((SECONDS - start)) s (sm_80, sm_90)"

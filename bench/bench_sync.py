@@ -88,7 +88,7 @@ def main():
     def project(S, kind):
         A = np.zeros(len(all_seeds), dtype=np.float32)
         A[:S] = rng.normal(size=S).astype(np.float32) * 1e-6
-        return lambda: fk.sync_model(fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=None), w0,
+        return lambda: fk.sync_model(fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=None, masks=None), w0,
                                      all_seeds, A)
 
     def official(S, kind):

@@ -120,7 +120,7 @@ def main():
 
     low = copy.deepcopy(model).to(getattr(torch, args.compute_dtype))  # the compute copy's model
     copies = fk.weights_of(low).tensors
-    low_weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=fk.GAUSSIAN, copies=copies)
+    low_weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=fk.GAUSSIAN, copies=copies, masks=None)
     fk.batch_loss(model, batch)  # warm-up
     fk.batch_loss(low, batch)
     seedops.perturb_multi_(params, seed, offsets, 0.0, fk.GAUSSIAN)  # first write to the loaded weights' pages (adds 0)

@@ -165,6 +165,51 @@ __global__ void apply_rademacher_kernel(const Slot* table, int nt, Slot one, int
   }
 }
 
+// masked ops: one thread per masked element, z of that element alone (gaussian_z / rademacher_z); a mask's values
+// are in [0, n) and strictly increasing (seedops checks them when a mask is made; an index outside is skipped here)
+struct MaskSlot {
+  int64_t ptr, copy, idx, n, offset, first;   // tensor, its copy (0: none), its mask; numel, global offset, units
+};
+
+__device__ __forceinline__ MaskSlot mask_slot(const MaskSlot* table, int nt, int64_t u) {
+  int lo = 0, hi = nt - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (table[mid].first <= u) lo = mid; else hi = mid - 1;
+  }
+  return table[lo];
+}
+
+__device__ __forceinline__ float z_at(int64_t kind, uint64_t seed, uint64_t i) {
+  return kind == kGaussian ? gaussian_z(seed, i) : rademacher_z(seed, i);
+}
+
+// sum = false: perturb_'s p + s z (seeds[0], scales[0]); sum = true: apply_seeds_'s 0 + s_q z_q in seed order, p + acc
+template <class T, class C>
+__global__ void masked_kernel(const MaskSlot* table, int nt, int64_t total, const int64_t* seeds, const float* scales,
+                              int64_t nseeds, int64_t kind, bool sum) {
+  for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < total; u += (int64_t)blockDim.x * gridDim.x) {
+    const MaskSlot sl = mask_slot(table, nt, u);
+    const int64_t j = reinterpret_cast<const int64_t*>(sl.idx)[u - sl.first];
+    if (j < 0 || j >= sl.n) continue;
+    const uint64_t i = (uint64_t)(sl.offset + j);
+    T* p = reinterpret_cast<T*>(sl.ptr);
+    if (!sum) {
+      p[j] = static_cast<T>(static_cast<float>(p[j]) + scales[0] * z_at(kind, (uint64_t)seeds[0], i));
+    } else if (nseeds > 0) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < nseeds; ++k) acc = acc + scales[k] * z_at(kind, (uint64_t)seeds[k], i);
+      p[j] = static_cast<T>(static_cast<float>(p[j]) + acc);
+    }
+    if (sl.copy) reinterpret_cast<C*>(sl.copy)[j] = static_cast<C>(static_cast<float>(p[j]));
+  }
+}
+
+__global__ void noise_masked_kernel(float* out, const int64_t* idx, int64_t m, uint64_t seed, int64_t offset, int64_t kind) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < m; k += (int64_t)blockDim.x * gridDim.x)
+    out[k] = z_at(kind, seed, (uint64_t)(offset + idx[k]));
+}
+
 __global__ void noise_fill_kernel(float* out, int64_t n, uint64_t seed, int64_t offset, int kind) {
   int64_t first = offset / 4, last = (offset + n - 1) / 4;
   for (int64_t g = first + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g <= last;
@@ -309,6 +354,82 @@ void apply_seeds_multi_cuda(at::TensorList ps, at::IntArrayRef seeds, at::ArrayR
   apply_seeds_many("apply_seeds_multi_", ps, seeds, scales, offsets, kind);
 }
 
+#define FEDFULL_CUDA_COPY_DISPATCH(TYPE, NAME, ...)                                 \
+  switch (TYPE) {                                                                  \
+    case at::kBFloat16: { using copy_t = at::BFloat16; __VA_ARGS__(); break; }     \
+    case at::kHalf: { using copy_t = at::Half; __VA_ARGS__(); break; }             \
+    default: TORCH_CHECK(false, "fedfull.", NAME, ": copies must be bfloat16 or float16, got ", TYPE); \
+  }
+
+void masked_many(const char* op, at::TensorList ps, at::TensorList copies, at::TensorList masks,
+                 at::IntArrayRef seeds, at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t kind, bool sum) {
+  check_kind(op, kind); check_seeds(op, seeds, scales); check_many(op, ps, offsets); check_masks(op, ps, masks, copies);
+  std::vector<MaskSlot> slots;
+  int64_t total = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (masks[i].numel() == 0) continue;
+    slots.push_back(MaskSlot{reinterpret_cast<int64_t>(ps[i].data_ptr()),
+                             copies.empty() ? 0 : reinterpret_cast<int64_t>(copies[i].data_ptr()),
+                             reinterpret_cast<int64_t>(masks[i].data_ptr()), ps[i].numel(), offsets[i], total});
+    total += masks[i].numel();
+  }
+  if (total == 0) return;
+  const at::Device device = ps[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // one upload: the seeds (int64), the slot table, the scales (float32), in that order so every part stays aligned
+  const size_t ns = seeds.size(), table_bytes = slots.size() * sizeof(MaskSlot);
+  std::vector<uint8_t> blob(ns * 8 + table_bytes + ns * 4 + 8);
+  if (ns) std::memcpy(blob.data(), seeds.data(), ns * 8);
+  std::memcpy(blob.data() + ns * 8, slots.data(), table_bytes);
+  for (size_t k = 0; k < ns; ++k) {
+    float sc = static_cast<float>(scales[k]);
+    std::memcpy(blob.data() + ns * 8 + table_bytes + 4 * k, &sc, 4);
+  }
+  at::Tensor dev = upload(blob.data(), blob.size(), device);
+  const uint8_t* base = dev.data_ptr<uint8_t>();
+  const int64_t* d_seeds = reinterpret_cast<const int64_t*>(base);
+  const MaskSlot* t = reinterpret_cast<const MaskSlot*>(base + ns * 8);
+  const float* d_scales = reinterpret_cast<const float*>(base + ns * 8 + table_bytes);
+  const int nt = (int)slots.size();
+  if (copies.empty()) {
+    FEDFULL_CUDA_DISPATCH(ps[0].scalar_type(), op, [&] {
+      masked_kernel<scalar_t, float><<<blocks_for(total), kThreads, 0, stream>>>(t, nt, total, d_seeds, d_scales,
+                                                                                 (int64_t)ns, kind, sum);
+    });
+  } else {
+    FEDFULL_CUDA_COPY_DISPATCH(copies[0].scalar_type(), op, [&] {
+      masked_kernel<float, copy_t><<<blocks_for(total), kThreads, 0, stream>>>(t, nt, total, d_seeds, d_scales,
+                                                                               (int64_t)ns, kind, sum);
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void perturb_masked_multi_cuda(at::TensorList ps, at::TensorList copies, at::TensorList masks, int64_t seed,
+                               at::IntArrayRef offsets, double scale, int64_t kind) {
+  masked_many("perturb_masked_multi_", ps, copies, masks, {seed}, {scale}, offsets, kind, false);
+}
+
+void apply_seeds_masked_multi_cuda(at::TensorList ps, at::TensorList copies, at::TensorList masks,
+                                   at::IntArrayRef seeds, at::ArrayRef<double> scales, at::IntArrayRef offsets,
+                                   int64_t kind) {
+  masked_many("apply_seeds_masked_multi_", ps, copies, masks, seeds, scales, offsets, kind, true);
+}
+
+void noise_masked_fill_cuda(const at::Tensor& out, const at::Tensor& idx, int64_t seed, int64_t offset, int64_t kind) {
+  const char* op = "noise_masked_fill_";
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 1, "fedfull.", op,
+              ": out must be a contiguous 1-D float32 tensor");
+  check_masks(op, {out}, {idx}, {}); check_offset(op, offset); check_kind(op, kind);
+  TORCH_CHECK(idx.numel() == out.numel(), "fedfull.", op, ": out must have one element per index");
+  if (idx.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  noise_masked_kernel<<<blocks_for(idx.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<float>(), idx.data_ptr<int64_t>(), idx.numel(), (uint64_t)seed, offset, kind);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void noise_fill_cuda(const at::Tensor& out, int64_t seed, int64_t offset, int64_t kind) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fedfull.noise_fill_: out must be float32, got ", out.scalar_type());
   check_param("noise_fill_", out); check_offset("noise_fill_", offset); check_kind("noise_fill_", kind);
@@ -329,4 +450,7 @@ TORCH_LIBRARY_IMPL(fedfull, CUDA, m) {
   m.impl("apply_seeds_", &fedfull::apply_seeds_cuda);
   m.impl("perturb_multi_", &fedfull::perturb_multi_cuda);
   m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_cuda);
+  m.impl("perturb_masked_multi_", &fedfull::perturb_masked_multi_cuda);
+  m.impl("apply_seeds_masked_multi_", &fedfull::apply_seeds_masked_multi_cuda);
+  m.impl("noise_masked_fill_", &fedfull::noise_masked_fill_cuda);
 }

@@ -4,6 +4,8 @@
 //   fedfull::noise_fill_(Tensor(a!) out, int seed, int offset, int kind) -> ()
 //   fedfull::perturb_(Tensor(a!) p, int seed, int offset, float scale, int kind) -> ()
 //   fedfull::apply_seeds_(Tensor(a!) p, int[] seeds, float[] scales, int offset, int kind) -> ()
+//   fedfull::perturb_multi_, apply_seeds_multi_, their _copy_ and _masked_ forms (the schemas at the end)
+//   fedfull::noise_masked_fill_(Tensor(a!) out, Tensor idx, int seed, int offset, int kind) -> ()
 //   fedfull::simd_level(int force=-2) -> int        (debug: query / force the CPU path)
 //
 // z is defined in philox_gaussian.h. This file holds the op schemas, the CPU kernels and the Meta
@@ -678,6 +680,151 @@ void apply_seeds_copy_multi_composite(at::TensorList ps, at::TensorList copies, 
   for (size_t i = 0; i < ps.size(); ++i) copies[i].copy_(ps[i]);
 }
 
+// ------------------------------------------------------------------------------------------------
+// masked ops (fedkseed --mask): the same z at a set of each tensor's elements, p[j] += s z(seed, offset + j) for j
+// in its mask, nothing elsewhere. A masked element computes its own counter's Philox (consecutive elements of one
+// counter share it), so a pass costs in proportion to the mask, not the tensor. The arithmetic per element is the
+// dense ops': the same bits at the masked positions.
+// ------------------------------------------------------------------------------------------------
+struct ZAt {   // z(seed, i) for increasing i: the last counter's Philox and the last Box-Muller pair kept
+  uint64_t seed;
+  int64_t kind;
+  uint64_t ctr = ~0ull;
+  int pair = -1;
+  Philox4 r{};
+  float rad = 0.f, c = 0.f, s = 0.f;
+  float operator()(uint64_t i) {
+    if (kind == kGaussian) {
+      if ((i >> 2) != ctr) { ctr = i >> 2; r = philox_for_counter(seed, ctr); pair = -1; }
+      const int l = (int)(i & 3), h = l >> 1;
+      if (h != pair) { pair = h; rad = sqrtf(minus_two_log_uniform(r.x[2 * h])); sincos_turn(r.x[2 * h + 1], &c, &s); }
+      return (l & 1) ? rad * s : rad * c;   // gaussian_z's value, computed once per pair
+    }
+    if ((i >> 7) != ctr) { ctr = i >> 7; r = philox_for_counter(seed, ctr); }
+    return ((r.x[(i >> 5) & 3] >> (i & 31)) & 1u) ? -1.0f : 1.0f;
+  }
+};
+
+constexpr int64_t kMaskChunk = 2048;   // masked elements a thread takes at a time
+
+// the mask's values: in [0, n), strictly increasing (checked here, while the CPU kernels read them)
+inline void check_mask_values(const char* op, size_t t, const int64_t* idx, int64_t m, int64_t n) {
+  for (int64_t k = 0; k < m; ++k)
+    TORCH_CHECK(idx[k] >= 0 && idx[k] < n && (k == 0 || idx[k] > idx[k - 1]), "fedfull.", op, ": mask ", t,
+                " must hold strictly increasing indices in [0, ", n, "); element ", k, " is ", idx[k]);
+}
+
+// z of masked elements [a, b) (global indices offset + idx[k]) into out[k - a], or added: out += s z. Where a
+// kBlock-aligned block holds at least 1/kDenseShare masked elements, the block's z comes from the dense generator
+// (vectorized) and is gathered; elsewhere each element computes its own (ZAt). The same bits either way.
+constexpr int64_t kDenseShare = 24;
+
+template <class Zgen>
+void masked_z(const Zgen& k, uint64_t seed, int64_t kind, const int64_t* idx, int64_t a, int64_t b, int64_t offset,
+              float s, float* out, bool add) {
+  alignas(64) float zbuf[kBlock];
+  alignas(64) uint32_t words[kBlock / 32];
+  ZAt z{seed, kind};
+  for (int64_t q = a; q < b;) {
+    const int64_t blk = (offset + idx[q]) / kBlock;
+    int64_t e = q + 1;
+    while (e < b && (offset + idx[e]) / kBlock == blk) ++e;
+    if ((e - q) * kDenseShare >= kBlock) {
+      k.z(seed, blk * kBlock, kind, zbuf, words);
+      for (int64_t r = q; r < e; ++r) {
+        const float v = s * zbuf[offset + idx[r] - blk * kBlock];
+        out[r - a] = add ? out[r - a] + v : v;
+      }
+    } else {
+      for (int64_t r = q; r < e; ++r) {
+        const float v = s * z((uint64_t)(offset + idx[r]));
+        out[r - a] = add ? out[r - a] + v : v;
+      }
+    }
+    q = e;
+  }
+}
+
+// One tensor's masked elements, split among threads in chunks. sum = false: perturb_'s p + s z (one seed); sum = true:
+// apply_seeds_'s acc = 0, acc = acc + s_q z_q in seed order, p + acc (no seed: p is left as it is). Then the copy.
+template <class T, class C>
+void masked_pass(const char* op, size_t t, T* p, C* c, const int64_t* idx, int64_t m, int64_t n, int64_t offset,
+                 const std::vector<uint64_t>& seeds, const std::vector<float>& scales, int64_t kind, bool sum) {
+  check_mask_values(op, t, idx, m, n);
+  const Kernels<float> k = Kernels<float>::pick();
+  at::parallel_for(0, m, kMaskChunk, [&](int64_t k0, int64_t k1) {
+    for (int64_t a = k0; a < k1; a += kMaskChunk) {
+      const int64_t b = std::min(k1, a + kMaskChunk);
+      float acc[kMaskChunk];
+      if (!sum) {
+        masked_z(k, seeds[0], kind, idx, a, b, offset, scales[0], acc, false);
+      } else {
+        std::fill(acc, acc + (b - a), 0.0f);
+        for (size_t q = 0; q < seeds.size(); ++q) masked_z(k, seeds[q], kind, idx, a, b, offset, scales[q], acc, true);
+      }
+      for (int64_t r = a; r < b; ++r) {
+        const int64_t j = idx[r];
+        if (!sum || !seeds.empty()) p[j] = static_cast<T>(static_cast<float>(p[j]) + acc[r - a]);
+        if (c) c[j] = static_cast<C>(static_cast<float>(p[j]));
+      }
+    }
+  });
+}
+
+void masked_multi_cpu(const char* op, at::TensorList ps, at::TensorList copies, at::TensorList masks,
+                      const std::vector<uint64_t>& seeds, const std::vector<float>& scales, at::IntArrayRef offsets,
+                      int64_t kind, bool sum) {
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const int64_t* idx = masks[i].data_ptr<int64_t>();
+    const int64_t m = masks[i].numel(), n = ps[i].numel();
+    if (copies.empty()) {
+      FEDFULL_DISPATCH(ps[i].scalar_type(), op, [&] {
+        masked_pass<scalar_t, float>(op, i, ps[i].data_ptr<scalar_t>(), nullptr, idx, m, n, offsets[i], seeds, scales,
+                                     kind, sum);
+      });
+    } else {
+      FEDFULL_COPY_DISPATCH(copies[i].scalar_type(), op, [&] {
+        masked_pass<float, copy_t>(op, i, ps[i].data_ptr<float>(), copies[i].data_ptr<copy_t>(), idx, m, n,
+                                   offsets[i], seeds, scales, kind, sum);
+      });
+    }
+  }
+}
+
+void perturb_masked_multi_cpu(at::TensorList ps, at::TensorList copies, at::TensorList masks, int64_t seed,
+                              at::IntArrayRef offsets, double scale, int64_t kind) {
+  const char* op = "perturb_masked_multi_";
+  check_kind(op, kind); check_many(op, ps, offsets); check_masks(op, ps, masks, copies);
+  masked_multi_cpu(op, ps, copies, masks, {(uint64_t)seed}, {static_cast<float>(scale)}, offsets, kind, false);
+}
+
+void apply_seeds_masked_multi_cpu(at::TensorList ps, at::TensorList copies, at::TensorList masks, at::IntArrayRef seeds,
+                                  at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t kind) {
+  const char* op = "apply_seeds_masked_multi_";
+  check_kind(op, kind); check_seeds(op, seeds, scales); check_many(op, ps, offsets); check_masks(op, ps, masks, copies);
+  std::vector<uint64_t> sd(seeds.begin(), seeds.end());
+  std::vector<float> sc(scales.size());
+  for (size_t i = 0; i < sc.size(); ++i) sc[i] = static_cast<float>(scales[i]);
+  masked_multi_cpu(op, ps, copies, masks, sd, sc, offsets, kind, true);
+}
+
+void noise_masked_fill_cpu(const at::Tensor& out, const at::Tensor& idx, int64_t seed, int64_t offset, int64_t kind) {
+  const char* op = "noise_masked_fill_";
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 1, "fedfull.", op,
+              ": out must be a contiguous 1-D float32 tensor");
+  check_masks(op, {out}, {idx}, {}); check_offset(op, offset); check_kind(op, kind);
+  TORCH_CHECK(idx.numel() == out.numel(), "fedfull.", op, ": out must have one element per index");
+  const int64_t* ix = idx.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t k = 0; k < idx.numel(); ++k)
+    TORCH_CHECK(ix[k] >= 0, "fedfull.", op, ": indices must be >= 0, element ", k, " is ", ix[k]);
+  at::parallel_for(0, idx.numel(), kMaskChunk, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      o[k] = kind == kGaussian ? gaussian_z((uint64_t)seed, (uint64_t)(offset + ix[k]))
+                               : rademacher_z((uint64_t)seed, (uint64_t)(offset + ix[k]));
+  });
+}
+
 void noise_fill_cpu(const at::Tensor& out, int64_t seed, int64_t offset, int64_t kind) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fedfull.noise_fill_: out must be float32, got ", out.scalar_type());
   check_param("noise_fill_", out); check_offset("noise_fill_", offset); check_kind("noise_fill_", kind);
@@ -720,6 +867,16 @@ void apply_seeds_multi_meta(at::TensorList ps, at::IntArrayRef seeds, at::ArrayR
   check_kind("apply_seeds_multi_", kind); check_seeds("apply_seeds_multi_", seeds, scales);
   check_many("apply_seeds_multi_", ps, offsets);
 }
+void perturb_masked_multi_meta(at::TensorList ps, at::TensorList copies, at::TensorList masks, int64_t,
+                               at::IntArrayRef offsets, double, int64_t kind) {
+  check_kind("perturb_masked_multi_", kind); check_many("perturb_masked_multi_", ps, offsets);
+  check_masks("perturb_masked_multi_", ps, masks, copies);
+}
+void apply_seeds_masked_multi_meta(at::TensorList ps, at::TensorList copies, at::TensorList masks, at::IntArrayRef seeds,
+                                   at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t kind) {
+  check_kind("apply_seeds_masked_multi_", kind); check_seeds("apply_seeds_masked_multi_", seeds, scales);
+  check_many("apply_seeds_masked_multi_", ps, offsets); check_masks("apply_seeds_masked_multi_", ps, masks, copies);
+}
 void noise_fill_meta(const at::Tensor& out, int64_t, int64_t offset, int64_t kind) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "fedfull.noise_fill_: out must be float32, got ", out.scalar_type());
   check_param("noise_fill_", out); check_offset("noise_fill_", offset); check_kind("noise_fill_", kind);
@@ -738,6 +895,13 @@ TORCH_LIBRARY(fedfull, m) {
   m.def("perturb_copy_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, int seed, int[] offsets, float scale, int kind) -> ()");
   m.def("apply_seeds_copy_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, int[] seeds, float[] scales, int[] offsets, "
         "int kind) -> ()");
+  // the masked forms (fedkseed --mask): z only at each tensor's mask, a 1-D int64 tensor of its local indices; copies
+  // empty, or one bfloat16/float16 copy per float32 tensor, written at the mask in the same pass
+  m.def("perturb_masked_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, Tensor[] masks, int seed, int[] offsets, "
+        "float scale, int kind) -> ()");
+  m.def("apply_seeds_masked_multi_(Tensor(a!)[] ps, Tensor(b!)[] copies, Tensor[] masks, int[] seeds, float[] scales, "
+        "int[] offsets, int kind) -> ()");
+  m.def("noise_masked_fill_(Tensor(a!) out, Tensor idx, int seed, int offset, int kind) -> ()");
   m.def("noise(int seed, int offset, int n, int kind, Device? device=None) -> Tensor", &fedfull::noise);
   m.def("simd_level(int force=-2) -> int", &fedfull::simd_level);
 }
@@ -750,6 +914,9 @@ TORCH_LIBRARY_IMPL(fedfull, CPU, m) {
   m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_cpu);
   m.impl("perturb_copy_multi_", &fedfull::perturb_copy_multi_cpu);
   m.impl("apply_seeds_copy_multi_", &fedfull::apply_seeds_copy_multi_cpu);
+  m.impl("perturb_masked_multi_", &fedfull::perturb_masked_multi_cpu);
+  m.impl("apply_seeds_masked_multi_", &fedfull::apply_seeds_masked_multi_cpu);
+  m.impl("noise_masked_fill_", &fedfull::noise_masked_fill_cpu);
 }
 
 // every other device (CUDA): the composite above (a backend's own kernel, here CPU's, takes precedence)
@@ -764,6 +931,8 @@ TORCH_LIBRARY_IMPL(fedfull, Meta, m) {
   m.impl("apply_seeds_", &fedfull::apply_seeds_meta);
   m.impl("perturb_multi_", &fedfull::perturb_multi_meta);
   m.impl("apply_seeds_multi_", &fedfull::apply_seeds_multi_meta);
+  m.impl("perturb_masked_multi_", &fedfull::perturb_masked_multi_meta);
+  m.impl("apply_seeds_masked_multi_", &fedfull::apply_seeds_masked_multi_meta);
 }
 
 // The module must be importable as `fedfull_ops`; importing it runs the registrations above.

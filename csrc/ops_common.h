@@ -78,4 +78,18 @@ inline void check_many(const char* op, at::TensorList ps, at::IntArrayRef offset
   check_disjoint(op, std::vector<at::Tensor>(ps.begin(), ps.end()));
 }
 
+// the *_masked_multi_ ops: one mask per tensor, a 1-D int64 tensor of its local indices on the tensor's device, and
+// optional copies (an empty list, or one bfloat16/float16 copy per float32 tensor). The mask's values (in [0, numel),
+// strictly increasing) are checked by the CPU kernels as they run; seedops checks them once when a mask is made.
+inline void check_masks(const char* op, at::TensorList ps, at::TensorList masks, at::TensorList copies) {
+  TORCH_CHECK(ps.size() == masks.size(), "fedfull.", op, ": got ", ps.size(), " tensors but ", masks.size(),
+              " masks; they must have the same length");
+  for (size_t i = 0; i < ps.size(); ++i)
+    TORCH_CHECK(masks[i].scalar_type() == at::kLong && masks[i].dim() == 1 && masks[i].is_contiguous() &&
+                masks[i].device() == ps[i].device(), "fedfull.", op, ": mask ", i, " must be a contiguous 1-D int64 "
+                "tensor of indices on its tensor's device (", ps[i].device(), "), got ", masks[i].scalar_type(),
+                " of shape ", masks[i].sizes(), " on ", masks[i].device());
+  if (!copies.empty()) check_copies(op, ps, copies);
+}
+
 }  // namespace fedfull

@@ -127,6 +127,16 @@ FEDFULL_HD void gaussian4(uint64_t seed, uint64_t counter, float z[4]) {
   }
 }
 
+// One gaussian z for global index i: lane i % 4 of counter i / 4, the Box-Muller pair of that lane only. The same
+// operations as gaussian4 for that lane, so the same bits (the masked ops compute z one element at a time).
+FEDFULL_HD float gaussian_z(uint64_t seed, uint64_t i) {
+  Philox4 r = philox_for_counter(seed, i >> 2);
+  int l = (int)(i & 3), h = l >> 1;
+  float rad = sqrtf(minus_two_log_uniform(r.x[2 * h])), c, s;
+  sincos_turn(r.x[2 * h + 1], &c, &s);
+  return (l & 1) ? rad * s : rad * c;
+}
+
 // One z of either kind for global index i (used by the CUDA kernel's edges and by simple loops).
 FEDFULL_HD float rademacher_z(uint64_t seed, uint64_t i) {
   Philox4 r = philox_for_counter(seed, i >> 7);

@@ -6,6 +6,8 @@ z is a pure function of (seed, i), i being the element's global index (parameter
   gaussian:   Box-Muller on the word pairs (x0, x1) and (x2, x3), with our own polynomial log/sin/cos made of
               IEEE + - * / and sqrt only, so every device rounds them identically;
   rademacher: one bit per element: counter i // 128, word (i // 32) % 4, bit i % 32 -> -1 if set else +1.
+Masked z (fedkseed --mask): for a fixed set M of each tensor's indices, z_M(seed, i) = z(seed, i) on M and nothing
+elsewhere: the masked ops update only M, with the dense ops' arithmetic, so the bits on M are the dense ops'.
 These functions are slow and readable; csrc/ computes the same float32 bits fast (AVX-512/AVX2/scalar on the CPU,
 and CUDA), and tests/test_kernels.py checks them against each other bit for bit.
 """
@@ -157,3 +159,64 @@ def apply_seeds_copy_multi_reference_(params, copies, seeds, scales, offsets, ki
     apply_seeds_multi_reference_(params, seeds, scales, offsets, kind)
     for c, p in zip(copies, params):
         c.copy_(p)
+
+
+def z_masked_reference(seed: int, offset: int, idx: torch.Tensor, kind: int) -> torch.Tensor:
+    """float32 z(seed, offset + idx[k]) for each k (idx: int64 local indices): the dense z at those indices, computed
+    from their own counters (i // 4 and lane i % 4; rademacher: counter i // 128, word (i // 32) % 4, bit i % 32)."""
+    _check("noise_masked", offset=offset, kind=kind)
+    i = idx.to(torch.int64).cpu() + offset
+    if i.numel() == 0:
+        return torch.zeros(0, dtype=torch.float32, device=idx.device)
+    if kind == GAUSSIAN:
+        x = torch.stack(_philox(seed, i >> 2), dim=1)  # [m, 4] words of each element's counter
+        lane = i & 3
+        pair = (lane >> 1) * 2  # the Box-Muller pair of the lane: words (0, 1) or (2, 3)
+        rows = torch.arange(len(i))
+        r = torch.sqrt(_minus_two_log_uniform(x[rows, pair]).double()).float()
+        c, s_ = _cos_sin_turn(x[rows, pair + 1])
+        z = torch.where((lane & 1) == 1, r * s_, r * c)
+    else:
+        words = torch.stack(_philox(seed, i >> 7), dim=1)  # [m, 4]
+        bit = (words[torch.arange(len(i)), (i >> 5) & 3] >> (i & 31)) & 1
+        z = (1 - 2 * bit).float()
+    return z.to(idx.device)
+
+
+def _check_mask(op, p, idx):
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        raise ValueError(f"fedfull.{op}: a mask must be a 1-D int64 tensor of indices, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel() or (idx.numel() > 1 and not
+                                                                              bool((idx[1:] > idx[:-1]).all()))):
+        raise ValueError(f"fedfull.{op}: a mask must hold strictly increasing indices in [0, {p.numel()})")
+
+
+def perturb_masked_multi_reference_(params, copies, masks, seed: int, offsets, scale: float, kind: int) -> None:
+    """For each tensor p and its mask idx: p.view(-1)[idx] += scale * z(seed, offset + idx), float32 arithmetic rounded
+    once to p.dtype (perturb_'s); nothing else changes. copies ([] or one per tensor): each rounded at the mask."""
+    _check_disjoint("perturb_masked_multi_", list(params) + list(copies))
+    for t, (p, idx, off) in enumerate(zip(params, masks, offsets)):
+        _check("perturb_masked_multi_", p, off, kind)
+        _check_mask("perturb_masked_multi_", p, idx)
+        flat = p.view(-1)
+        z = z_masked_reference(seed, off, idx, kind)
+        flat[idx] = (flat[idx].float() + _f32(scale).to(flat.device) * z).to(p.dtype)
+        if copies:
+            copies[t].view(-1)[idx] = flat[idx].to(copies[t].dtype)
+
+
+def apply_seeds_masked_multi_reference_(params, copies, masks, seeds, scales, offsets, kind: int) -> None:
+    """For each tensor p and its mask idx: p.view(-1)[idx] += sum_s scales[s] * z(seeds[s], offset + idx), one float32
+    sum from 0 in seed order, one rounding (apply_seeds_'s); no seed: p unchanged. copies as perturb_masked_multi_."""
+    _check_disjoint("apply_seeds_masked_multi_", list(params) + list(copies))
+    for t, (p, idx, off) in enumerate(zip(params, masks, offsets)):
+        _check("apply_seeds_masked_multi_", p, off, kind, seeds, scales)
+        _check_mask("apply_seeds_masked_multi_", p, idx)
+        flat = p.view(-1)
+        if len(seeds):
+            acc = torch.zeros(idx.numel(), dtype=torch.float32, device=flat.device)
+            for sd, c in zip(seeds, scales):
+                acc = acc + _f32(c).to(flat.device) * z_masked_reference(sd, off, idx, kind)
+            flat[idx] = (flat[idx].float() + acc).to(p.dtype)
+        if copies:
+            copies[t].view(-1)[idx] = flat[idx].to(copies[t].dtype)

@@ -51,7 +51,7 @@ Intervals:   (tasks/bootstrap.py) paired_interval(first, last, stat), token_weig
 Models:      (tasks/models.py) load_model(name, task, num_labels, dtype, device) -> (model, tokenizer);
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
 Training:    (tasks/training.py) train_steps (a client's local optimizer steps), param_groups (weight decay groups)
-Memory:      (tasks/memory.py) SavedActivations, tensor_bytes: a step's memory as tensor bytes
+Memory:      (tasks/memory.py) PeakAllocations, tensor_bytes: a client's peak memory, held + step, one definition
 Flags:       (tasks/flags.py) the flags the scripts share, one table with the checks: tasks.flags.add / check
 Checkpoints: (tasks/checkpoint.py) one format and one resume rule: tasks.checkpoint.save / load / read
 Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, active), tasks.round_row(rnd, t0, turns,
@@ -77,7 +77,7 @@ from .evaluation import (evaluate, evaluate_lm, evaluate_prompt_sets, evaluate_s
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .lm import (IGNORE_INDEX, collate, generate, generate_ids, heldout_generations, heldout_loss, heldout_prompt_ids,
                  heldout_rouge_l, heldout_token_losses, rouge_l, rouge_l_scores, tokenize_example, tokenize_examples)
-from .memory import SavedActivations, tensor_bytes
+from .memory import PeakAllocations, tensor_bytes
 from .models import load_model
 from .partitions import (STREAMS, derive_seed, partition, partition_summary, sample_clients, sampled_per_round,
                          split_validation, stream, subsample)

@@ -26,7 +26,7 @@ def heldout_sets(tokenizer, test, val, max_length, eval_samples, rouge_samples, 
     seeded subset, or none (0), with its `targets`, for Rouge-L; `val`, the validation examples ([] without)."""
     eval_set = subsample(test, eval_samples, seed)
     rouge_set = [] if rouge_samples == 0 else eval_set if rouge_samples is None else subsample(test, rouge_samples, seed)
-    return SimpleNamespace(eval=tokenize_examples(tokenizer, eval_set, max_length),
+    return SimpleNamespace(eval=tokenize_examples(tokenizer, eval_set, max_length), rouge_is_eval=rouge_set is eval_set,
                            rouge=tokenize_examples(tokenizer, rouge_set, max_length, log=None),
                            targets=[e["target"] for e in rouge_set],
                            val=tokenize_examples(tokenizer, val, max_length, log=None))
@@ -37,8 +37,8 @@ def evaluate_lm(model, tokenizer, sets, rouge, max_new_tokens, progress=None, pe
     val_loss (with a validation set)}; per_example receives the held-out per-example values (`paired_interval`)."""
     pad = tokenizer.pad_token_id
     out = {"eval_loss": heldout_loss(model, sets.eval, pad, progress=progress, per_example=per_example),
-           "rougeL": heldout_rouge_l(model, tokenizer, sets.rouge, sets.targets, max_new_tokens, progress)
-           if rouge and sets.rouge else None}
+           "rougeL": heldout_rouge_l(model, tokenizer, sets.rouge, sets.targets, max_new_tokens, progress,
+                                     per_example if sets.rouge_is_eval else None) if rouge and sets.rouge else None}
     if sets.val:
         out["val_loss"] = heldout_loss(model, sets.val, pad, progress=progress, name="validation loss")
     return out
@@ -74,7 +74,8 @@ def evaluate(args, model, tokenizer, test, device, val=None, progress=None, per_
     """The held-out metrics of `model` (eval_loss and the task's metrics) -> dict; with `val`, the same on the
     validation set as val_loss and val_<metric> (no generation there: Rouge-L is a test-set number).
     progress: a tasks.Progress (bars with ETA for the loss and the generation). per_example: a dict that receives the
-    test set's per-example values (sft: loss_sum, tokens; classification: correct) for `paired_interval`."""
+    test set's per-example values (sft: loss_sum, tokens, and rouge when generated; classification: correct, and
+    glue pred and label) for `paired_interval` and the results page."""
     out = evaluate_one(args, model, tokenizer, test, device, True, progress, per_example)
     if val is not None:
         out.update({("val_loss" if k == "eval_loss" else f"val_{k}"): v
@@ -91,7 +92,7 @@ def evaluate_one(args, model, tokenizer, test, device, generate=True, progress=N
                                          per_example=per_example)}
         if generate and args.max_new_tokens > 0:
             out["rougeL"] = heldout_rouge_l(model, tokenizer, tokenized, [e["target"] for e in test],
-                                            args.max_new_tokens, progress)
+                                            args.max_new_tokens, progress, per_example)
         return out
     if args.task == "prompt":  # accuracy and the label-word cross-entropy, as fedkseed.py reports them
         return prompts.evaluate_prompts(model, test, tokenizer.pad_token_id, per_example, progress=progress)
@@ -99,7 +100,8 @@ def evaluate_one(args, model, tokenizer, test, device, generate=True, progress=N
         preds, loss = glue_predictions(model, tokenizer, test, device)
         labels = [e["labels"] for e in test]
         if per_example is not None and isinstance(labels[0], int):
-            per_example["correct"] = [int(p == y) for p, y in zip(preds, labels)]
+            per_example.update(correct=[int(p == y) for p, y in zip(preds, labels)], pred=[int(p) for p in preds],
+                               label=list(labels))
         return {"eval_loss": loss, **glue.compute_metrics(args.dataset, preds, labels)}
     examples, features = test
     starts, ends = [], []

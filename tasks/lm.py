@@ -156,6 +156,10 @@ def heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress=No
     return generate_ids(model, tokenizer, heldout_prompt_ids(tokenized), max_new_tokens, progress=progress)
 
 
-def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens, progress=None):
-    """The Rouge-L every script reports: the mean per-example Rouge-L F (`rouge_l`) of `heldout_generations`."""
-    return rouge_l(heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress), targets)
+def heldout_rouge_l(model, tokenizer, tokenized, targets, max_new_tokens, progress=None, per_example=None):
+    """The Rouge-L every script reports: the mean per-example Rouge-L F of `heldout_generations`; per_example
+    receives "rouge", the per-example scores (for a paired interval)."""
+    scores = rouge_l_scores(heldout_generations(model, tokenizer, tokenized, max_new_tokens, progress), targets)
+    if per_example is not None:
+        per_example["rouge"] = scores
+    return sum(scores) / len(scores) if scores else 0.0

@@ -3,9 +3,11 @@
     upload, stats = tasks.train_steps(model, names, batches, make_optimizer, lrs)   # steps on the tensors `names`
     groups = tasks.param_groups(named, weight_decay)                               # decay on matrices only
 """
+import contextlib
+
 import torch
 
-from .memory import SavedActivations, tensor_bytes
+from .memory import PeakAllocations, tensor_bytes
 
 
 def param_groups(named, weight_decay):
@@ -27,9 +29,8 @@ def train_steps(model, names, batches, make_optimizer, lrs, grad_accum=1, seed=0
     master copies, rounded into the weights after every step, so updates below the low precision's resolution
     accumulate. loss_fn(model, micro_batch) -> the loss (default: model(**micro_batch).loss); clip(tensors) runs on
     the tensors the optimizer steps, their gradients complete, before each step (gradient clipping).
-    peak_memory_bytes, as tensor bytes (the same count on CPU and GPU): every weight the model holds, the trained
-    tensors' gradients, the optimizer state, the fp32 masters, and the activations autograd saved (max over
-    micro-batches)."""
+    peak_memory_bytes, tasks/memory.py's definition: held (every weight the model holds, the fp32 masters) + the peak of
+    the tensors the first step allocates (activations, gradients, the optimizer state it creates)."""
     torch.manual_seed(seed)  # dropout, if the model has any, is a function of (seed, round, client)
     params = dict(model.named_parameters())
     trained = [(n, params[n]) for n in names]
@@ -40,34 +41,32 @@ def train_steps(model, names, batches, make_optimizer, lrs, grad_accum=1, seed=0
     masters = [(n, p.detach().float().clone()) if low_precision else (n, p) for n, p in trained]
     opt = make_optimizer(masters)
     model.train()
-    losses, peak_activations, grad_bytes = [], 0, 0
+    held = tensor_bytes(model.parameters()) + (tensor_bytes(m for _, m in masters) if low_precision else 0)
+    losses, first = [], PeakAllocations()
     for step in range(len(batches) // grad_accum):
-        for micro in batches[step * grad_accum:(step + 1) * grad_accum]:
-            with SavedActivations(model) as saved:
+        with first if step == 0 else contextlib.nullcontext():  # the first step: its allocations' peak
+            for micro in batches[step * grad_accum:(step + 1) * grad_accum]:
                 loss = model(**micro).loss if loss_fn is None else loss_fn(model, micro)
-            peak_activations = max(peak_activations, saved.bytes)
-            (loss / grad_accum).backward()
-            losses.append(loss.item())
-        if low_precision:
-            for (_, m), (_, p) in zip(masters, trained):
-                m.grad, p.grad = p.grad.float(), None
-        grad_bytes = tensor_bytes(m.grad for _, m in masters)
-        if clip is not None:
-            clip([m for _, m in masters])
-        for group in opt.param_groups:
-            group["lr"] = lrs[step] * group.get("lr_scale", 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+                (loss / grad_accum).backward()
+                losses.append(loss.item())
+            if low_precision:
+                for (_, m), (_, p) in zip(masters, trained):
+                    m.grad, p.grad = p.grad.float(), None
+            if clip is not None:
+                clip([m for _, m in masters])
+            for group in opt.param_groups:
+                group["lr"] = lrs[step] * group.get("lr_scale", 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if low_precision:
             with torch.no_grad():
                 for (_, m), (_, p) in zip(masters, trained):
                     p.copy_(m)  # round the fp32 master once into the weight dtype
-    state_bytes = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
-    peak = (tensor_bytes(model.parameters()) + grad_bytes + state_bytes
-            + (tensor_bytes(m for _, m in masters) if low_precision else 0) + peak_activations)
+    peak = held + first.peak
     for _, p in trained:
         p.requires_grad_(False)
         p.grad = None
     del opt, masters
     model.eval()
-    return {n: p.detach().clone() for n, p in trained}, {"loss": sum(losses) / len(losses), "peak_memory_bytes": peak}
+    return {n: p.detach().clone() for n, p in trained}, {"loss": sum(losses) / len(losses), "peak_memory_bytes": peak,
+                                                          "held_bytes": held, "step_bytes": first.peak}

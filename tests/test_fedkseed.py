@@ -80,7 +80,7 @@ def batch_for(tok, texts):
 # ---------------------------------------------------------------------------------------------- the ZO step
 def flat(tensors, offsets, kind=fk.GAUSSIAN, copies=None):
     """Tensors as fedkseed's weights namespace (`weights_of`'s shape) for tensors that are not a model's."""
-    return fk.SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=copies)
+    return fk.SimpleNamespace(tensors=tensors, offsets=offsets, kind=kind, copies=copies, masks=None)
 
 
 def f32(x):
@@ -147,7 +147,7 @@ def test_zo_step_with_a_compute_copy_equals_explicit_formula(tiny_tokenizer, com
 
     params = [w.clone() for w in w0]
     loss_at(w0)
-    weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=copies)
+    weights = fk.SimpleNamespace(tensors=params, offsets=offsets, kind=kind, copies=copies, masks=None)
     got_g, got_loss = fk.zo_step(model, weights, batch, seed, eps, lr)
     assert got_g == g and got_loss == l_plus and g != 0.0
     for p, c, e in zip(params, copies, expected):
@@ -219,7 +219,7 @@ def test_replay_with_a_compute_copy_equals_the_replay_without_it():
 
 def test_compute_dtype_run_resumes_exactly_and_exports_float32(tiny_dir, dolly, tmp_path):
     """--compute_dtype bfloat16: 1 + 1 resumed rounds == 2 rounds (A, metrics); the exported model is the float32
-    global model w0 + sum_k A_k z_k, not its bfloat16 copy; the counted memory adds 2 bytes a weight."""
+    global model w0 + sum_k A_k z_k, not its bfloat16 copy; the memory held: 10 bytes a weight instead of 8."""
     flags = ("--compute_dtype", "bfloat16", "--rouge_samples", "0")
     fk.main(argv(tiny_dir, dolly, tmp_path / "a", "--rounds", "2", *flags))
     fk.main(argv(tiny_dir, dolly, tmp_path / "b", "--rounds", "1", *flags))
@@ -237,8 +237,9 @@ def test_compute_dtype_run_resumes_exactly_and_exports_float32(tiny_dir, dolly, 
     n = sum(p.numel() for p in params)
     plain = tmp_path / "plain"
     fk.main(argv(tiny_dir, dolly, plain, "--rounds", "1", "--rouge_samples", "0"))
-    plain_memory = [json.loads(l) for l in (plain / "metrics.jsonl").read_text().splitlines()][1]["peak_memory_bytes"]
-    assert rows["a"][1]["peak_memory_bytes"] == plain_memory + 2 * n
+    held = {x: [json.loads(l) for l in (d / "ledger.jsonl").read_text().splitlines()][0]["held_bytes"]
+            for x, d in (("plain", plain), ("a", tmp_path / "a"))}
+    assert held["plain"] == 8 * n and held["a"] == (2 + 4 + 4) * n  # model + w0; bf16 model + w0 + fp32 weights
     with pytest.raises(SystemExit):  # the copy is written from float32 weights
         fk.main(argv(tiny_dir, dolly, tmp_path / "c", "--dtype", "bfloat16", "--compute_dtype", "float16"))
 

@@ -93,7 +93,7 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     ledger = [json.loads(l) for l in (two / "ledger.jsonl").read_text().splitlines()]
     clients = [e for e in ledger if "client" in e]
     assert clients == [json.loads(l) for l in (one / "ledger.jsonl").read_text().splitlines()]
-    up_row = 4 + 3 * 8 + 4 + 3 * n_dir * (2 + 4)  # uint32 length, float64 loss, sync and train seconds, the upload
+    up_row = 4 + 5 * 8 + 4 + 3 * n_dir * (2 + 4)  # uint32 length, float64 CLIENT_STATS (5), the upload
     down_row = 4 + 1 + 4 * 16 + 16  # uint32 length, the longest download: flag, dense A, Pro's uint8 importances
     for rnd in (1, 2, 3):
         wire = {e["rank"]: e for e in ledger if "rank" in e and e["round"] == rnd}

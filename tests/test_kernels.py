@@ -547,3 +547,115 @@ def test_cuda_second_device(kind):
     assert all(g.device == torch.device("cuda:1") for g in got)
     for a, b in zip(got, want):
         assert_same_bits(a.cpu(), b)
+
+
+# ------------------------------------------------------------------------------------------------------
+# masked ops (fedkseed --mask): z at a fixed set of each tensor's indices, the dense z's bits there
+# ------------------------------------------------------------------------------------------------------
+def random_masks(ps, density, seed=0):
+    """Per tensor a sorted int64 set of ~density of its indices (at least one), with runs and gaps of every size."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.sort(torch.randperm(p.numel(), generator=g)[:max(1, int(density * p.numel()))]).values for p in ps]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("density", [0.001, 0.05, 1.0])
+def test_masked_z_is_the_dense_z_at_the_mask(kind, density):
+    """The outside oracle: z_reference over the whole range, indexed; the masked reference computes each element from
+    its own counter (and, compiled, from a dense block where the mask is thick: both paths are exercised here)."""
+    seed, offset, n = BIG_SEED, 4093, 30_011
+    idx = random_masks([torch.empty(n)], density)[0]
+    want = ref_z(seed, offset, n, kind)[idx]
+    assert_same_bits(F.z_masked_reference(seed, offset, idx, kind), want)
+    if F.HAVE_COMPILED_OPS:
+        assert_same_bits(F.noise_masked(seed, offset, idx, kind), want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.002, 0.2])
+def test_masked_ops_equal_the_dense_ops_at_the_mask_and_leave_the_rest(dtype, kind, density):
+    """perturb_masked_multi_ and apply_seeds_masked_multi_ (reference and compiled): at the mask the bits of the
+    dense op (reference), elsewhere the tensor as it was."""
+    ps, offsets = model_like(dtype)
+    masks = random_masks(ps, density)
+    seeds, scales = [1, BIG_SEED, 7], [0.5, -2e-3, 0.125]
+    impls = [("reference", F.perturb_masked_multi_reference_, F.apply_seeds_masked_multi_reference_)]
+    if F.HAVE_COMPILED_OPS:
+        impls.append(("compiled", ops.perturb_masked_multi_, ops.apply_seeds_masked_multi_))
+    for name, perturb, apply in impls:
+        for dense_op, masked_op, args in (
+                (lambda t, o: F.perturb_reference_(t, 9, o, 0.37, kind), perturb, (9, offsets, 0.37, kind)),
+                (lambda t, o: F.apply_seeds_reference_(t, seeds, scales, o, kind), apply,
+                 (seeds, scales, offsets, kind))):
+            got = [p.clone() for p in ps]
+            masked_op(got, [], masks, *args)
+            for p, g, m, off in zip(ps, got, masks, offsets):
+                dense = p.clone()
+                dense_op(dense, off)
+                keep = torch.ones(p.numel(), dtype=torch.bool)
+                keep[m] = False
+                assert_same_bits(g.view(-1)[m], dense.view(-1)[m])
+                assert_same_bits(g.view(-1)[keep], p.view(-1)[keep])
+
+
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
+def test_masked_ops_with_copies_equal_the_reference(kind, copy_dtype):
+    """The compute copy written at the mask in the same pass: compiled == reference, float32 weights and copies."""
+    ps, offsets = model_like(torch.float32)
+    masks = random_masks(ps, 0.05, seed=3)
+    copies = [p.to(copy_dtype) for p in ps]
+    want, want_c = [p.clone() for p in ps], [c.clone() for c in copies]
+    got, got_c = [p.clone() for p in ps], [c.clone() for c in copies]
+    F.perturb_masked_multi_reference_(want, want_c, masks, 5, offsets, 0.3, kind)
+    F.apply_seeds_masked_multi_reference_(want, want_c, masks, [2, 3], [0.1, -0.2], offsets, kind)
+    ops.perturb_masked_multi_(got, got_c, masks, 5, offsets, 0.3, kind)
+    ops.apply_seeds_masked_multi_(got, got_c, masks, [2, 3], [0.1, -0.2], offsets, kind)
+    for a, b, ca, cb in zip(got, want, got_c, want_c):
+        assert_same_bits(a, b)
+        assert_same_bits(ca, cb)
+
+
+@compiled
+@pytest.mark.parametrize("mask, message", [
+    (torch.tensor([5, 3]), "strictly increasing indices in [0, 10)"),
+    (torch.tensor([2, 2]), "strictly increasing"),
+    (torch.tensor([10]), "in [0, 10)"),
+    (torch.tensor([-1]), "in [0, 10)"),
+    (torch.tensor([1.0, 2.0]), "must be a contiguous 1-D int64 tensor"),
+])
+def test_masked_ops_refuse_a_bad_mask(mask, message):
+    """An index outside the tensor, twice, or out of order would update an element twice or outside: refused."""
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        ops.perturb_masked_multi_([torch.zeros(10)], [], [mask], 1, [0], 0.5, F.GAUSSIAN)
+    with pytest.raises((ValueError, IndexError, RuntimeError)):
+        F.perturb_masked_multi_reference_([torch.zeros(10)], [], [mask], 1, [0], 0.5, F.GAUSSIAN)
+
+
+def test_mask_of_takes_each_tensors_top_fraction_ties_to_the_lower_index():
+    scores = [torch.tensor([3.0, 1.0, 3.0, 2.0, 0.0, 3.0]), torch.tensor([[1.0, 5.0], [5.0, 1.0]])]
+    got = F.mask_of(scores, 0.34)  # ceil(0.34 * 6) = 3, ceil(0.34 * 4) = 2
+    assert [m.tolist() for m in got] == [[0, 2, 5], [1, 2]]
+    assert [m.tolist() for m in F.mask_of(scores, 0.01)] == [[0], [1]]  # at least one, the first of the largest
+    assert all(m.dtype == torch.int64 for m in got)
+
+
+@cuda
+@compiled
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_masked_ops_match_the_cpu(dtype, kind):
+    ps, offsets = model_like(dtype)
+    masks = random_masks(ps, 0.05, seed=4)
+    want = [p.clone() for p in ps]
+    ops.perturb_masked_multi_(want, [], masks, 9, offsets, 0.37, kind)
+    ops.apply_seeds_masked_multi_(want, [], masks, [1, BIG_SEED], [0.5, -2e-3], offsets, kind)
+    got = [p.cuda() for p in ps]
+    ops.perturb_masked_multi_(got, [], [m.cuda() for m in masks], 9, offsets, 0.37, kind)
+    ops.apply_seeds_masked_multi_(got, [], [m.cuda() for m in masks], [1, BIG_SEED], [0.5, -2e-3], offsets, kind)
+    for a, b in zip(got, want):
+        assert_same_bits(a.cpu(), b)
+    idx = masks[1].cuda()
+    assert_same_bits(F.noise_masked(9, offsets[1], idx, kind).cpu(), F.z_masked_reference(9, offsets[1], masks[1], kind))

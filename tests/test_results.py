@@ -1,4 +1,5 @@
-"""bench/results.py --quick end to end on tiny models: every run, the per-example re-evaluation, the page."""
+"""bench/results.py --quick end to end on tiny models: the lr grid, the seeds, the committed data, the page; then the
+page again from the data alone (--collect), and a per-example file that no longer gives its logged figure."""
 import importlib.util
 import json
 import random
@@ -40,7 +41,7 @@ def write_mrpc(folder, n_train=80, n_dev=24):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run of the whole set (about a minute); the tests below read what it wrote."""
+    """One --quick run of the whole set (two seeds, a one-point grid); the tests below read what it wrote."""
     from transformers import BertConfig, BertForSequenceClassification
 
     root = tmp_path_factory.mktemp("results")
@@ -55,43 +56,44 @@ def quick(tmp_path_factory):
     tok.save_pretrained(root / "bert")
     argv = ["--quick", "--sft_model", str(root / "llama"), "--glue_model", str(root / "bert"),
             "--dolly", str(write_dolly(root / "dolly.jsonl", n=120)), "--mrpc", str(write_mrpc(root / "MRPC")),
-            "--sst2", str(write_glue(root / "SST-2", "sst2", 80)),
-            "--runs", str(root / "runs"), "--page", str(root / "docs" / "RESULTS.md"), "--threads", "1"]
+            "--sst2", str(write_glue(root / "SST-2", "sst2", 80)), "--grid_points", "1", "--seeds", "42,43",
+            "--runs", str(root / "runs"), "--data", str(root / "data"), "--page", str(root / "docs" / "RESULTS.md")]
     threads = torch.get_num_threads()
     load_results().main(argv)
     torch.set_num_threads(threads)
     return root, argv
 
 
-def test_quick_writes_the_page_with_every_row(quick):
-    root, _ = quick
-    page = (root / "docs" / "RESULTS.md").read_text()
-    for row in ("| zero-shot (pretrained) |", "| FedKSeed |", "| FedKSeed-Pro |", "| centralized MeZO", "| FedCyBGD |",
-                "| FedAvg (full) |", "| FedIT (LoRA) |", "| FedCyBGD (its default stream) |", "| majority class",
-                "| always positive |",
-                "| centralized fine-tuning", "### FedAvg over `--iid iid` clients", "**FedKSeed at this budget.**",
-                "## SST-2", "| zero-shot, bfloat16 forwards", "| zero-shot, float32 forwards", "| FedKSeed (two-point) |",
-                "| FedKSeed (FZOO, n = 4) |", "| FedKSeed-Pro (two-point) |",
-                "### FedKSeed (FZOO) for as long as 60 minutes allow", "DeComFL (OPT-125m"):
-        assert row in page, row
-    assert (root / "docs" / "results_dolly.svg").read_text().startswith("<svg")
-    assert (root / "docs" / "results_mrpc.svg").read_text().startswith("<svg")
-    for plot in ("examples", "bytes", "seconds"):
-        assert (root / "docs" / f"results_sst2_{plot}.svg").read_text().startswith("<svg")
-    # every run left its metrics and the per-example values its intervals come from
-    for name in ("fedkseed", "fedkseed-pro", "mezo", "fedcybgd", "fedavg", "fedit", "mrpc-iid-fedcybgd",
-                 "mrpc-iid-fedavg", "mrpc-centralized", "sst2-fedkseed", "sst2-fedkseed-fzoo", "sst2-fedkseed-pro",
-                 "sst2-fedit", "sst2-fedavg", "sst2-centralized", "sst2-fedkseed-long"):
-        kept = "heldout_examples.json" if name.startswith("sst2") else "examples.json"  # SST-2: the run's own
-        assert (root / "runs" / name / "metrics.jsonl").is_file() and (root / "runs" / name / kept).is_file()
-
-
-def test_collect_refuses_a_number_the_model_does_not_reproduce(quick):
-    """--collect trains nothing; a metrics.jsonl that no longer matches its exported model stops the page."""
+def test_quick_writes_the_page_with_every_row_from_the_committed_files(quick):
     root, argv = quick
-    path = root / "runs" / "mrpc-centralized" / "metrics.jsonl"
+    page = (root / "docs" / "RESULTS.md").read_text()
+    for row in ("## SST-2", "| zero-shot, bfloat16 forwards", "| zero-shot, float32 forwards", "| FedKSeed (two-point) |",
+                "| FedKSeed (FZOO, n = 4) |", "| FedKSeed-Pro (two-point) |", "| FedIT (LoRA) |", "| FedAvg (full) |",
+                "| centralized fine-tuning |", "against FedIT, paired", "## MRPC", "| FedCyBGD (its GLUE regime) |",
+                "FedCyBGD against FedAvg", "## Dolly", "| zero-shot (pretrained) |", "| FedKSeed |",
+                "| centralized MeZO (one client) |", "**The protocol, the same for every row.**", " ± "):
+        assert row in page, row
+    for plot in ("results_sst2_examples", "results_sst2_bytes", "results_sst2_seconds", "results_mrpc", "results_dolly"):
+        assert (root / "docs" / f"{plot}.svg").read_text().startswith("<svg")
+    # the committed data: the small files of every run, never weights
+    runs = list((root / "data").glob("*/*"))
+    assert {r.parent.name for r in runs} == {"sst2", "mrpc", "dolly"} and len(runs) == 6 * 2 + 3 * 2 + 6 * 1
+    for r in runs:
+        assert sorted(f.name for f in r.iterdir()) == sorted(load_results().KEPT)
+    # --collect writes the same page from the data alone, the weights folder gone
+    before = page
+    import shutil
+    shutil.rmtree(root / "runs")
+    load_results().main(argv + ["--collect"])
+    assert (root / "docs" / "RESULTS.md").read_text().split("\n", 3)[3] == before.split("\n", 3)[3]
+
+
+def test_collect_refuses_per_example_values_that_do_not_give_the_logged_figure(quick):
+    root, argv = quick
+    run = next((root / "data" / "mrpc").glob("centralized-*"))
+    path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[-1]["accuracy"] = rows[-1]["accuracy"] + 0.5
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match="mrpc-centralized: accuracy re-evaluated from model/"):
+    with pytest.raises(SystemExit, match="its per-example accuracy gives"):
         load_results().main(argv + ["--collect"])
