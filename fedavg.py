@@ -57,8 +57,8 @@ TASK_DEFAULTS = {
 LORA_LR = {"sft": 3e-4, "glue": 5e-4, "prompt": 3e-4}  # LoRA wants a larger step than full fine-tuning
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "prompt": tasks.prompts.TASKS}
 SHARED_FLAGS = ("dataset data_path model rounds num_clients m local_steps batch_size lr weight_decay max_length iid "
-                "seed output_dir resume eval_every eval_samples val_samples template max_new_tokens max_change device "
-                "dtype")
+                "seed output_dir resume eval_every eval_samples val_samples template max_new_tokens max_change "
+                "tensor_bound tensor_window device dtype")
 
 
 def parse_args(argv=None):
@@ -208,6 +208,14 @@ def check_uploads(run, rnd, sampled, replies, wire_down):
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
                       "held_bytes": int(stats["held_bytes"]), "step_bytes": int(stats["step_bytes"]),
                       "client_seconds": round(stats["client_seconds"], 3)})
+    # --tensor_bound (robust aggregation, beyond FedAvg): every tensor's change within c x the median change of the
+    # tensors accepted in this and the last rounds (tasks/wire.py); an honest round keeps its bits where none exceeds
+    changes = [tasks.change_sizes(u, run.global_w) for u in uploads]
+    limit = tasks.change_limit([d for r in run.recent for d in r] + [d for c in changes for d in c.values()],
+                               run.args.tensor_bound)
+    for i, (u, line) in enumerate(zip(uploads, [t for t in turns if "dropped" not in t])):
+        uploads[i], line["bounded"] = tasks.bound_changes(u, run.global_w, limit)
+    run.recent = (run.recent + [[min(d, limit or d) for c in changes for d in c.values()]])[-run.args.tensor_window - 1:]
     return uploads, sizes, turns
 
 
@@ -257,6 +265,7 @@ def setup(args, transport=None):
     run.transport.join(0)
     params = dict(run.model.named_parameters())
     run.global_w = {n: params[n].detach().clone() for n in run.names}  # the server's copy of what is averaged
+    run.recent = []  # --tensor_bound: the accepted tensors' change sizes of the last rounds, one list a round
     run.start = load_checkpoint(run) if args.resume else 0
     N = args.num_clients
     run.n_sampled = tasks.sampled_per_round(N, args.m)
@@ -276,13 +285,16 @@ def setup(args, transport=None):
 def load_parts(run):
     """What every party loads, the server and each client's process alike: the model, the names it trains, the data."""
     run.model, run.tokenizer, run.names = build_model(run.args, run.device)
-    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients, run.model)
+    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients, run.model,
+                                                          server_only=getattr(run, "transport", None) is not None
+                                                          and run.transport.declares_sizes)  # Flower's deployment
 
 
 def load_checkpoint(run):
     """Restore the global weights (and the working model) from <output_dir>/checkpoint.safetensors -> its round.
     Missing, unreadable, foreign, of other flags, or of other shapes: ConfigError."""
-    rnd, weights, _ = tasks.checkpoint.load(run.out, "fedavg", run.config)
+    rnd, weights, state = tasks.checkpoint.load(run.out, "fedavg", run.config)
+    run.recent = state.get("recent", [])
     if weights.keys() != run.global_w.keys() or any(weights[n].shape != t.shape for n, t in run.global_w.items()):
         raise ConfigError(f"--resume: the weights in {tasks.checkpoint.path_of(run.out)} do not fit "
                           f"{run.args.model}")
@@ -304,18 +316,19 @@ def log_round(run, rnd, t0, turns):
     row = tasks.round_row(rnd, t0, turns, evaluation)  # pops the turns' client_seconds: the ledger keeps no timings
     run.files.ledger(turns)
     run.files.metric(row)
-    tasks.checkpoint.save(run.out, "fedavg", rnd, run.config, run.global_w)  # last: a crash before it redoes the round
+    tasks.checkpoint.save(run.out, "fedavg", rnd, run.config, run.global_w,  # last: a crash before it redoes the round
+                          {"recent": run.recent})
     run.progress.log(tasks.round_line(row))
 
 
 def finish(run):
-    """The loss plot, and the tuned model in Hugging Face format (FedIT's adapters merged into the base weights)."""
+    """The tuned model in Hugging Face format (FedIT's adapters merged into the base weights), then the loss plot."""
     lora = run.args.method == "lora"
-    if run.files.plot(run.method):
-        print(f"wrote {run.out / 'loss.png'}")
     export = run.model.merge_and_unload() if lora else run.model
     print(f"wrote {tasks.export_model(export, run.tokenizer, run.out / 'model')} (save_pretrained: config, weights, "
           f"tokenizer{', LoRA merged' if lora else ''})")
+    if run.files.plot(run.method):  # after the export: a plot never decides whether a run succeeds
+        print(f"wrote {run.out / 'loss.png'}")
     if line := run.files.change_line():
         print(line)
 

@@ -77,8 +77,8 @@ TASK_DEFAULTS = {
 }
 DATASETS = {"sft": tasks.DATASETS, "glue": tasks.glue.TASKS, "squad": ("squad",)}
 SHARED_FLAGS = ("dataset data_path model rounds num_clients local_steps batch_size lr weight_decay max_length iid seed "
-                "output_dir resume eval_every eval_samples val_samples max_new_tokens max_change device dtype "
-                "dist_timeout")
+                "output_dir resume eval_every eval_samples val_samples max_new_tokens max_change tensor_bound "
+                "tensor_window device dtype dist_timeout")
 CLIENT_STATS = ("loss", "peak_memory_bytes", "held_bytes", "step_bytes")  # a turn's statistics that travel with
 # its upload, for the metrics (the memory: tasks/memory.py)
 
@@ -206,7 +206,7 @@ def init_server(model, units):
     """The server: the exact global weights, a version per unit (bumped by every upload that changes it) and per
     client "seen" {unit: version it holds; missing = 0, pretrained} and "lossy" [units it holds only as int8]."""
     return {"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "version": {u: 0 for u in units},
-            "seen": {}, "lossy": {}}
+            "seen": {}, "lossy": {}, "recent": []}
 
 
 def server_download(server, units, client, blocks, mode, fraction=1.0, seed=0):
@@ -355,6 +355,7 @@ def turn(run, rnd, c):
         run.progress.log(f"round {rnd} client {c}: left out of the round: {why}")
     else:
         line["change"] = round(tasks.relative_change(upload, server["weights"]), 6)  # before the upload replaces them
+        upload, line["bounded"] = bound_upload(server, upload, args)  # --tensor_bound, an option (after the method)
         server_aggregate(server, c, upload, run.units)
         sync_model(run.model, upload)  # every working copy follows the global model
         line.update(turns_per_round=run.num_clients, client=c, block=block, lr_first=lrs[0], lr_last=lrs[-1],
@@ -394,6 +395,17 @@ def train(args, transport=None):
 # options beyond the paper: the official code's regimes (stream, several blocks a turn, the schedule, clipping,
 # block dropping), the int8 download, and the label-skew candidates (logit adjustment, the head's rate)
 # ====================================================================================================
+def bound_upload(server, upload, args):
+    """--tensor_bound c (default 10; robust aggregation): every tensor's change within c x the median change of the
+    tensors accepted in this and the last --tensor_window turns (tasks/wire.py) -> (the upload, tensors scaled). An
+    honest turn keeps its bits where no tensor exceeds the bound; the turn's sizes join server["recent"]."""
+    changes = tasks.change_sizes(upload, server["weights"])
+    limit = tasks.change_limit([d for turn in server["recent"] for d in turn] + list(changes.values()),
+                               args.tensor_bound)
+    server["recent"] = (server["recent"] + [[min(d, limit or d) for d in changes.values()]])[-args.tensor_window - 1:]
+    return tasks.bound_changes(upload, server["weights"], limit)
+
+
 def blocks_of_turn(cycle, switch_mode, seed, rnd, client, num_clients, k=1):
     """--layers_per_turn k: the k units (in cycle order) of client `client`'s turn t = (rnd - 1) * num_clients +
     client; k = 1: block_of_turn. With L = len(cycle), by --switch_mode:
@@ -432,8 +444,8 @@ def stream_batches(run, rnd, c):
     args, pool = run.args, run.clients[0]
     order = stream_indices(len(pool), args.local_steps * args.batch_size * args.grad_accum,
                            (rnd - 1) * run.num_clients + c, args.seed)
-    return [tasks.make_batch(args.task, [pool[i] for i in order[k:k + args.batch_size]], run.tokenizer, run.device)
-            for k in range(0, len(order), args.batch_size)]
+    return tasks.Batches([order[k:k + args.batch_size] for k in range(0, len(order), args.batch_size)],
+                         lambda rows: tasks.make_batch(args.task, [pool[i] for i in rows], run.tokenizer, run.device))
 
 
 def learning_rate(args, step, total_steps, warmup=None):
@@ -593,7 +605,7 @@ def load_checkpoint(run):
                                                          for n, t in server["weights"].items()):
         raise ConfigError(f"--resume: {tasks.checkpoint.path_of(run.out)} does not fit this model")
     sync_model(run.model, weights)  # the working model; the server's weights are a copy of it
-    run.server = {**init_server(run.model, run.units), "version": state["version"],
+    run.server = {**init_server(run.model, run.units), "version": state["version"], "recent": state.get("recent", []),
                   **{k: {int(c): v for c, v in state[k].items()} for k in ("seen", "lossy")}}  # JSON keys are strings
     print(f"resumed from round {rnd}")
     return rnd
@@ -613,7 +625,7 @@ def log_round(run, rnd, t0, turns):
     run.files.metric(row)
     # the round is complete (its last broadcast reached every rank): the server's weights and record of the clients
     tasks.checkpoint.save(run.out, "fedcybgd", rnd, run.config, run.server["weights"],
-                          {k: run.server[k] for k in ("version", "seen", "lossy")})
+                          {k: run.server[k] for k in ("version", "seen", "lossy", "recent")})
     run.saved = rnd
     run.progress.log(tasks.round_line(row))
 

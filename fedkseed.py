@@ -137,6 +137,9 @@ def parse_args(argv=None):
       "0 = none")
     add("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B] before "
       "aggregating, bounding what one client can move the model; 0 = off (docs/flower.md: its cost)")
+    add("--g_bound", type=float, default=10.0, help="robust aggregation: every uploaded scalar is clipped to this many "
+      "times the median |scalar| of this round and the last --g_window rounds; 0 = off")
+    add("--g_window", type=int, default=10, help="--g_bound: the rounds before this one whose scalars the median pools")
     add("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
       "its scalars on each seed) is scaled down to at most this many times the round's median client norm; 0 = off")
     add("--fold", action="store_true", help="two passes over the weights a step instead of three (the weights round "
@@ -157,9 +160,11 @@ def parse_args(argv=None):
 def check_config(args):
     """fedkseed's own flags -> ConfigError (one line)."""
     tasks.flags.check_positive(args, ("zo_eps", "bias_loss_clip", "server_lr"))
-    for name in ("max_abs_g", "clip_norm"):
+    for name in ("max_abs_g", "clip_norm", "g_bound"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             raise ConfigError(f"--{name} {getattr(args, name)}: must be a finite number >= 0 (0 = off)")
+    if args.g_window < 0:
+        raise ConfigError(f"--g_window {args.g_window}: must be at least 0")
     if not math.isfinite(args.grad_initial):
         raise ConfigError(f"--grad_initial {args.grad_initial}: must be a finite number")
     if not (math.isfinite(args.server_momentum) and 0.0 <= args.server_momentum < 1.0):
@@ -210,15 +215,16 @@ def apply_seeds(w, seeds, scales):
     apply_weights_(w.tensors, w.copies, seeds, scales, w.offsets, w.kind, w.masks)
 
 
-def load_data(args, tokenizer):
-    """-> (the data: clients, val, test, summary; clients sampled per round)."""
+def load_data(args, tokenizer, server_only=False):
+    """-> (the data: clients, val, test, summary; clients sampled per round). server_only: Flower's deployment mode,
+    whose server holds no client's data (its held-out and validation sets are its own files)."""
     if args.dataset in tasks.prompts.TASKS:  # classification: examples {"text_a", "text_b", "label"}
         data = tasks.prompts.load_prompt_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
-                                              args.val_samples)
+                                              args.val_samples, server_only=server_only)
     else:
         data = tasks.load_instruction_data(args.dataset, args.data_path, args.num_clients, args.iid, args.seed,
                                            tokenizer=tokenizer, max_length=args.max_length,
-                                           val_samples=args.val_samples)
+                                           val_samples=args.val_samples, server_only=server_only)
     n_sampled = tasks.sampled_per_round(len(data.clients), args.m)
     if not 1 <= n_sampled <= len(data.clients):
         raise ConfigError(f"-m {args.m} x {len(data.clients)} clients samples {n_sampled} clients per round")
@@ -512,12 +518,14 @@ def server_update(server, uploads, sizes, dropped, args, seeds, w0, rnd):
     dropped out may or may not hold its download: the server no longer knows its record (-1), so its next download
     is dense. -> the increment A(t) - A(t-1)."""
     server["synced_round"][sorted(dropped)] = -1
-    a = server_aggregate(uploads, sizes, args.K, round_lr(args, rnd), args.max_abs_g, args.clip_norm)  # clients' lr
+    bound = scalar_bound(server, uploads, args)  # every scalar within +-bound (an option, after the method: --g_bound)
+    a = server_aggregate(uploads, sizes, args.K, round_lr(args, rnd), bound, args.clip_norm)  # the clients' lr
     increment, server["velocity"] = server_step(a, server["velocity"], args.server_lr, args.server_momentum)
     server["A_history"].append(server["A_history"][-1] + increment)  # float32 + float32
     sync_model(server["w"], w0, seeds, server["A_history"][-1])
     if args.bias_sampling:
-        update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, args.bias_loss_clip)
+        clip = min(args.bias_loss_clip, bound) if bound > 0 else args.bias_loss_clip
+        update_seed_history(server["hist_sum"], server["hist_count"], uploads, args.K, clip)
     return increment
 
 
@@ -621,6 +629,22 @@ def zo_step_folded(model, w, batch, seed, eps, lr, pending):
     finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
     g = float(np.float32((loss_plus - loss_minus) / (2.0 * eps))) if finite else None
     return g, (loss_plus + loss_minus) / 2, (seed, eps - lr * g if finite else eps)
+
+
+def scalar_bound(server, uploads, args):
+    """--g_bound c (default 10; 0 = off) -> the bound B on every uploaded scalar this round (0: none), the server's
+    robust aggregation: B = c x the median |scalar| over this round's uploads and those of the last --g_window rounds
+    (kept in server["recent"]), then the smaller of B and --max_abs_g. Breakdown point: a client (or a node serving
+    several) that uploads fewer than half of those scalars cannot move the median out of the honest ones' range, so
+    its every scalar moves A by at most lr x its data share x c x an honest |scalar|, and Pro's seed history by at
+    most B. An honest run at c = 10 keeps its bits where no scalar reaches B (two-point g is about Gaussian: B is
+    some 15 standard deviations)."""
+    now = np.concatenate([np.abs(decode_upload(u, args.K)[2]) for u in uploads] + [np.zeros(0, np.float32)])
+    server["recent"] = (server["recent"] + [now])[-(args.g_window + 1):]
+    pooled = np.concatenate(server["recent"])
+    bound = args.g_bound * float(np.median(pooled.astype(np.float64))) if args.g_bound > 0 and len(pooled) else 0.0
+    caps = [b for b in (bound, args.max_abs_g) if b > 0]
+    return min(caps) if caps else 0.0
 
 
 def clip_client_norms(decoded, K, factor):
@@ -744,21 +768,27 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=No
     run.progress.log(tasks.round_line(row) + (f" ({row['seeds_touched']} seeds touched)" if rnd else ""))
 
 
-SERVER_STATE = ("synced_round", "hist_sum", "hist_count", "velocity")  # with A's history: what the next round needs
+SERVER_STATE = ("synced_round", "hist_sum", "hist_count", "velocity")  # with A's history and --g_bound's "recent"
 
 
 def save_checkpoint(run):
     """The server's state (kilobytes, not weights): A(0..t), each client's last sync, Pro's history, the velocity."""
     server = run.server
+    recent = server["recent"]
     tasks.checkpoint.save(run.out, "fedkseed", len(server["A_history"]) - 1, run.config,
                           {"A_history": torch.from_numpy(np.stack(server["A_history"])),
-                           **{k: torch.from_numpy(server[k]) for k in SERVER_STATE}})
+                           "recent": torch.from_numpy(np.concatenate(recent + [np.zeros(0, np.float32)])),
+                           **{k: torch.from_numpy(server[k]) for k in SERVER_STATE}},
+                          {"recent": [len(r) for r in recent]})
 
 
 def load_checkpoint(run):  # -> the server's state, or a one-line ConfigError (tasks/checkpoint.py)
     fixed = ("rounds",) if run.args.lr_scheduler != "constant" else ()  # the schedule spans the run's --rounds
-    rnd, t, _ = tasks.checkpoint.load(run.out, "fedkseed", run.config, fixed)
-    return {"round": rnd, "A_history": list(t["A_history"].numpy()), **{k: t[k].numpy().copy() for k in SERVER_STATE}}
+    rnd, t, state = tasks.checkpoint.load(run.out, "fedkseed", run.config, fixed)
+    cut = np.cumsum([0] + state["recent"])
+    recent = [t["recent"].numpy()[a:b].copy() for a, b in zip(cut[:-1], cut[1:])]
+    return {"round": rnd, "A_history": list(t["A_history"].numpy()), "recent": recent,
+            **{k: t[k].numpy().copy() for k in SERVER_STATE}}
 
 
 def load_parts(run):
@@ -777,7 +807,8 @@ def load_parts(run):
         for copy, p in zip(run.weights.copies, run.weights.tensors):
             copy.copy_(p)
     run.pad_id = run.tokenizer.pad_token_id
-    run.data, run.n_sampled = load_data(args, run.tokenizer)
+    run.data, run.n_sampled = load_data(args, run.tokenizer, getattr(run, "transport", None) is not None
+                                        and run.transport.declares_sizes)
     run.clients, run.template, run.label_ids = run.data.clients, None, None
     if args.dataset in tasks.prompts.TASKS:  # the template: --template, or the best zero-shot one on validation
         run.template, run.label_ids = tasks.prompts.pick_template(args.dataset, args.template, run.model, run.tokenizer,
@@ -828,7 +859,8 @@ def setup(args, transport=None):
                        "synced_round": np.zeros(N, dtype=np.int64),
                        "hist_sum": np.full(K, abs(float(np.clip(args.grad_initial, -args.bias_loss_clip,
                                                                  args.bias_loss_clip)))),
-                       "hist_count": np.ones(K, dtype=np.int64), "velocity": np.zeros(K, dtype=np.float32)}
+                       "hist_count": np.ones(K, dtype=np.int64), "velocity": np.zeros(K, dtype=np.float32),
+                       "recent": []}
     run.start = server.pop("round")
     # each client's own record of A (K float32), on its own rank; on resume the simulation takes it from the history
     # (a client the server no longer knows, -1, gets zeros: its next download is dense anyway)

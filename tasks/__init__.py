@@ -59,7 +59,7 @@ Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, 
              tasks.export_model(model, tokenizer, folder), write_atomic, save_atomic, fmt_bytes, tasks.run_cli(name, fn)
 Wire:        (tasks/wire.py) tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
              tasks.packed_bound(tensors) (uploads are refused beyond it), check_tensors (the server's check of an
-             upload of tensors), relative_change
+             upload of tensors), relative_change, and --tensor_bound's change_sizes / change_limit / bound_changes
 Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
 Errors:      (tasks/errors.py) tasks.ConfigError, tasks.DataError, tasks.ModelError, tasks.GroupError: one line each
@@ -70,7 +70,7 @@ is tried. Every problem a user can cause raises tasks.DataError with a one-line 
 """
 from . import checkpoint, flags, glue, prompts, squad
 from .bootstrap import accuracy_of, paired_interval, token_weighted_loss
-from .data import collate_tokenized, load_task_data, local_batches, make_batch
+from .data import Batches, collate_tokenized, load_task_data, local_batches, make_batch
 from .errors import ConfigError, DataError, GroupError, ModelError
 from .evaluation import (evaluate, evaluate_lm, evaluate_prompt_sets, evaluate_sets, glue_predictions, heldout_sets,
                          prompt_sets)
@@ -86,4 +86,5 @@ from .runfiles import (Progress, RunFiles, export_model, fmt_bytes, read_run_jso
 from .sources import hub_reachable, read_jsonl
 from .training import param_groups, train_steps
 from .transport import Ranks, Transport, accept_replies, transport_from_env
-from .wire import check_tensors, pack, packed_bound, relative_change, unpack
+from .wire import (bound_changes, change_limit, change_sizes, check_tensors, pack, packed_bound, relative_change,
+                   unpack)

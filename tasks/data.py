@@ -15,21 +15,24 @@ import math
 import torch
 
 from . import glue, prompts, squad
+from .errors import DataError
 from .instruction import load_instruction_data
 from .lm import collate, tokenize_examples
 from .partitions import partition, partition_summary, split_validation, subsample
 from .prompts import collate_prompts
 
 
-def load_task_data(args, tokenizer, num_clients, model=None):
+def load_task_data(args, tokenizer, num_clients, model=None, server_only=False):
     """-> (clients: list of lists of tokenized examples, val: validation examples as the evaluator wants them or
     None without --val_samples, test: held-out examples as the evaluator wants them). The validation examples are
     carved from the training pool before it is partitioned (`split_validation`); the test set is untouched.
     task "prompt" (classification with a causal LM): the template is --template, or with "auto" chosen with `model`
-    on the validation examples (tasks/prompts.py)."""
+    on the validation examples (tasks/prompts.py). server_only (prompt, sft, glue): num_clients empty clients, the
+    validation and held-out sets from the server's own files (Flower's deployment mode)."""
     val_samples = getattr(args, "val_samples", 0)
     if args.task == "prompt":
-        data = prompts.load_prompt_data(args.dataset, args.data_path, num_clients, args.iid, args.seed, val_samples)
+        data = prompts.load_prompt_data(args.dataset, args.data_path, num_clients, args.iid, args.seed, val_samples,
+                                        server_only=server_only)
         print(data.summary)
         template, ids = prompts.pick_template(args.dataset, args.template, model, tokenizer, data.val, args.max_length)
         enc = lambda es: [prompts.tokenize_prompt(tokenizer, e, template, args.max_length, ids) for e in es]  # noqa
@@ -38,7 +41,7 @@ def load_task_data(args, tokenizer, num_clients, model=None):
     if args.task == "sft":
         data = load_instruction_data(args.dataset, args.data_path, num_clients=num_clients, iid=args.iid,
                                      seed=args.seed, tokenizer=tokenizer, max_length=args.max_length,
-                                     val_samples=val_samples)
+                                     val_samples=val_samples, server_only=server_only)
         print(data.summary)
         clients = [tokenize_examples(tokenizer, c, args.max_length, log=None) for c in data.clients]
         cut, total = sum(t["truncated"] for c in clients for t in c), sum(len(c) for c in clients)
@@ -52,13 +55,16 @@ def load_task_data(args, tokenizer, num_clients, model=None):
         train, val = split_validation(train, val_samples, args.seed)
         labels = [e["label"] for e in train]
         strat = labels if glue.NUM_LABELS[args.dataset] > 1 else [0] * len(train)  # stsb: no classes
-        parts = partition(strat, num_clients, args.iid, args.seed, min_size=min(10, len(train) // num_clients))
+        parts = partition(strat, num_clients, args.iid, args.seed, min_size=min(10, len(train) // num_clients),
+                          server_only=server_only)
         print(f"{args.dataset}: {len(train)} train, {len(val)} validation, {len(dev)} dev\n"
               + partition_summary(parts, strat))
         enc = lambda es: [dict(tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=args.max_length),
                                labels=e["label"]) for e in es]
         return ([enc([train[i] for i in part]) for part in parts], enc(val) if val_samples else None,
                 enc(subsample(dev, args.eval_samples, args.seed)))
+    if server_only:
+        raise DataError("squad: a server without the clients' data (Flower, data-sizes = declared) is not supported")
     train, dev = squad.load(args.data_path)
     train, val = split_validation(train, val_samples, args.seed)
     parts = partition([0] * len(train), num_clients, "iid", args.seed, min_size=1)
@@ -87,7 +93,8 @@ def make_batch(task, items, tokenizer, device):
 
 
 def local_batches(args, examples, tokenizer, device, seed):
-    """The micro-batches of one turn: reshuffled passes over the client's data, seeded by (seed, round, client)."""
+    """The micro-batches of one turn: reshuffled passes over the client's data, seeded by (seed, round, client). Built
+    when a step takes them (`Batches`): a turn holds one step's batches at a time, however many steps it has."""
     per_step = args.batch_size * args.grad_accum
     steps = args.local_steps or max(1, math.ceil(args.local_epochs * len(examples) / per_step))
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +102,22 @@ def local_batches(args, examples, tokenizer, device, seed):
     while len(order) < steps * per_step:
         order += torch.randperm(len(examples), generator=g).tolist()
     order = order[:steps * per_step]
-    return [make_batch(args.task, [examples[i] for i in order[k:k + args.batch_size]], tokenizer, device)
-            for k in range(0, len(order), args.batch_size)]
+    return Batches([order[k:k + args.batch_size] for k in range(0, len(order), args.batch_size)],
+                   lambda rows: make_batch(args.task, [examples[i] for i in rows], tokenizer, device))
+
+
+class Batches:
+    """A turn's micro-batches as a sequence (len, index, slice), each built from its example indices when it is
+    taken: the list of batches a long turn would be is never held whole."""
+
+    def __init__(self, rows, make):
+        self.rows, self.make = rows, make
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        return [self.make(r) for r in self.rows[k]] if isinstance(k, slice) else self.make(self.rows[k])
 
 
 def collate_tokenized(tokenized, pad_token_id):

@@ -111,10 +111,18 @@ SHARED = {
                                        "zero-shot accuracy on the --val_samples validation examples"), _none),
     "max_new_tokens": (("--max_new_tokens",), dict(type=int, default=128, help="tokens generated for Rouge-L "
                                                    "(greedy)"), _at_least(0)),
-    "max_change": (("--max_change",), dict(type=float, default=1.0, help="the server refuses an upload that changes "
-                                           "the weights the client was sent by more than this fraction of their "
-                                           "norm (a hostile block of 1e30 is finite); 0 = off"),
+    "max_change": (("--max_change",), dict(type=float, default=0.5, help="the server refuses an upload that changes "
+                                           "the weights it was sent by more than this fraction of their norm (a "
+                                           "hostile block of 1e30 is finite, an all-zero upload changes them by 1.0); "
+                                           "0 = off"),
                    lambda args, name, low=None: _finite(args, name, 0.0, strict=False, note=" (0 = off)")),
+    "tensor_bound": (("--tensor_bound",), dict(type=float, default=10.0, help="robust aggregation: each uploaded "
+                                               "tensor's change (RMS per element) is scaled down to at most this many "
+                                               "times the median change of the tensors accepted in this and the last "
+                                               "--tensor_window rounds (FedCyBGD: turns); 0 = off"),
+                     lambda args, name, low=None: _finite(args, name, 0.0, strict=False, note=" (0 = off)")),
+    "tensor_window": (("--tensor_window",), dict(type=int, default=10, help="--tensor_bound: the past rounds (turns) "
+                                                 "whose accepted tensors the median pools"), _at_least(0)),
     "device": (("--device",), dict(default="auto", help="auto, cpu, cuda, cuda:1, ..."), _none),
     "dtype": (("--dtype",), dict(choices=("float32", "bfloat16", "float16"), default="float32",
                                  help="weight dtype"), _none),

@@ -7,7 +7,6 @@ instruction (and its input, if any) filled into an Alpaca-style template, the ta
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .partitions import partition, partition_summary, split_validation, stream
 from .errors import DataError
@@ -80,9 +79,10 @@ def read_dolly(data_path=None):
     return records
 
 
-def load_dolly(data_path, num_clients, iid, seed, test_category="summarization", min_size=10, val_samples=0):
+def load_dolly(data_path, num_clients, iid, seed, test_category="summarization", min_size=10, val_samples=0,
+               server_only=False):
     """FedKSeed's split: one whole category is the test set, the other 7 are partitioned over clients (after
-    val_samples of them are carved out for validation)."""
+    val_samples of them are carved out for validation). server_only: no client data (`partition`)."""
     records = read_dolly(data_path)
     examples = [
         make_example(r["instruction"], r["context"], r["response"], r["category"], DOLLY_TEMPLATE) for r in records
@@ -94,7 +94,7 @@ def load_dolly(data_path, num_clients, iid, seed, test_category="summarization",
     test = [e for e in examples if e["category"] == test_category]
     train, val = split_validation(train, val_samples, seed)
     labels = [e["category"] for e in train]
-    parts = partition(labels, num_clients, iid, seed, min_size=min_size)
+    parts = partition(labels, num_clients, iid, seed, min_size=min_size, server_only=server_only)
     clients = [[train[i] for i in part] for part in parts]
     head = (f"dolly: test = category '{test_category}' ({len(test)} examples), train = {len(categories) - 1} "
             f"categories, {iid}" + (f", {len(val)} of them held out for validation" if val else ""))
@@ -276,11 +276,15 @@ def load_alpaca(data_path, num_clients, iid, seed, test_fraction=0.01, min_size=
 
 def load_instruction_data(name, data_path=None, num_clients=200, iid="dir0.5", seed=42, *,
                           test_category="summarization", test_fraction=0.01, min_size=10,
-                          tokenizer=None, max_length=1024, val_samples=0):
-    """name -> InstructionData(clients, test, summary, val). See the package docstring."""
+                          tokenizer=None, max_length=1024, val_samples=0, server_only=False):
+    """name -> InstructionData(clients, test, summary, val). See the package docstring. server_only (dolly): the
+    held-out and validation sets of the server's own file, no client data."""
     if name == "dolly":
         return load_dolly(data_path, num_clients, iid, seed, test_category=test_category, min_size=min_size,
-                          val_samples=val_samples)
+                          val_samples=val_samples, server_only=server_only)
+    if server_only:
+        raise DataError(f"{name}: a server without the clients' data (Flower, data-sizes = declared) reads dolly, sst2 "
+                        "or mrpc only")
     if name == "instruct":  # num_clients is the number of training tasks
         return load_natural_instructions(data_path, seed, tokenizer=tokenizer, max_length=max_length,
                                          val_samples=val_samples)

@@ -57,8 +57,11 @@ def parse_iid(iid):
     raise DataError(f"unknown partition '{iid}': use 'iid' or 'dirALPHA' with ALPHA > 0 (e.g. dir0.5)")
 
 
-def partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10):
-    """Split indices 0..len(labels)-1 over num_clients -> list (per client) of index lists."""
+def partition(labels, num_clients, iid="dir0.5", seed=42, min_size=10, server_only=False):
+    """Split indices 0..len(labels)-1 over num_clients -> list (per client) of index lists. server_only: the server of
+    a deployment (Flower, data-sizes = "declared"), which holds no client's data: num_clients empty lists."""
+    if server_only:
+        return [[] for _ in range(num_clients)]
     n = len(labels)
     alpha = parse_iid(iid)
     if num_clients < 1:

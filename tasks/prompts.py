@@ -49,14 +49,16 @@ TEMPLATES = {
 }
 
 
-def load_prompt_data(task, data_path=None, num_clients=10, iid="iid", seed=42, val_samples=0, min_size=10):
-    """A GLUE task as federated prompt data -> SimpleNamespace(clients, val, test, summary) of example lists."""
+def load_prompt_data(task, data_path=None, num_clients=10, iid="iid", seed=42, val_samples=0, min_size=10,
+                     server_only=False):
+    """A GLUE task as federated prompt data -> SimpleNamespace(clients, val, test, summary) of example lists.
+    server_only: no client data (`partition`)."""
     if task not in TASKS:
         raise DataError(f"prompt-based classification: unknown task '{task}' (choose one of {', '.join(TASKS)})")
     train, test = glue.load(task, data_path)
     train, val = split_validation(train, val_samples, seed)
     labels = [e["label"] for e in train]
-    parts = partition(labels, num_clients, iid, seed, min_size)
+    parts = partition(labels, num_clients, iid, seed, min_size, server_only)
     return SimpleNamespace(clients=[[train[i] for i in part] for part in parts], val=val, test=test,
                            summary=partition_summary(parts, labels))
 

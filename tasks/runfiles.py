@@ -210,16 +210,24 @@ class RunFiles:
     def plot(self, title):
         """loss.png: train loss (per round, or per client turn where the ledger has turns) and held-out loss, in
         two panels with their own scales (ZO moves the held-out loss far less than clients differ). -> the path,
-        or None without matplotlib (or on a non-server rank)."""
+        or None without matplotlib, on a non-server rank, or when the plot fails (one line says why: a plot never
+        decides whether a run succeeds; the scripts export the model before they plot)."""
         if not self.active:
             return None
         try:
             import matplotlib
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            from matplotlib.ticker import MaxNLocator
         except ImportError:
             return None
+        try:
+            return self._plot(title)
+        except Exception as e:  # noqa: BLE001  a value no axis can hold, a full disk: the run itself is done
+            print(f"loss.png not written: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            return None
+
+    def _plot(self, title):
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         if self.turns:
             axes[0].plot([(t["turn"] + 1) / t["turns_per_round"] for t in self.turns], [t["loss"] for t in self.turns],

@@ -101,25 +101,27 @@ def test_bad_fedkseed_upload_is_left_out(tiny_dir, dolly, tmp_path, monkeypatch,
     assert reasons and all(r.startswith("bad upload:") for r in reasons)
 
 
-def test_byzantine_client_is_bounded_by_max_abs_g(tiny_dir, dolly, tmp_path, monkeypatch):  # noqa: F811
-    """Client 1 uploads g = 1e30 for every pair. Without --max_abs_g the model is wrecked; with it the held-out loss
-    stays within 2% of the honest run's (1.1% here: the hostile client still moves its share of A by up to the bound
-    on each of its pairs). Honest clients' |g| stay below the bound here, so the option alone changes no bit."""
-    bound = ("--max_abs_g", "10")  # honest |g| reach 8.7 here (median 2.5)
-    honest = run_fk(tiny_dir, dolly, tmp_path / "honest")
-    honest_bounded = run_fk(tiny_dir, dolly, tmp_path / "honest_bounded", *bound)
-    assert same_weights(exported(honest), exported(honest_bounded))
+def test_byzantine_client_is_bounded_by_default_and_by_max_abs_g(tiny_dir, dolly, tmp_path, monkeypatch):  # noqa: F811
+    """Client 1 (1 of the 3 clients a round) uploads g = 1e30 for every pair. With the robust bound off (--g_bound 0)
+    the model is wrecked: weights of 1e20 and more, the held-out loss at the uniform predictor's ln(vocabulary). With
+    the default (--g_bound 10: every scalar within 10x the median |g|) the weights stay within 2x the honest run's
+    largest and the held-out loss within 5% of its; with --max_abs_g 10 instead (honest |g| reach 8.7 here) within 2%.
+    (The tiny model's ZO steps move its weights by tens of percent each, so the weights themselves are not compared.)"""
+    honest = run_fk(tiny_dir, dolly, tmp_path / "honest", "--g_bound", "0")
 
     def byzantine(up):
         n = (len(up) - 4) // 6
         return up[:4 + 2 * n] + np.full(n, 1e30, np.float32).tobytes()
 
     corrupt(monkeypatch, fk, "client_round", 1, byzantine)
-    attacked = run_fk(tiny_dir, dolly, tmp_path / "attacked")
-    defended = run_fk(tiny_dir, dolly, tmp_path / "defended", *bound)
+    attacked = run_fk(tiny_dir, dolly, tmp_path / "attacked", "--g_bound", "0")
+    default = run_fk(tiny_dir, dolly, tmp_path / "default")
+    capped = run_fk(tiny_dir, dolly, tmp_path / "capped", "--g_bound", "0", "--max_abs_g", "10")
     loss = lambda out: rows(out)[-1]["eval_loss"]  # noqa: E731
-    assert not (abs(loss(attacked) - loss(honest)) < 0.01 * loss(honest))  # inf/nan or far off
-    assert abs(loss(defended) - loss(honest)) < 0.02 * loss(honest)
+    largest = lambda out: max(float(t.abs().max()) for t in exported(out).values())  # noqa: E731
+    assert largest(attacked) > 1e20 and abs(loss(attacked) - np.log(104)) < 1e-3  # uniform over the vocabulary
+    assert largest(default) < 2 * largest(honest) and abs(loss(default) - loss(honest)) < 0.05 * loss(honest)
+    assert largest(capped) < 2 * largest(honest) and abs(loss(capped) - loss(honest)) < 0.02 * loss(honest)
 
 
 def test_server_aggregate_clips_by_hand():

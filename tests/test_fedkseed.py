@@ -763,10 +763,11 @@ def parse_upload(msg):
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, dolly, tmp_path, monkeypatch, option):
-    """3 rounds under each option; the uploads are captured at the server. In numpy, from those pairs alone:
-    a(t) = -lr sum_i (n_i / sum n) (client i's scalars per seed), m = beta m + a, A += s m (float64, each rounded to
-    float32), then w = w0 + sum_k A_k z_k in float64. The checkpoint's A is that A exactly; the exported model that w
-    (float32 rounding)."""
+    """3 rounds under each option; the uploads are captured at the server. In numpy, from those pairs alone: the
+    robust bound B(t) = 10 x the median |scalar| of rounds 1..t (--g_bound's default, its window longer than the run),
+    a(t) = -lr sum_i (n_i / sum n) (client i's scalars per seed, each clipped to [-B, B]), m = beta m + a, A += s m
+    (float64, each rounded to float32), then w = w0 + sum_k A_k z_k in float64. The checkpoint's A is that A exactly;
+    the exported model that w (float32 rounding)."""
     captured = []
     server_update = fk.server_update
 
@@ -782,15 +783,18 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     s, beta, n_dir = flag("--server_lr", 1.0), flag("--server_momentum", 0.0), int(flag("--directions", 1))
     K = 16
     A, m = np.zeros(K, np.float32), np.zeros(K, np.float32)
+    seen = []
     for t, ups in enumerate(captured):
         lr = 1e-3 * (COSINE_3_ROUNDS[t] if "cosine" in extra else 1.0)
         decoded = [parse_upload(u) for u in ups]
         assert all(len(idx) == 3 * n_dir for _, idx, _ in decoded)  # 3 steps, n pairs each
+        seen += [abs(float(v)) for _, _, val in decoded for v in val]
+        bound = 10 * float(np.median(seen))
         sizes = np.array([n for n, _, _ in decoded], np.float64)
         acc = np.zeros(K)
         for wgt, (_, idx, val) in zip(sizes / sizes.sum(), decoded):
             for k, v in zip(idx, val):
-                acc[k] += wgt * float(v)
+                acc[k] += wgt * min(max(float(v), -bound), bound)
         a = (-lr * acc).astype(np.float32)
         m = (beta * m.astype(np.float64) + a.astype(np.float64)).astype(np.float32)
         A = A + (s * m.astype(np.float64)).astype(np.float32)

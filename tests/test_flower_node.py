@@ -96,3 +96,60 @@ def test_a_node_declares_its_clients_sizes_from_its_own_data_when_asked(tiny_dir
     refused = answer_query(SimpleNamespace(content={MESSAGE_KEY: ask}), SimpleNamespace(node_config={
         "partition-id": 1, "num-partitions": 2}))  # the server chose the data path, and this node does not trust it
     assert "sizes" not in refused
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/no/such/file.jsonl"])
+def test_a_server_chosen_path_is_refused_alike_whether_it_exists_or_not(path):
+    """The trust check comes before the flags are parsed: the answer is the same for a path that exists and one that
+    does not, so the server cannot probe the node's files."""
+    with pytest.raises(fk.ConfigError) as e:
+        node_args(cfg(f"--device cpu --data_path {path}", key="0" * 16), {})
+    assert str(e.value) == f"the server chose --data_path {path}: this node's config does not set data-path (or " \
+                           "trust-server-paths=true): refused"
+    with pytest.raises(fk.ConfigError, match="the server chose --data_path"):  # argparse's = and prefix spellings
+        node_args(cfg(f"--device cpu --data_pa={path}", key="0" * 16), {})
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    ("fedavg", "--method lora --lora_r 100000", "--lora_r 100000 is more than this node allows (max-lora-r 256)"),
+    ("fedkseed", "--local_steps 50000 --batch_size 1000", "--local_steps x --batch_size = 50000000 examples a round, "
+                                                         "more than this node allows (max-examples 1000000)"),
+    ("fedkseed", "--local_steps 2000 --estimator fzoo --directions 1000", "examples a round, more than this node"),
+    ("fedcybgd", "--local_steps 1 --batch_size 4000 --grad_accum 100 --max_length 512",
+     "--batch_size x --grad_accum x --max_length = 204800000 tokens a step, more than this node allows"),
+])
+def test_products_of_sizes_and_the_lora_rank_are_bounded(script, argv, words):
+    import importlib
+    module = importlib.import_module(script)
+    key = run_key(script, module.parse_args(["--device", "cpu"]))
+    with pytest.raises(fk.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        node_args({"script": script, "argv": "--device cpu " + argv, "key": key}, {})
+
+
+def test_a_node_trains_only_its_own_clients_and_bounds_its_state_dir(tiny_dir, dolly, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    """Partition 0 of 2 with 4 clients: clients 0 and 2 are its own; 1 (another partition's), -2 and 6 (no such
+    client) are refused with one line each while its own train; a state dir past max-state-bytes refuses to grow."""
+    import shlex
+    from types import SimpleNamespace
+
+    import flwr.app
+    from fedfull_flower.node import handle
+    from fedfull_flower.transport import MESSAGE_KEY
+    monkeypatch.setattr(flwr.app, "Message", lambda content, reply_to: content[MESSAGE_KEY])
+    monkeypatch.setattr(flwr.app, "ConfigRecord", dict)
+    monkeypatch.setattr(flwr.app, "RecordDict", dict)
+    flags = argv(tiny_dir, dolly, tmp_path / "out")  # 4 clients
+    key = run_key("fedkseed", fk.parse_args(flags))
+    down = fk.encode_download(fk.np.zeros(16, fk.np.float32), None)
+    msg = {"script": "fedkseed", "argv": shlex.join(flags), "key": key, "round": 1, "clients": [0, 1, 2, -2, 6],
+           "downloads": [down] * 5, "held": [""] * 5, "after": ["1"] * 5}
+    node = {"partition-id": 0, "num-partitions": 2, "trust-server-paths": "true", "state-dir": str(tmp_path / "s")}
+    reply = handle(SimpleNamespace(content={MESSAGE_KEY: msg}), SimpleNamespace(node_config=node))
+    assert [bool(u) for u in reply["uploads"]] == [True, False, True, False, False]
+    assert all(reply["errors"][i].startswith("ConfigError: client ") and "is not one of this node's" in
+               reply["errors"][i] for i in (1, 3, 4))
+    small = dict(node, **{"max-state-bytes": 10, "state-dir": str(tmp_path / "small")})  # A alone is 64 bytes
+    reply = handle(SimpleNamespace(content={MESSAGE_KEY: dict(msg, clients=[0], downloads=[down], held=[""],
+                                                               after=["1"])}), SimpleNamespace(node_config=small))
+    assert "more than this node allows (max-state-bytes 10)" in reply["errors"][0]

@@ -20,18 +20,21 @@ class Grid:
     def get_node_ids(self):
         return list(self.claims)
 
-    def send_and_receive(self, messages, timeout):
-        out = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
-            node = m.metadata.dst_node_id
-            self.asked.append((node, dict(m.content[MESSAGE_KEY])))
-            if self.claims[node] is None:  # a node that never answers
-                continue
-            failed = self.claims[node] == "error"  # a node whose ClientApp failed: an error reply
-            out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda f=failed: f,
-                                       content={} if failed else {MESSAGE_KEY: self.claims[node]}))
-        out.reverse()  # arrival order is not node order
-        return out
+            self.asked.append((m.metadata.dst_node_id, dict(m.content[MESSAGE_KEY])))
+            ids.append(str(len(self.asked)))
+        return ids
+
+    def pull_messages(self, ids):
+        (mid,) = ids
+        node = self.asked[int(mid) - 1][0]
+        if self.claims.get(node) is None:  # a node that never answers (or left)
+            return []
+        failed = self.claims[node] == "error"  # a node whose ClientApp failed: an error reply
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda f=failed: f,
+                                content={} if failed else {MESSAGE_KEY: self.claims[node]})]
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +92,9 @@ def test_declared_sizes_are_asked_with_the_run_and_capped():
     assert all(cfg["script"] == "fedkseed" and cfg["argv"] == "--rounds 1" and cfg["key"] == "0123456789abcdef"
                for _, cfg in grid.asked)
     assert [f.data_size(c, held=123) for c in range(4)] == [5, 7, 1000, 9]
+    equal, _ = flower(Grid(dict(grid.claims)), data_sizes="declared", key="0123456789abcdef")  # no cap: the default
+    equal.join(1.0)
+    assert [equal.data_size(c, held=123) for c in range(4)] == [1, 1, 1, 1]  # no declaration is trusted
     plain, _ = flower(Grid({11: claim(0), 12: claim(1)}))
     plain.join(1.0)
     assert plain.data_size(2, held=123) == 123 and all(set(cfg) == {"ask"} for _, cfg in plain.grid.asked)
@@ -161,3 +167,16 @@ def test_fedkseed_weights_each_client_by_the_servers_record_of_its_size():
     assert list(accepted) == [0, 1] and weights == {0: 5, 1: 1000}
     got = fk.server_aggregate([u for u, _ in accepted.values()], list(weights.values()), K, lr)
     assert np.allclose(got, -lr * want, rtol=1e-6, atol=0)
+
+
+def test_the_deployment_servers_data_is_its_own_held_out_and_validation_sets(tmp_path):
+    """server_only (data-sizes = declared): the server reads its own file for the held-out and validation sets and
+    holds no client's examples; the clients are counted by --num_clients."""
+    from test_fedkseed import write_dolly
+    dolly = write_dolly(tmp_path / "dolly.jsonl")
+    args = fk.parse_args(["--data_path", str(dolly), "--num_clients", "4", "-m", "0.5", "--val_samples", "3", "--iid", "iid",
+                          "--device", "cpu"])
+    data, sampled = fk.load_data(args, None, server_only=True)
+    full, _ = fk.load_data(args, None)
+    assert data.clients == [[], [], [], []] and sampled == 2
+    assert data.test == full.test and data.val == full.val and sum(map(len, full.clients)) > 0

@@ -526,3 +526,16 @@ def test_an_honest_pack_fits_its_bound(dtype):
     assert len(wire) == 8 + header + sum(t.numel() * t.element_size() for t in tensors.values())
     assert len(wire) <= tasks.packed_bound(tensors) <= len(wire) + 1024 + 128 * len(tensors)
     assert tasks.unpack(wire).keys() == tensors.keys()
+
+
+def test_a_plot_that_fails_never_fails_the_run(tmp_path, capsys):
+    """A metric no axis can hold (1.7e308 is finite: matplotlib cannot lay out the axis) or any other plot error: one
+    line, no loss.png, and the caller goes on."""
+    import tasks
+    pytest.importorskip("matplotlib")
+    files = tasks.RunFiles(tmp_path)
+    files.start({})
+    for r in range(3):
+        files.metric({"round": r, "train_loss": 1.7e308 if r else None, "eval_loss": -1.7e308})
+    assert files.plot("a title") is None and not (tmp_path / "loss.png").exists()
+    assert capsys.readouterr().out.strip().startswith("loss.png not written: ")

@@ -44,18 +44,22 @@ def binary(name):
 
 
 class LocalFederation:
-    """SuperLink + SuperNodes on 127.0.0.1 under `folder` (FLWR_HOME, the database, logs, the nodes' states)."""
+    """SuperLink + SuperNodes on 127.0.0.1 under `folder` (FLWR_HOME, the database, logs, the nodes' states).
+    gated: the README's two-machine recipe on one machine: the SuperLink serves 127.0.0.1 only, the nodes reach it
+    through fedfull_flower.gate over TLS (a CA and a certificate for 127.0.0.1 made with openssl, as the recipe
+    does), and the run is submitted to the SuperLink's own address; `gate_port` is what the nodes dial."""
 
-    def __init__(self, folder, nodes=2, timeout=60.0):
-        self.folder, self.nodes, self.timeout = Path(folder), nodes, timeout
+    def __init__(self, folder, nodes=2, timeout=60.0, gated=False):
+        self.folder, self.nodes, self.timeout, self.gated = Path(folder), nodes, timeout, gated
         self.home = self.folder / "flwr-home"
         self.port = free_port()
+        self.gate_port = free_port() if gated else None
         self.env = flower_env(self.home)
         # the nodes share this machine's cores: each ClientApp gets its share of threads (unless OMP_NUM_THREADS is
         # set), since N nodes training at once with a thread per core each slow one another down several times
         self.node_env = dict(self.env)
         self.node_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nodes)))
-        self.superlink, self.supernodes, self.logs = None, {}, {}
+        self.superlink, self.gate, self.supernodes, self.logs = None, None, {}, {}
 
     def __enter__(self):
         self.start()
@@ -101,16 +105,36 @@ class LocalFederation:
                 return False
 
         self._wait("the SuperLink", listening, self.superlink)
+        if self.gated:
+            self.certificates()
+            self.gate = self._spawn("gate", [sys.executable, "-m", "fedfull_flower.gate", "--listen",
+                                             f"127.0.0.1:{self.gate_port}", "--upstream", f"127.0.0.1:{self.port}",
+                                             "--certfile", str(self.folder / "superlink.crt"),
+                                             "--keyfile", str(self.folder / "superlink.key")])
+            self._wait("the gate", lambda: "gate: https://" in self.logs["gate"].read_text(errors="replace"),
+                       self.gate)
         for p in range(self.nodes):
             self.start_node(p)
+
+    def certificates(self):
+        """A CA and a certificate for 127.0.0.1 signed by it: the README's openssl lines with HOST = 127.0.0.1."""
+        run = lambda *cmd: subprocess.run(cmd, cwd=self.folder, check=True, capture_output=True, timeout=120)  # noqa
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fedfull CA",
+            "-keyout", "ca.key", "-out", "ca.crt")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "superlink.key",
+            "-out", "superlink.csr")
+        (self.folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("openssl", "x509", "-req", "-in", "superlink.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", "superlink.crt")
 
     def start_node(self, p, name=None, partitions=None):
         """Start the SuperNode of partition p (of `partitions`, default one per node) and wait until the SuperLink has
         registered it. name: another name for it (its log, `stop_node`), for a second node claiming p (tests)."""
         before, name = self.activated(), name or p
+        link = (["--superlink", f"127.0.0.1:{self.gate_port}", "--root-certificates", str(self.folder / "ca.crt")]
+                if self.gated else ["--insecure", "--superlink", f"127.0.0.1:{self.port}"])
         proc = self._spawn(f"supernode{name}", [
-            binary("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-            "--port", str(free_port()), "--node-config",
+            binary("flower-supernode"), *link, "--port", str(free_port()), "--node-config",
             f'partition-id={p} num-partitions={partitions or self.nodes} state-dir="{self.folder / f"state{name}"}" '
             'trust-server-paths=true'], self.node_env)  # one machine, one operator: the nodes trust the run's paths
         self.supernodes[name] = proc
@@ -146,9 +170,10 @@ class LocalFederation:
     def stop(self):
         for p in list(self.supernodes):
             self.stop_node(p, signal.SIGTERM)
-        if self.superlink is not None:
-            _stop(self.superlink, signal.SIGTERM)
-            self.superlink = None
+        for proc in (self.gate, self.superlink):
+            if proc is not None:
+                _stop(proc, signal.SIGTERM)
+        self.gate = self.superlink = None
 
 
 def _quote(arg):

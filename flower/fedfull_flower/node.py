@@ -42,7 +42,21 @@ KEY = re.compile(r"[0-9a-f]{16}")  # what run_key makes: the state folder's name
 LIMITS = {"K": ("max-K", 2**20), "max_length": ("max-length", 2**15), "local_steps": ("max-local-steps", 10**5),
           "local_epochs": ("max-local-epochs", 100), "grad_accum": ("max-grad-accum", 1024),
           "directions": ("max-directions", 1024), "batch_size": ("max-batch-size", 4096),
-          "num_clients": ("max-clients", 10**5)}
+          "num_clients": ("max-clients", 10**5), "lora_r": ("max-lora-r", 256)}
+# products of flags, each bounded too (name: node config key, default, the flags multiplied): a client's examples a
+# round (local_steps x batch_size x grad_accum, x directions for FedKSeed's forwards) and tokens a step
+PRODUCTS = {"examples a round": ("max-examples", 10**6, ("local_steps", "batch_size", "grad_accum", "directions")),
+            "tokens a step": ("max-step-tokens", 2**22, ("batch_size", "grad_accum", "max_length"))}
+STATE_BYTES = 20 * 2**30  # the state dir's size a node allows (node config max-state-bytes)
+
+
+def server_chose(argv, flag):
+    """The value the server's argv gives `flag` (`--flag v` or `--flag=v`; argparse's prefixes too), or None."""
+    for i, x in enumerate(argv):
+        head, eq, value = x.partition("=")
+        if len(head) > 2 and flag.startswith(head) and head.startswith("--"):
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return None
 
 
 def node_args(cfg, node):
@@ -50,31 +64,53 @@ def node_args(cfg, node):
     (one line) when the node refuses it: a state key that is not run_key's 16 hex digits (it names a folder: never a
     path), a data path or model that the server chose and the node's config does not set (node config `data-path`,
     `model` pin them, and `device` the device; `trust-server-paths=true` lets the server choose, as the local
-    launcher does, where one person runs every process), or sizes past the node's limits (LIMITS: `max-K`,
-    `max-length`, `max-local-steps`, `max-local-epochs`, `max-grad-accum`, `max-directions`, `max-batch-size`,
-    `max-clients`), refused before anything is allocated."""
+    launcher does, where one person runs every process) -- refused before the flags are parsed, so the answer says
+    nothing of whether such a path exists here --, or sizes past the node's limits (LIMITS: `max-K`, `max-length`,
+    `max-local-steps`, `max-local-epochs`, `max-grad-accum`, `max-directions`, `max-batch-size`, `max-clients`,
+    `max-lora-r`; PRODUCTS: `max-examples`, `max-step-tokens`), refused before anything is allocated."""
     name = str(cfg["script"])
     script = script_module(name)
     if not KEY.fullmatch(str(cfg["key"])):
         raise ConfigError(f"state key {str(cfg['key'])[:40]!r} is not 16 hex digits: refused")
     argv = shlex.split(str(cfg["argv"]))
+    if str(node.get("trust-server-paths", "false")).lower() != "true":
+        for key, flag in (("data-path", "--data_path"), ("model", "--model")):
+            chose = server_chose(argv, flag)
+            if key not in node and chose is not None and (flag == "--data_path" or chose != default_model(script,
+                                                                                                        argv)):
+                raise ConfigError(f"the server chose {flag} {chose[:200]}: this node's config does not set {key} (or "
+                                  "trust-server-paths=true): refused")
     argv += [x for k, flag in (("data-path", "--data_path"), ("model", "--model"), ("device", "--device")) if k in node
              for x in (flag, str(node[k]))]
     args = script.parse_args(argv)
-    if str(node.get("trust-server-paths", "false")).lower() != "true":
-        if "data-path" not in node and args.data_path is not None:
-            raise ConfigError(f"the server chose --data_path {args.data_path}: this node's config does not set "
-                              "data-path (or trust-server-paths=true): refused")
-        default = script.parse_args(["--task", args.task] if hasattr(args, "task") else []).model
-        if "model" not in node and args.model != default:
-            raise ConfigError(f"the server chose --model {args.model}: this node's config does not set model (or "
-                              "trust-server-paths=true): refused")
     for flag, (key, limit) in LIMITS.items():
         value, most = getattr(args, flag, None), float(node.get(key, limit))
         if value is not None and value > most:
             raise ConfigError(f"{'-K' if flag == 'K' else '--' + flag} {value} is more than this node allows "
                               f"({key} {most:.15g}): refused")
+    for what, (key, limit, flags) in PRODUCTS.items():
+        value, most = 1.0, float(node.get(key, limit))
+        for flag in flags:
+            value *= float(getattr(args, flag, None) or 1)
+        if value > most:
+            raise ConfigError(f"{' x '.join('--' + f for f in flags if (getattr(args, f, None) or 1) != 1)} = {value:.15g} "
+                              f"{what}, more than this node allows ({key} {most:.15g}): refused")
     return name, script, args
+
+
+def default_model(script, argv):
+    """The script's own default --model for the run's --task (a server that names it chooses nothing)."""
+    task = server_chose(argv, "--task")
+    return script.parse_args(["--task", task] if task and hasattr(script, "TASK_DEFAULTS") else []).model
+
+
+def room(folder, need, most):
+    """Refuse to write `need` more bytes into the state dir once it would hold more than `most` (node config
+    max-state-bytes): the runs a server can name are many, the node's disk is not."""
+    held = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    if held + need > most:
+        raise ConfigError(f"the state dir would hold {held + need} bytes, more than this node allows (max-state-bytes "
+                          f"{most}): refused")
 
 
 def handle(message, context):
@@ -102,9 +138,12 @@ def handle(message, context):
         line = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         errors = [line] * len(clients)
     else:
+        p, count = int(context.node_config.get("partition-id", -1)), int(context.node_config.get("num-partitions", 0))
         for i, (c, down, held, after) in enumerate(zip(clients, cfg["downloads"], cfg["held"], cfg["after"])):
             path = folder / f"client{c}.safetensors"
             try:
+                if not (0 <= c < len(getattr(run, "clients", [])) and count > 0 and c % count == p):
+                    raise ConfigError(f"client {c} is not one of this node's (partition {p} of {count}): refused")
                 state = None
                 if held:
                     if not path.is_file():
@@ -120,6 +159,8 @@ def handle(message, context):
                 print(f"fedfull node: client {c} done in {time.time() - t:.2f} s", flush=True)
                 kept = script.client_state(run, c)
                 if kept:  # FedAvg's clients keep nothing
+                    room(state_dir(context), sum(t.numel() * t.element_size() for t in kept.values()),
+                         int(float(context.node_config.get("max-state-bytes", STATE_BYTES))))
                     tmp = path.with_name(path.name + ".tmp")
                     save_file({k: v.contiguous() for k, v in kept.items()}, tmp, {"tag": after})
                     os.replace(tmp, path)

@@ -35,6 +35,9 @@ from tasks.checkpoint import RESUME_FREE  # the flags that leave the weights, an
 
 SCRIPTS = ("fedkseed", "fedcybgd", "fedavg")  # each defines client_round (a client's work) and train (the loop)
 MESSAGE_KEY = "fedfull"
+MAX_REPLY_OBJECTS = 16  # a ClientApp's reply is a Message, its RecordDict and one ConfigRecord: 3 objects
+QUERY_BYTES = 1 << 20  # the longest answer to the partition query (a node's client ids and sizes)
+STAT_BOUND = 1e15  # a stat a node reports (a loss, seconds, bytes) is taken only within +-this: it enters the metrics
 
 
 def script_module(name):
@@ -61,7 +64,7 @@ class Flower(Transport):
     keeps_client_state = True
 
     def __init__(self, grid, device, script, argv, nodes, round_timeout, node_timeout, log=print, partitions=None,
-                 data_sizes="partition", size_cap=10_000, key=None):
+                 data_sizes="partition", size_cap=0, key=None):
         super().__init__(device)
         self.grid, self.script, self.argv = grid, script, argv
         self.nodes, self.round_timeout, self.node_timeout, self.log = nodes, round_timeout, node_timeout, log
@@ -73,9 +76,11 @@ class Flower(Transport):
         self.key = key
 
     def describe(self):
+        sizes = (("declared by the nodes, capped at " + str(self.size_cap)) if self.size_cap else
+                 "equal: every client weighs 1, whatever its node declares (run config max-declared-size 0)")
         return (f"; Flower: {self.partitions} partitions on {len(self.node_of)} nodes, client c on the node of "
                 f"partition c % {self.partitions}; data sizes "
-                + (f"declared by the nodes, capped at {self.size_cap}" if self.declares_sizes else
+                + (sizes + "; the server holds no client's data" if self.declares_sizes else
                    "from the server's copy of the partitions (research simulation)"))
 
     def join(self, timeout):
@@ -116,7 +121,10 @@ class Flower(Transport):
             ask.update(script=self.script, argv=self.argv, key=self.key or "0" * 16)
         messages = [Message(RecordDict({MESSAGE_KEY: ConfigRecord(ask)}), dst_node_id=n, message_type="query")
                     for n in new]
-        replies = self.grid.send_and_receive(messages, timeout=self.node_timeout) if messages else []
+        replies, unread = receive(self.grid, messages, self.node_timeout, QUERY_BYTES) if messages else ({}, {})
+        for node, why in unread.items():
+            self.log(f"Flower: node {clean(node)}: {why}")
+        replies = list(replies.values())
         claimed = {}  # partition -> the new node that claimed it first in this query
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # node-id order, not arrival order
             node = reply.metadata.src_node_id
@@ -171,9 +179,12 @@ class Flower(Transport):
         return None, p, dict(zip(clients, sizes))
 
     def data_size(self, client, held):
-        """Deployment mode: the size the client's node declared when it joined, capped at the run config's
-        max-declared-size (so one node can claim at most that weight); else the partition's (`held`)."""
-        return min(self.declared.get(client, 0), self.size_cap) if self.declares_sizes else held
+        """Deployment mode: every client 1 (the default: no declaration is trusted), or with the run config's
+        max-declared-size M > 0, set by an operator who can defend it, the size the client's node declared when it
+        joined, capped at M (one node's clients then weigh at most M each); else the partition's (`held`)."""
+        if not self.declares_sizes:
+            return held
+        return min(self.declared.get(client, 0), self.size_cap) if self.size_cap else 1
 
     def exchange(self, fn, run, rnd, sent, clients, widths, keys, tags=None):
         """One message per node holding its clients' (download, tags); -> {client: (upload, stats)} of those whose
@@ -197,8 +208,14 @@ class Flower(Transport):
             for node, cs in by_node.items()]
         got = {}
         longest = widths[1] if widths else None  # the protocol's longest upload for the script and its flags
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []:
-            mine = by_node.get(reply.metadata.src_node_id, [])
+        most = {node: len(cs) * (longest or (1 << 30)) + (1 << 20) for node, cs in by_node.items()}  # + stats, framing
+        replies, unread = receive(self.grid, messages, self.round_timeout, max(most.values(), default=0)) if messages \
+            else ({}, {})
+        for node, why in unread.items():
+            for c in by_node.get(node, []):
+                self.dropped[c] = why
+        for node, reply in replies.items():
+            mine = by_node.get(node, [])
             try:  # nothing a node sends may raise here: a bad reply drops that node's clients, with its reason
                 got.update(read_reply(reply, mine, keys, longest, self.dropped))
             except Exception as e:  # noqa: BLE001  whatever a broken or hostile node sends
@@ -214,15 +231,100 @@ class Flower(Transport):
         return got[client] if client in got else (None, {"dropped": self.dropped[client]})
 
 
+def receive(grid, messages, timeout, max_bytes):
+    """Flower's send_and_receive, one reply at a time: push the messages, then pull each node's reply on its own until
+    it came or `timeout` passed -> ({node: reply Message}, {node: why its reply could not be read}). Whatever Flower
+    raises while pulling or decoding one reply (a body whose hash is right but whose content is not a message, an
+    object missing) drops that node alone, with the exception's name; a reply of more than MAX_REPLY_OBJECTS objects,
+    or more than max_bytes, is refused before it is held whole (`pull_reply`)."""
+    ids = list(grid.push_messages(messages))
+    pending, replies, unread = {}, {}, {}
+    for mid, msg in zip(ids, messages):
+        if mid:
+            pending[mid] = msg.metadata.dst_node_id
+        else:
+            unread[msg.metadata.dst_node_id] = "its message could not be pushed to the SuperLink"
+    end = time.time() + timeout
+    while pending:
+        for mid, node in list(pending.items()):
+            try:
+                reply = pull_reply(grid, mid, max_bytes)
+            except Exception as e:  # noqa: BLE001  whatever one node's reply makes Flower raise
+                unread[node] = f"its reply could not be read ({type(e).__name__}: {clean(e)[:120]})"
+                del pending[mid]
+                continue
+            if reply is not None:
+                replies[node] = reply
+                del pending[mid]
+        if pending and time.time() < end:
+            time.sleep(0.5)
+        elif pending:
+            break
+    return replies, unread
+
+
+class ReplyRefused(Exception):
+    """A reply larger than the protocol allows: refused before it is held whole."""
+
+
+def pull_reply(grid, message_id, max_bytes):
+    """The reply to one message, or None while there is none -> a Flower Message. Flower's own pull (the HTTP grid's
+    pull_messages, flwr 1.42) for one message, with two bounds first: the reply's object tree has at most
+    MAX_REPLY_OBJECTS objects (counted before any is pulled) and its objects at most max_bytes in all (counted as they
+    arrive). A grid without that API (not a SuperLink's) uses its own pull_messages."""
+    client = getattr(grid, "_runtime_client", None)
+    if client is None:
+        got = list(grid.pull_messages([message_id]))
+        return got[0] if got else None
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, pull_objects
+    res = client.PullMessages(PullAppMessagesRequest(message_ids=[message_id]))
+    found = [(m, t) for m, t in zip(res.messages_list, res.message_object_trees)
+             if m.metadata.reply_to_message_id == message_id]
+    if not found:
+        return None
+    proto, tree = found[0]
+    ids = [t.object_id for t in iterate_object_tree(tree)]
+    if len(ids) > MAX_REPLY_OBJECTS:
+        raise ReplyRefused(f"a reply of {len(ids)} objects, more than {MAX_REPLY_OBJECTS}")
+    run_id, held = grid.run.run_id, [0]
+    pull_one = make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id)
+
+    def bounded(object_id):
+        content = pull_one(object_id)
+        held[0] += len(content)
+        if held[0] > max_bytes:
+            raise ReplyRefused(f"a reply of more than {max_bytes} bytes")
+        return content
+
+    contents = pull_objects(ids, bounded)
+    msg_id = proto.metadata.message_id
+    client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id,
+                                                                message_object_id=msg_id))
+    message = inflate_object_from_contents(msg_id, contents)
+    message.metadata.__dict__["_message_id"] = msg_id
+    return message
+
+
+def clean(text):
+    """A node's text as one printable line for the server's log: control characters (newlines among them) escaped,
+    so a node cannot forge log lines."""
+    return str(text).encode("unicode_escape", "backslashreplace").decode("ascii", "replace")
+
+
 def read_reply(reply, clients, keys, longest, dropped):
     """A node's reply -> {client: (upload bytes, stats)} for the clients it answers well; every other client of the
     node gets its reason in `dropped`. A reply is taken only as the ClientApp builds it: the node's client list in
     order, one upload (bytes, at most `longest` long) or error line per client, and a JSON list of stats dicts whose
-    `keys` are finite numbers (an error reply of any shape, a 400-digit integer or an infinity is refused)."""
+    `keys` are finite numbers within +-STAT_BOUND (an error reply of any shape, a 400-digit integer, an infinity or
+    1.7e308, which is finite but breaks a plot's axis, is refused)."""
     if reply.has_error():
         lines = str(getattr(reply.error, "reason", "") or "").strip().splitlines()
         for c in clients:
-            dropped[c] = f"node failed: {(lines[-1] if lines else 'no reason given')[:200]}"
+            dropped[c] = f"node failed: {clean(lines[-1] if lines else 'no reason given')[:200]}"
         return {}
     cfg = reply.content[MESSAGE_KEY]
     answered, uploads, errors = list(cfg["clients"]), list(cfg["uploads"]), list(cfg["errors"])
@@ -233,13 +335,13 @@ def read_reply(reply, clients, keys, longest, dropped):
     for c, up, err, st in zip(clients, uploads, errors, stats):
         values = [st.get(k) for k in keys] if isinstance(st, dict) else []
         if err:
-            dropped[c] = f"client failed: {str(err)[:300]}"
+            dropped[c] = f"client failed: {clean(err)[:300]}"
         elif not isinstance(up, bytes):
             dropped[c] = "malformed reply: the upload is not bytes"
         elif longest is not None and len(up) > longest:
             dropped[c] = f"upload of {len(up)} bytes, longer than the protocol's {longest}"
         elif len(values) != len(keys) or not all(_finite_number(v) for v in values):
-            dropped[c] = f"malformed reply: the stats {', '.join(keys)} are not all finite numbers"
+            dropped[c] = f"malformed reply: the stats {', '.join(keys)} are not all finite numbers within +-{STAT_BOUND:g}"
         else:
             got[c] = (up, {k: float(v) for k, v in zip(keys, values)})
     return got
@@ -249,7 +351,7 @@ def _finite_number(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
     try:
-        return math.isfinite(float(v))
+        return math.isfinite(float(v)) and abs(float(v)) <= STAT_BOUND
     except OverflowError:  # an integer too large for a float
         return False
 
@@ -272,6 +374,6 @@ def serve(grid, context):
         data_sizes = "partition"
     transport = Flower(grid, device, name, argv, nodes, float(cfg.get("round-timeout", 600)),
                        float(cfg.get("node-timeout", 120)), partitions=int(cfg.get("num-partitions", 0)) or nodes,
-                       data_sizes=data_sizes, size_cap=int(cfg.get("max-declared-size", 10_000)),
+                       data_sizes=data_sizes, size_cap=int(cfg.get("max-declared-size", 0)),
                        key=run_key(name, args))
     return script.train(args, transport)
