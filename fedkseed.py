@@ -644,6 +644,7 @@ def scalar_bound(server, uploads, args):
     pooled = np.concatenate(server["recent"])
     bound = args.g_bound * float(np.median(pooled.astype(np.float64))) if args.g_bound > 0 and len(pooled) else 0.0
     caps = [b for b in (bound, args.max_abs_g) if b > 0]
+    server["clipped"] = int(np.sum(now > min(caps))) if caps else 0  # for the metrics row: what the bound changed
     return min(caps) if caps else 0.0
 
 
@@ -761,7 +762,8 @@ def log_round(run, rnd, t0, sent=None, accepted=None, dropped=None, increment=No
     row = {**tasks.round_row(rnd, t0, turns, evaluate(run, rnd)),
            "seeds_touched": int(np.count_nonzero(increment)) if increment is not None else 0,
            "sync_seconds": float(np.mean(syncs)) if syncs else None,
-           "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None}
+           "replay_max_abs_diff": max(run.diffs) if rnd and run.diffs else None,
+           "scalars_clipped": run.server.get("clipped", 0) if rnd else 0}
     run.files.ledger(turns + (run.transport.wire_ledger(rnd, list(sent)) if rnd else []))
     run.files.metric(row)
     save_checkpoint(run)  # last: a crash before it redoes the round, and resume drops the rows past the checkpoint
