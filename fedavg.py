@@ -22,15 +22,14 @@ memory the client's step needed, counted as every script counts it: tasks/memory
 
 Options, one line each:
     --optimizer adamw|sgd          the clients' optimizer, fresh every round (its state never crosses)
-    --lora_r, --lora_alpha         the adapters' rank and scale (the update is alpha/r * B A)
-    --lora_targets                 the modules adapted (default: peft's choice for the architecture)
-    --lr                           default 1e-4 sft / 2e-4 glue for full, 3e-4 / 5e-4 for lora
+    --lora_r, --lora_alpha, --lora_targets   the adapters' rank, scale (alpha/r * B A), modules (default: peft's)
+    --tensor_bound c, --max_change f   robust aggregation (tasks/robust.py): each tensor's change within c x the recent
+                                   median; an upload that moves the weights by more than f of their norm refused
 
 Where the clients live. In one process they take turns on ONE model (no per-client copies); the server keeps one copy
-of the global trainable weights. torchrun is not supported (one line says so). On Flower (`python -m
-fedfull_flower.local fedavg ...`, docs/flower.md) each client lives on a SuperNode and runs the same `client_round`;
-a FedAvg client keeps nothing between rounds, so a client that drops out, or sends a malformed upload, simply misses
-the round.
+of the global trainable weights. torchrun is not supported (one line says so). On Flower (docs/flower.md) each client
+lives on a SuperNode and runs the same `client_round`; it keeps nothing between rounds, so a client that drops out, or
+sends a malformed upload, simply misses the round.
 
 docs/baselines.md has the outputs, and the measured upload and memory of every method.
 """
@@ -76,8 +75,8 @@ def parse_args(argv=None):
                     dataset=dict(help="; ".join(f"{t}: {'|'.join(d)}" for t, d in DATASETS.items())),
                     num_clients=dict(default=10, help="clients the training data is split over (N); 1 = centralized"),
                     m=dict(default=0.4), local_steps=dict(default=8), weight_decay=dict(default=0.0),
-                    iid=dict(default="dir0.5"), val_samples=dict(default=None), max_new_tokens=dict(help="sft: tokens generated for Rouge-L "
-                                                                    "(greedy); 0 = no Rouge-L"))
+                    iid=dict(default="dir0.5"), val_samples=dict(default=None),
+                    max_new_tokens=dict(help="sft: tokens generated for Rouge-L (greedy); 0 = no Rouge-L"))
     a("--optimizer", choices=("adamw", "sgd"), default="adamw", help="the clients' optimizer (fresh every round)")
     a("--lora_r", type=int, default=8, help="LoRA rank")
     a("--lora_alpha", type=float, default=16.0, help="LoRA scaling alpha (the update is alpha/r * B A)")
@@ -156,8 +155,7 @@ def client_round(run, rnd, c, download):
     return wire_up, {**stats, "client_seconds": time.time() - t}  # its sync, batches and local steps
 
 
-CLIENT_STATS = ("loss", "peak_memory_bytes", "held_bytes", "step_bytes", "client_seconds")  # what travels with an
-# upload, for the metrics (the memory: tasks/memory.py)
+CLIENT_STATS = ("loss", "peak_memory_bytes", "held_bytes", "step_bytes", "client_seconds")  # with an upload
 
 
 # -------- server: the download, the uploads' check, their average weighted by data size
@@ -208,14 +206,11 @@ def check_uploads(run, rnd, sampled, replies, wire_down):
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
                       "held_bytes": int(stats["held_bytes"]), "step_bytes": int(stats["step_bytes"]),
                       "client_seconds": round(stats["client_seconds"], 3)})
-    # --tensor_bound (robust aggregation, beyond FedAvg): every tensor's change within c x the median change of the
-    # tensors accepted in this and the last rounds (tasks/wire.py); an honest round keeps its bits where none exceeds
-    changes = [tasks.change_sizes(u, run.global_w) for u in uploads]
-    limit = tasks.change_limit([d for r in run.recent for d in r] + [d for c in changes for d in c.values()],
-                               run.args.tensor_bound)
-    for i, (u, line) in enumerate(zip(uploads, [t for t in turns if "dropped" not in t])):
-        uploads[i], line["bounded"] = tasks.bound_changes(u, run.global_w, limit)
-    run.recent = (run.recent + [[min(d, limit or d) for c in changes for d in c.values()]])[-run.args.tensor_window - 1:]
+    # robust aggregation (beyond FedAvg, on by default: --tensor_bound, tasks/robust.py): each tensor's change within c x the median
+    uploads, scaled, run.recent = tasks.bound_uploads(uploads, run.global_w, run.recent, run.args.tensor_bound,
+                                                      run.args.tensor_window)
+    for line, n in zip([t for t in turns if "dropped" not in t], scaled):
+        line["bounded"] = n
     return uploads, sizes, turns
 
 
@@ -285,9 +280,8 @@ def setup(args, transport=None):
 def load_parts(run):
     """What every party loads, the server and each client's process alike: the model, the names it trains, the data."""
     run.model, run.tokenizer, run.names = build_model(run.args, run.device)
-    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients, run.model,
-                                                          server_only=getattr(run, "transport", None) is not None
-                                                          and run.transport.declares_sizes)  # Flower's deployment
+    own = getattr(run, "transport", None) is not None and run.transport.declares_sizes  # Flower's deployment mode
+    run.clients, run.val, run.test = tasks.load_task_data(run.args, run.tokenizer, run.args.num_clients, run.model, own)
 
 
 def load_checkpoint(run):
@@ -331,13 +325,6 @@ def finish(run):
         print(f"wrote {run.out / 'loss.png'}")
     if line := run.files.change_line():
         print(line)
-
-
-def client_node(args):
-    """A Flower node's view of the run: the model and its clients' data; no server."""
-    run = SimpleNamespace(args=args, device=args.device, progress=tasks.Progress())
-    load_parts(run)
-    return run
 
 
 def client_state(run, c):  # Flower: a FedAvg client keeps nothing between rounds (it starts from its download)

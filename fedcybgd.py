@@ -36,12 +36,13 @@ Options beyond the paper (their section below; the glue and squad defaults are t
     --download_fraction f       the official random block dropping: a fraction f of the changed blocks is sent
     --logit_adjust, --head_lr_scale   candidate remedies for label skew (docs/label-skew.md)
     --train_embeddings          the input embeddings become one more block of the cycle
+    --tensor_bound c, --max_change f  robust aggregation (tasks/robust.py): each tensor's change within c x the recent
+                                median; an upload that moves the weights by more than f of their norm is refused
 
 In one process the clients take turns on ONE model; under torchrun client c lives on rank c % world (every rank
-keeps an equal replica of the server); on Flower (flower/fedfull_flower/) on a SuperNode that keeps its weights on disk.
-A client that does not answer, or sends a malformed upload, loses its turn and is treated as pretrained again.
-docs/fedcybgd.md has the flags, the per-task defaults, measured figures and every difference from the official code
-(github.com/L3030/FedCyBGD); docs/label-skew.md the study of label-skewed splits.
+keeps an equal replica of the server); on Flower on a SuperNode that keeps its weights on disk. A client that does not
+answer, or whose upload is refused, loses its turn and is treated as pretrained again.
+docs/fedcybgd.md: flags, defaults, figures, differences from the official code (L3030/FedCyBGD); docs/label-skew.md.
 """
 import argparse
 import json
@@ -355,7 +356,9 @@ def turn(run, rnd, c):
         run.progress.log(f"round {rnd} client {c}: left out of the round: {why}")
     else:
         line["change"] = round(tasks.relative_change(upload, server["weights"]), 6)  # before the upload replaces them
-        upload, line["bounded"] = bound_upload(server, upload, args)  # --tensor_bound, an option (after the method)
+        # robust aggregation (on by default: --tensor_bound, tasks/robust.py): each tensor's change within c x median
+        (upload,), (line["bounded"],), server["recent"] = tasks.bound_uploads(
+            [upload], server["weights"], server["recent"], args.tensor_bound, args.tensor_window)
         server_aggregate(server, c, upload, run.units)
         sync_model(run.model, upload)  # every working copy follows the global model
         line.update(turns_per_round=run.num_clients, client=c, block=block, lr_first=lrs[0], lr_last=lrs[-1],
@@ -395,17 +398,6 @@ def train(args, transport=None):
 # options beyond the paper: the official code's regimes (stream, several blocks a turn, the schedule, clipping,
 # block dropping), the int8 download, and the label-skew candidates (logit adjustment, the head's rate)
 # ====================================================================================================
-def bound_upload(server, upload, args):
-    """--tensor_bound c (default 10; robust aggregation): every tensor's change within c x the median change of the
-    tensors accepted in this and the last --tensor_window turns (tasks/wire.py) -> (the upload, tensors scaled). An
-    honest turn keeps its bits where no tensor exceeds the bound; the turn's sizes join server["recent"]."""
-    changes = tasks.change_sizes(upload, server["weights"])
-    limit = tasks.change_limit([d for turn in server["recent"] for d in turn] + list(changes.values()),
-                               args.tensor_bound)
-    server["recent"] = (server["recent"] + [[min(d, limit or d) for d in changes.values()]])[-args.tensor_window - 1:]
-    return tasks.bound_changes(upload, server["weights"], limit)
-
-
 def blocks_of_turn(cycle, switch_mode, seed, rnd, client, num_clients, k=1):
     """--layers_per_turn k: the k units (in cycle order) of client `client`'s turn t = (rnd - 1) * num_clients +
     client; k = 1: block_of_turn. With L = len(cycle), by --switch_mode:
@@ -577,13 +569,12 @@ def load_parts(run, describe=""):
             raise ConfigError(f"{n} training examples over {run.num_clients} clients leave less than one batch of "
                               f"{per_step} a turn: use fewer clients or --local_steps")
     if run.stream:
+        passes = run.num_clients * args.local_steps * per_step / n
         print(f"stream: the {n} training examples are one seeded stream of passes (the official GLUE/SQuAD regime); "
-              f"each turn takes the next {args.local_steps} batches of {per_step}, {run.num_clients} turns a round = "
-              f"{run.num_clients * args.local_steps * per_step / n:.2f} passes")
-    skewed = one_label_clients(run.clients) if args.task == "glue" and num_labels > 1 and not run.stream else []
-    if skewed:
-        print(f"warning: clients {', '.join(map(str, skewed))} hold one label in >= 95% of their examples; under such "
-              "label skew the cycle tends to end predicting the last client's label (docs/label-skew.md)")
+              f"each turn the next {args.local_steps} batches of {per_step}: {passes:.2f} passes a round")
+    if skewed := one_label_clients(run.clients) if args.task == "glue" and num_labels > 1 and not run.stream else []:
+        print(f"warning: clients {', '.join(map(str, skewed))} hold one label in >= 95% of their examples: the cycle "
+              "tends to end predicting the last client's label (docs/label-skew.md)")
     run.pretrained = ({n: p.detach().clone() for n, p in run.model.named_parameters()}
                       if args.download_fraction < 1 else None)  # the copy every client starts from
     run.lossy = args.download == "int8" or run.pretrained is not None  # a client's copy may differ from the global
@@ -646,13 +637,6 @@ def state_tags(server, c, blocks, seen_before):
     after = {**server["seen"].get(c, {}), **{u: server["version"][u] + 1 for u in {*blocks, "head"}}}  # aggregated
     tag = lambda record: json.dumps(sorted(record.items())) if any(record.values()) else ""  # noqa: E731
     return tag(seen_before), tag(after)
-
-
-def client_node(args):
-    """A Flower node's view of the run: the pretrained model, its clients' data, the schedule; no server."""
-    run = SimpleNamespace(args=args, server=None, progress=tasks.Progress(), device=args.device)
-    load_parts(run)
-    return run
 
 
 def client_state(run, c):  # Flower: what client c keeps on its node's disk between turns: every weight it holds

@@ -51,6 +51,8 @@ Intervals:   (tasks/bootstrap.py) paired_interval(first, last, stat), token_weig
 Models:      (tasks/models.py) load_model(name, task, num_labels, dtype, device) -> (model, tokenizer);
              tasks.models.smollm2_folder() converts the packaged GGUF once; tasks.hub_reachable()
 Training:    (tasks/training.py) train_steps (a client's local optimizer steps), param_groups (weight decay groups)
+Masks:       (tasks/masks.py) fedkseed's --mask: mask_scores(rule, ...) (sensitivity, magnitude, random), encode_mask /
+             decode_mask (the global indices the server sends)
 Memory:      (tasks/memory.py) PeakAllocations, tensor_bytes: a client's peak memory, held + step, one definition
 Flags:       (tasks/flags.py) the flags the scripts share, one table with the checks: tasks.flags.add / check
 Checkpoints: (tasks/checkpoint.py) one format and one resume rule: tasks.checkpoint.save / load / read
@@ -59,7 +61,9 @@ Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, 
              tasks.export_model(model, tokenizer, folder), write_atomic, save_atomic, fmt_bytes, tasks.run_cli(name, fn)
 Wire:        (tasks/wire.py) tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
              tasks.packed_bound(tensors) (uploads are refused beyond it), check_tensors (the server's check of an
-             upload of tensors), relative_change, and --tensor_bound's change_sizes / change_limit / bound_changes
+             upload of tensors), relative_change
+Robust:      (tasks/robust.py) robust aggregation on by default: scalar_bound, clip_client_norms (FedKSeed), bound_uploads
+             (FedAvg, FedCyBGD): bounds relative to the median of the recent uploads
 Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
 Errors:      (tasks/errors.py) tasks.ConfigError, tasks.DataError, tasks.ModelError, tasks.GroupError: one line each
@@ -77,6 +81,7 @@ from .evaluation import (evaluate, evaluate_lm, evaluate_prompt_sets, evaluate_s
 from .instruction import DATASETS, InstructionData, load_instruction_data, make_example
 from .lm import (IGNORE_INDEX, collate, generate, generate_ids, heldout_generations, heldout_loss, heldout_prompt_ids,
                  heldout_rouge_l, heldout_token_losses, rouge_l, rouge_l_scores, tokenize_example, tokenize_examples)
+from .masks import decode_mask, encode_mask, mask_scores
 from .memory import PeakAllocations, tensor_bytes
 from .models import load_model
 from .partitions import (STREAMS, derive_seed, partition, partition_summary, sample_clients, sampled_per_round,
@@ -86,5 +91,5 @@ from .runfiles import (Progress, RunFiles, export_model, fmt_bytes, read_run_jso
 from .sources import hub_reachable, read_jsonl
 from .training import param_groups, train_steps
 from .transport import Ranks, Transport, accept_replies, transport_from_env
-from .wire import (bound_changes, change_limit, change_sizes, check_tensors, pack, packed_bound, relative_change,
-                   unpack)
+from .robust import bound_changes, bound_uploads, change_limit, change_sizes, clip_client_norms, scalar_bound
+from .wire import check_tensors, pack, packed_bound, relative_change, unpack

@@ -102,7 +102,8 @@ class Transport:
     def data_size(self, client, held):
         """The data size the server weights `client` by: here `held`, the size of the client's partition, which the
         server computes from its own copy of the data set (the research simulation). Flower's deployment mode
-        (`declares_sizes`) returns what the client's node declared when it joined, capped."""
+        (`declares_sizes`) returns 1 for every client, or with the run config's `max-declared-size` set what the
+        client's node declared when it joined, capped at it."""
         return held
 
     def lost_rank(self, error, rnd, last_round, timeout):

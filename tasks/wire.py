@@ -5,8 +5,6 @@ of an upload: what crosses the network is `pack`'s bytes, and nothing a client s
     most = tasks.packed_bound(tensors)         # the longest pack of such tensors (a longer upload is refused)
     why, upload = tasks.check_tensors(wire, names, reference, max_change)   # why it is refused, or None
     tasks.relative_change(upload, reference)   # ||upload - sent|| / ||sent||
-    bounded, n = tasks.bound_changes(upload, reference, limit)   # each tensor's change within limit (RMS per element)
-    d = tasks.change_sizes(upload, reference); tasks.change_limit(pool, factor)   # --tensor_bound's statistic
 """
 
 
@@ -62,37 +60,3 @@ def relative_change(upload, reference):
     size = sum(float(torch.sum(reference[n].double() ** 2)) for n in upload)
     return (diff / size) ** 0.5 if size > 0 else (0.0 if diff == 0 else float("inf"))
 
-
-def change_sizes(upload, reference):
-    """Each uploaded tensor's change from what the client was sent, as its root mean square per element (float64):
-    {name: ||upload - sent|| / sqrt(numel)}. An optimizer's step moves every trained element by about its learning
-    rate, whatever the tensor's own scale (a LoRA B starts at zero), so these sizes compare across tensors."""
-    import torch
-    return {n: float(torch.linalg.vector_norm(t.double() - reference[n].double())) / max(1, t.numel()) ** 0.5
-            for n, t in upload.items()}
-
-
-def change_limit(pool, factor):
-    """--tensor_bound c: the largest change size a tensor may have, c x the median of `pool` (the change sizes of the
-    tensors of the recent accepted uploads and of this round's); 0 (no bound) when the factor is 0 or the pool empty.
-    Breakdown point: uploads holding fewer than half of the pool's tensors cannot move the median out of the honest
-    sizes' range."""
-    import statistics
-    return factor * statistics.median(pool) if factor > 0 and pool else 0.0
-
-
-def bound_changes(upload, reference, limit):
-    """Each tensor's change scaled down to at most `limit` (a change size, `change_sizes`): t' = sent + (t - sent) x
-    limit / size where size > limit, computed in float64 and rounded once to the tensor's dtype; a tensor within the
-    limit is kept as it came, bit for bit. -> (the bounded upload, how many tensors were scaled). limit 0: no bound."""
-    if limit <= 0:
-        return upload, 0
-    out, scaled = {}, 0
-    for n, size in change_sizes(upload, reference).items():
-        t = upload[n]
-        if size > limit:
-            sent = reference[n].double()
-            t = (sent + (t.double() - sent) * (limit / size)).to(t.dtype)
-            scaled += 1
-        out[n] = t
-    return out, scaled

@@ -1,5 +1,6 @@
-"""Clients that drop out and hostile uploads, in one process: the server goes on without them, stays exact, and
-(FedKSeed, --max_abs_g) bounds what a Byzantine client can do. tests/test_flower.py runs the same over Flower."""
+"""Clients that drop out and hostile uploads, in one process: the server goes on without them, stays exact, and its
+robust aggregation (FedKSeed's --g_bound by default, and --max_abs_g; FedAvg's and FedCyBGD's --tensor_bound and
+--max_change) bounds what a Byzantine client can do. tests/test_flower.py runs the same over Flower."""
 import json
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_server_aggregate_clips_by_hand():
     """--max_abs_g clips each scalar before the weighted sum: a by-hand example."""
     K = 4
     ups = [fk.encode_upload(1, [0, 1], [1e30, -0.5], K), fk.encode_upload(3, [1, 2], [2.0, -7.0], K)]
-    got = fk.server_aggregate(ups, [1, 3], K, 0.1, max_abs_g=3.0)
+    got = fk.server_aggregate(ups, [1, 3], K, 0.1, bound=3.0)
     want = -0.1 * np.array([0.25 * 3.0, 0.25 * -0.5 + 0.75 * 2.0, 0.75 * -3.0, 0.0])
     assert np.array_equal(got, want.astype(np.float32))
 
@@ -191,7 +192,8 @@ def foreign_tensor(up):
 
 CY_BAD = {"wrong_block_shape": wrong_shape, "foreign_tensor": foreign_tensor, "garbage": lambda up: b"\x00" * 20,
           "nan": lambda up: tasks.pack({k: torch.full_like(v, float("nan")) for k, v in tasks.unpack(up).items()}),
-          "block_1e30": lambda up: tasks.pack({k: torch.full_like(v, 1e30) for k, v in tasks.unpack(up).items()})}
+          "block_1e30": lambda up: tasks.pack({k: torch.full_like(v, 1e30) for k, v in tasks.unpack(up).items()}),
+          "all_zero": lambda up: tasks.pack({k: torch.zeros_like(v) for k, v in tasks.unpack(up).items()})}
 
 
 @pytest.mark.parametrize("how", CY_BAD, ids=list(CY_BAD))
@@ -220,7 +222,7 @@ def cy_weights(out):
     return {k: v for k, v in saved.items() if k not in ("round", "script", "config", "state")}
 
 
-@pytest.mark.parametrize("how", ["wrong_shape", "nan", "block_1e30"])
+@pytest.mark.parametrize("how", ["wrong_shape", "nan", "block_1e30", "all_zero"])
 def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how):
     """FedAvg/FedIT: client 1's malformed upload is left out of the average; the model equals the run in which
     client 1 never answers."""
@@ -233,10 +235,71 @@ def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how
     tok.save_pretrained(tmp_path / "model")
     files = (tmp_path / "model", write_dolly(tmp_path / "dolly.jsonl"))
     flags = lambda out: fa_argv(files, out, "--rounds", "2", "-m", "1", "--method", "lora")  # noqa: E731
-    corrupt(monkeypatch, fa, "client_round", 1, {"wrong_shape": wrong_shape, "nan": CY_BAD["nan"],
-                                                 "block_1e30": CY_BAD["block_1e30"]}[how])
+    corrupt(monkeypatch, fa, "client_round", 1, {"wrong_shape": wrong_shape, **CY_BAD}[how])
     fa.main(flags(tmp_path / "bad"))
     monkeypatch.undo()
     fa.train(fa.parse_args(flags(tmp_path / "silent")), Dropping({1: [1], 2: [1]}))
     assert same_weights(exported(tmp_path / "bad"), exported(tmp_path / "silent"))
     assert [m["dropped"] for m in rows(tmp_path / "bad")[1:]] == [[1], [1]]
+
+
+def test_tensor_bound_scales_each_tensor_to_c_times_the_pooled_median():
+    """--tensor_bound c (tasks.bound_uploads), written out here in numpy: each tensor's change size is its RMS change
+    per element; the pool is the window's sizes and this round's; a tensor above c x the pool's median is scaled to
+    it along its change, one within it kept bit for bit; the window keeps this round's sizes capped at the limit."""
+    ref = {"a": torch.zeros(4), "b": torch.ones(9)}
+    ups = [{"a": torch.tensor([0.1, -0.1, 0.1, -0.1]), "b": torch.ones(9) + 0.2},
+           {"a": torch.full((4,), 50.0), "b": torch.ones(9) - 0.1}]
+    recent = [[0.1, 0.3], [0.2]]
+    got, scaled, window = tasks.bound_uploads(ups, ref, recent, 2.0, 1)
+    size = lambda t, r: float(np.sqrt(np.mean((t.double().numpy() - r.double().numpy()) ** 2)))  # noqa: E731
+    sizes = [[size(u[n], ref[n]) for n in ("a", "b")] for u in ups]
+    limit = 2.0 * float(np.median([0.1, 0.3, 0.2] + [x for s_ in sizes for x in s_]))
+    for u, g, s_ in zip(ups, got, sizes):
+        for n, x in zip(("a", "b"), s_):
+            want = u[n] if x <= limit else (ref[n].double() + (u[n].double() - ref[n].double()) * limit / x).float()
+            assert torch.equal(g[n], want)
+    assert scaled == [sum(x > limit for x in s_) for s_ in sizes] == [0, 1]
+    assert window == [[0.2], [min(x, limit) for s_ in sizes for x in s_]]  # window 1: this round and the last
+
+
+def test_a_median_of_zero_bounds_every_scalar_to_zero_and_lifts_nothing():
+    """FedKSeed's --g_bound: clients uploading zeros that make the pooled median 0 bound every scalar to (nearly) 0,
+    the huge ones included; no bound at all only when the factor is 0."""
+    scalars = [np.zeros(6, np.float32), np.zeros(6, np.float32), np.full(3, 1e30, np.float32)]
+    bound, recent, clipped = tasks.scalar_bound([], scalars, 10.0, 10)
+    assert 0 < bound < 1e-37 and clipped == 3 and len(recent) == 1
+    a = fk.server_aggregate([fk.encode_upload(1, [0, 1, 2], s[:3], 4) for s in scalars], [1, 1, 1], 4, 1.0, bound)
+    assert np.abs(a).max() < 1e-38  # the 1e30 scalars moved A by at most a third of the bound
+    assert tasks.scalar_bound([], scalars, 0.0, 10)[0] == 0.0  # off
+
+
+def test_a_flipped_final_norm_is_bounded_per_tensor(tmp_path, monkeypatch):
+    """FedAvg full, 3 clients, all sampled, 2 rounds, --max_change 0 (off, to see --tensor_bound alone): client 1
+    flips the sign of the final norm's weights in its upload. --tensor_bound (on by default) scales that tensor's change
+    down to 10x the median change size of the pooled tensors (ledger `bounded`), so the averaged norm stays within a
+    tenth of the distance the flip moves it with --tensor_bound 0."""
+    import fedavg as fa
+    from test_fedavg import argv as fa_argv
+    from conftest import make_tiny_llama, make_tiny_tokenizer
+    from test_fedkseed import write_dolly
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    files = (tmp_path / "model", write_dolly(tmp_path / "dolly.jsonl"))
+    flags = lambda out, *x: fa_argv(files, out, "--rounds", "2", "-m", "1", "--num_clients", "3",  # noqa: E731
+                                    "--max_change", "0", *x)
+    name = "model.norm.weight"
+
+    def flip(up):
+        t = tasks.unpack(up)
+        return tasks.pack({**t, name: -t[name]})
+
+    fa.main(flags(tmp_path / "honest"))
+    corrupt(monkeypatch, fa, "client_round", 1, flip)
+    fa.main(flags(tmp_path / "bad"))
+    fa.main(flags(tmp_path / "unbounded", "--tensor_bound", "0"))
+    turns = [e for e in rows(tmp_path / "bad", "ledger.jsonl") if e.get("client") == 1 and "loss" in e]
+    assert len(turns) == 2 and all(e["bounded"] >= 1 for e in turns)
+    honest, bad, unbounded = (exported(tmp_path / d)[name] for d in ("honest", "bad", "unbounded"))
+    assert (bad - honest).abs().max() < 0.1 * (unbounded - honest).abs().min()

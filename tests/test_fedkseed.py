@@ -66,7 +66,10 @@ OPTIONS = {"two_point": (), "one_sided": ("--estimator", "one_sided", "--directi
            "server_momentum": ("--server_lr", "2", "--server_momentum", "0.9"),
            "one_sided+server_momentum": ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5",
                                          "--server_momentum", "0.5"),
-           "fzoo+cosine": ("--estimator", "fzoo", "--directions", "2", "--lr_scheduler", "cosine")}
+           "fzoo+cosine": ("--estimator", "fzoo", "--directions", "2", "--lr_scheduler", "cosine"),
+           "mask_magnitude": ("--mask", "magnitude", "--mask_density", "0.1"),
+           "mask_sensitivity+fzoo": ("--mask", "sensitivity", "--mask_density", "0.05", "--mask_examples", "4",
+                                     "--estimator", "fzoo", "--directions", "2")}
 COSINE_3_ROUNDS = [1.0, 0.75, 0.25]  # (1 + cos(pi (t - 1) / 3)) / 2 for t = 1, 2, 3: cos 0 = 1, cos pi/3 = 1/2, ...
 
 
@@ -308,13 +311,13 @@ def test_download_sends_exactly_what_the_client_lacks():
     new[[3, 299]] = [0.5, -1.25]
     msg = fk.encode_download(new, old)
     assert len(msg) == 1 + 4 + 2 * (2 + 4)  # sparse: flag, count, 2 x (uint16 index, float32 value)
-    back, imp = fk.decode_download(msg, old)
+    back, imp, _ = fk.decode_download(msg, old)
     assert back.tobytes() == new.tobytes() and imp is None and not np.shares_memory(back, old)
     assert len(fk.encode_download(new, new)) == 1 + 4  # nothing lacking: flag + count 0
     dense = np.arange(K, dtype=np.float32) + 1
     msg = fk.encode_download(dense, old, np.arange(K) % 256)
     assert len(msg) == 1 + 4 * K + K  # dense A + Pro's uint8 importances
-    back, imp = fk.decode_download(msg, old)
+    back, imp, _ = fk.decode_download(msg, old)
     assert back.tobytes() == dense.tobytes() and imp.tolist() == (np.arange(K) % 256).tolist()
     # -0.0 differs from 0.0 in its bits: sent, so the record matches A bit for bit
     neg = old.copy()
@@ -366,7 +369,7 @@ def test_stale_client_that_trained_locally_syncs_to_independently_built_weights(
         A = A + coefs
         independent = np.float32(independent + coefs)
     msg = fk.encode_download(A, record)
-    record, _ = fk.decode_download(msg, record)
+    record, _, _ = fk.decode_download(msg, record)
     fk.sync_model(weights, w0, seeds, record)
     touched = np.flatnonzero(independent)
     assert len(touched) > 10
@@ -412,7 +415,7 @@ def test_two_rounds_write_outputs_and_replay_matches_checkpoint(tiny_dir, dolly,
     assert any(not torch.equal(p, w) for p, w in zip(w0, exported))
 
 
-@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum"])
+@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum", "mask_sensitivity+fzoo"])
 def test_resume_is_bit_exact(tiny_dir, dolly, tmp_path, option):
     """2 rounds + resume to 4 == 4 rounds straight (weights bit for bit, same metrics), FedKSeed-Pro; also with the
     one-sided estimator and server momentum (whose buffer the checkpoint carries)."""
@@ -480,6 +483,9 @@ def test_resume_with_other_config_is_one_line(tiny_dir, dolly, tmp_path, capsys)
     (["--server_momentum", "1"], "--server_momentum 1.0: must be in [0, 1)"),
     (["--server_lr", "nan"], "--server_lr nan: must be a finite number > 0"),
     (["--clip_norm=-1"], "--clip_norm -1.0: must be a finite number >= 0"),
+    (["--mask", "random", "--mask_density", "0"], "--mask_density 0.0: must be a finite number > 0"),
+    (["--mask_density", "1.5"], "--mask_density 1.5: a fraction"),
+    (["--mask", "sensitivity", "--mask_examples", "1000"], "fewer than --mask_examples 1000"),
 ])
 def test_non_finite_or_non_positive_flags_are_one_line(tiny_dir, dolly, tmp_path, capsys, extra, words):
     with pytest.raises(SystemExit) as e:
@@ -542,7 +548,7 @@ def test_final_model_is_exported_and_resume_of_a_finished_run_reexports(tiny_dir
     assert tasks.checkpoint.read(out)["round"] == 2
 
 
-@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum"])
+@pytest.mark.parametrize("option", ["two_point", "one_sided+server_momentum", "mask_sensitivity+fzoo"])
 def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly(tiny_dir, dolly, tmp_path, option):
     """10 rounds, 2 of 8 clients per round; the seed is chosen so that some client misses >= 5 rounds between two
     participations. Every round's replay_max_abs_diff (clients' replayed weights vs the server's) is 0.0, that
@@ -575,6 +581,13 @@ def test_client_back_after_five_missed_rounds_replays_the_server_weights_exactly
     lacking = int(np.count_nonzero(A[back - 1].view(np.uint32) != A[back - missed - 2].view(np.uint32)))
     assert missed >= 5 and lacking > 0
     assert entry["download_bytes"] == min(1 + 4 + lacking * 6, 1 + 4 * 16)  # sparse or dense, whichever is smaller
+    if "--mask" in OPTIONS[option]:  # the mask travels once, in each client's first download, and is counted there
+        first = {}
+        for e in ledger:
+            first.setdefault(e["client"], e["round"])
+        mask_bytes = len(state["mask"].numpy().tobytes())
+        assert mask_bytes == 4 * sum(math.ceil(0.05 * p.numel()) for p in tasks.load_model(str(tiny_dir), "sft")[0].parameters())
+        assert all((e["download_bytes"] > mask_bytes) == (e["round"] == first[e["client"]]) for e in ledger)
 
 
 def test_validation_loss_is_logged_beside_the_held_out_loss(tiny_dir, dolly, tmp_path):
@@ -804,13 +817,23 @@ def test_global_model_equals_its_definition_from_the_uploaded_pairs(tiny_dir, do
     initial = fk.weights_of(tasks.load_model(str(tiny_dir), "sft")[0])
     w0, offsets = initial.tensors, initial.offsets
     seeds = fk.candidate_seeds(42, K)
-    kind = fk.RADEMACHER if option.startswith("fzoo") else fk.GAUSSIAN  # FZOO's z as published
+    kind = fk.RADEMACHER if "fzoo" in option else fk.GAUSSIAN  # FZOO's z as published
     exported = fk.weights_of(tasks.load_model(str(tmp_path / "run" / "model"), "sft")[0]).tensors
-    for p0, off, e in zip(w0, offsets, exported):
+    for i, (p0, off, e) in enumerate(zip(w0, offsets, exported)):
         w = p0.double().view(-1).numpy().copy()
+        at = np.ones(p0.numel(), bool)  # --mask: z is the dense z at the mask and 0 elsewhere
+        if "magnitude" in option:  # the smallest |w0|, ties to the lower index, computed here in numpy
+            at[:] = False
+            at[np.argsort(np.abs(p0.view(-1).numpy()), kind="stable")[:math.ceil(0.1 * p0.numel())]] = True
+        elif "sensitivity" in option:  # the server's mask, as it sent it (the checkpoint keeps its bytes)
+            sent = np.frombuffer(state["mask"].numpy().tobytes(), np.uint32).astype(np.int64)
+            at[:] = False
+            at[sent[(sent >= off) & (sent < off + p0.numel())] - off] = True
+            assert at.sum() == math.ceil(0.05 * p0.numel())
         for k in np.flatnonzero(A):
-            w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), kind).double().numpy()
+            w += float(A[k]) * seedops.z_reference(seeds[k], off, p0.numel(), kind).double().numpy() * at
         np.testing.assert_allclose(e.view(-1).numpy(), w, rtol=0, atol=1e-6)
+        assert np.array_equal(e.view(-1).numpy()[~at], p0.view(-1).numpy()[~at])  # bit for bit off the mask
     assert any(not torch.equal(p0, e) for p0, e in zip(w0, exported))
 
 
@@ -910,3 +933,36 @@ def test_every_use_of_the_master_seed_has_its_own_stream():
     labels = [i % 3 for i in range(60)]
     assert tasks.partition(labels, 4, "iid", 42) == [p.tolist() for p in np.array_split(
         tasks.stream(42, "partition").permutation(60), 4)]
+
+
+# ---------------------------------------------------------------------------------------------- --mask
+def test_sensitivity_scores_are_the_summed_squared_per_example_gradients(tiny_llama, tiny_tokenizer):
+    """tasks.mask_scores("sensitivity"): sum over examples of the squared gradient of each example's loss at w0,
+    checked against torch.func's gradient of a functional call of the model, one example at a time."""
+    from torch.func import functional_call, grad
+
+    model = tiny_llama
+    batches = [batch_for(tiny_tokenizer, [t]) for t in ["hello world", "abc", "the cat sat"]]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    scores = tasks.mask_scores("sensitivity", [p.detach() for p in params.values()], 0, list(params.values()),
+                               batches, lambda b: model(**b).loss)
+    frozen = {n: p.detach().clone() for n, p in params.items()}
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in frozen.items()}
+    for b in batches:
+        g = grad(lambda ps: functional_call(model, ps, args=(), kwargs=b).loss)(frozen)
+        for n in expected:
+            expected[n] += g[n].double() ** 2
+    for s, n in zip(scores, params):
+        torch.testing.assert_close(s.double(), expected[n], rtol=1e-4, atol=1e-12)
+    assert all(p.grad is None for p in params.values())  # the model is left as it was
+
+
+def test_a_mask_travels_as_ascending_global_indices_and_bad_bytes_are_one_line():
+    sizes, offsets = [5, 3, 4], [0, 5, 8]
+    masks = [torch.tensor([1, 4]), torch.tensor([0]), torch.tensor([2, 3])]
+    msg = tasks.encode_mask(masks, offsets, 12)
+    assert np.frombuffer(msg, np.uint32).tolist() == [1, 4, 5, 10, 11]
+    assert [m.tolist() for m in tasks.decode_mask(msg, offsets, sizes)] == [[1, 4], [0], [2, 3]]
+    for bad in (msg[:-1], np.array([4, 1], np.uint32).tobytes(), np.array([12], np.uint32).tobytes(), b""):
+        with pytest.raises(ValueError):
+            tasks.decode_mask(bad, offsets, sizes)

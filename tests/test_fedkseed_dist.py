@@ -62,16 +62,18 @@ def exported(out):
 
 ONE_SIDED = ("--estimator", "one_sided", "--directions", "2", "--server_lr", "1.5", "--server_momentum", "0.5")
 FZOO_COSINE = ("--estimator", "fzoo", "--directions", "2", "--lr_scheduler", "cosine")
+MASK = ("--mask", "sensitivity", "--mask_density", "0.05", "--mask_examples", "4", "--estimator", "fzoo",
+        "--directions", "2")  # the server's mask travels to rank 1's clients in their first downloads
 
 
 @pytest.mark.parametrize("compute_dtype, option", [("float32", ()), ("bfloat16", ()), ("float32", ONE_SIDED),
-                                                  ("float32", FZOO_COSINE)],
-                         ids=["float32", "bfloat16", "one_sided+server_momentum", "fzoo+cosine"])
+                                                  ("float32", FZOO_COSINE), ("bfloat16", MASK)],
+                         ids=["float32", "bfloat16", "one_sided+server_momentum", "fzoo+cosine", "mask+bfloat16"])
 def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     """Same flags (FedKSeed-Pro, 3 rounds): 1 process vs 2 gloo ranks -> same metrics.jsonl values (all but timings
     and the one-process replay check), the same global model bit for bit, the same server state; the ledger adds
     the collectives' bytes. Also with bfloat16 forwards over the float32 weights (--compute_dtype), and with the
-    one-sided estimator and server momentum, and with FZOO under the cosine lr schedule."""
+    one-sided estimator and server momentum, with FZOO under the cosine lr schedule, and with --mask sensitivity."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--rounds", "3", "--eval_every", "1", "--compute_dtype", compute_dtype, *option)
     n_dir = 2 if option else 1
@@ -84,7 +86,8 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     assert p2.returncode == 0, p2.stdout + p2.stderr
     assert metrics(one) == metrics(two) and [r["round"] for r in metrics(two)] == [0, 1, 2, 3]
     a, b = checkpoint(one), checkpoint(two)
-    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "synced_round", "hist_sum", "hist_count", "velocity"))
+    assert all(torch.equal(a[key], b[key]) for key in ("A_history", "synced_round", "hist_sum", "hist_count", "velocity",
+                                                       "mask_sent", "mask"))
     assert all(torch.equal(x, y) for x, y in zip(exported(one), exported(two)))
     assert any(not torch.equal(x, y) for x, y in zip(exported(two), checkpoint_initial(files)))  # training moved them
     # rank 0 alone speaks: one header line, one summary
@@ -94,7 +97,8 @@ def test_two_ranks_equal_one_process(files, tmp_path, compute_dtype, option):
     clients = [e for e in ledger if "client" in e]
     assert clients == [json.loads(l) for l in (one / "ledger.jsonl").read_text().splitlines()]
     up_row = 4 + 5 * 8 + 4 + 3 * n_dir * (2 + 4)  # uint32 length, float64 CLIENT_STATS (5), the upload
-    down_row = 4 + 1 + 4 * 16 + 16  # uint32 length, the longest download: flag, dense A, Pro's uint8 importances
+    # uint32 length, the longest download: flag, dense A, Pro's uint8 importances (and the mask)
+    down_row = 4 + 1 + 4 * 16 + 16 + (a["mask"].numel() if option == MASK else 0)
     for rnd in (1, 2, 3):
         wire = {e["rank"]: e for e in ledger if "rank" in e and e["round"] == rnd}
         round_clients = [e["client"] for e in clients if e["round"] == rnd]

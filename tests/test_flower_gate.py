@@ -1,10 +1,14 @@
-"""The Fleet-only gate (fedfull_flower.gate): the README's two-machine recipe on 127.0.0.1. The SuperLink serves
-127.0.0.1 only; the SuperNodes reach it through the gate over TLS and train; a run submitted through the nodes'
-address is refused (403) and never starts, while the server machine's own submission runs."""
+"""The Fleet-only gate (fedfull_flower.gate): docs/flower.md's two-machine recipe on 127.0.0.1. The SuperLink serves
+127.0.0.1 only, on TLS with SuperNode authentication; the SuperNodes (registered keys) reach it through the gate over
+TLS and train; a run submitted through the nodes' address is refused (403) and never starts, while the server
+machine's own submission runs; a node whose key is not registered never joins."""
 import http.client
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -96,6 +100,17 @@ def test_the_recipe_refuses_a_run_submitted_through_the_nodes_address(tiny_dir, 
             runs = subprocess.run([binary("flwr"), "ls", "local", "--format", "json"], env=fed.env,
                                   capture_output=True, text=True, timeout=60)
             gate_log = fed.logs["gate"].read_text()
+            # a node whose key nobody registered: it dials the gate with the CA, and is never activated
+            before = fed.activated()
+            subprocess.run(["ssh-keygen", "-t", "ecdsa", "-b", "384", "-N", "", "-q", "-f", str(fed.folder / "stranger")],
+                           check=True, timeout=60)
+            stranger = fed._spawn("stranger", [binary("flower-supernode"), "--superlink", f"127.0.0.1:{fed.gate_port}",
+                                               "--root-certificates", str(fed.folder / "ca.crt"),
+                                               "--auth-supernode-private-key", str(fed.folder / "stranger"),
+                                               "--node-config", "partition-id=0 num-partitions=2"], fed.node_env)
+            time.sleep(15)
+            joined = fed.activated() - before
+            os.killpg(stranger.pid, signal.SIGKILL)
     finally:
         torch.set_num_threads(threads)
     assert "403" in attempt.stdout + attempt.stderr, attempt.stdout[-2000:] + attempt.stderr[-2000:]
@@ -103,3 +118,4 @@ def test_the_recipe_refuses_a_run_submitted_through_the_nodes_address(tiny_dir, 
     assert "refused POST '/v1/control/start-run'" in gate_log
     rows = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and all('"dropped": []' in r for r in rows[1:])  # both nodes trained, through the gate
+    assert joined == 0

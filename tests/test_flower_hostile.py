@@ -1,11 +1,13 @@
 """A hostile SuperNode in a real local federation (a SuperLink and 2 SuperNodes on 127.0.0.1): node 1 runs fedfull's
 ClientApp but corrupts its replies a different way each round (tests/hostile_app: a 400-digit stat, an oversized
 upload, pairs stacked on a seed it was not assigned, a reply naming other clients, an error reply with an empty
-reason, an infinite stat), then answers honestly; and after round 1 two more SuperNodes join, one claiming the
-partition that node 0 serves, one counting 3 partitions where the run has 2. The federation runs in the deployment
-mode (run config data-sizes=declared): the server weights clients by what their nodes declared. The ServerApp never
-dies, each bad reply is left out with its reason, neither newcomer serves a client, and the exported model equals,
-bit for bit, the one-process run in which that node's clients (1 and 3) miss exactly those rounds."""
+reason, an infinite stat, every scalar 0, stats of +-1.7e308), then answers honestly; and after round 1 two more
+SuperNodes join, one claiming the partition that node 0 serves, one counting 3 partitions where the run has 2. The
+federation runs in the deployment mode (run config data-sizes=declared), where the hostile node declares 10^9
+examples a client and, with no cap set, every client weighs 1. The ServerApp never dies, each bad reply is left out
+with its reason, the zero upload is taken (well-formed) and bounded, neither newcomer serves a client, the exported
+model equals, bit for bit, the one-process run in which that node's clients (1 and 3) miss exactly those rounds and
+upload zeros in round 7, and its held-out loss is within 1% of the honest run's."""
 import json
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from test_dropouts import Dropping, exported, run_fk, same_weights
-from test_fedkseed import argv, dolly, tiny_dir  # noqa: F401  (fixtures)
+from test_fedkseed import argv, dolly, tiny_dir, write_dolly  # noqa: F401  (fixtures)
 
 pytest.importorskip("flwr")
 from fedfull_flower.local import LocalFederation  # noqa: E402
@@ -35,10 +37,13 @@ def test_a_hostile_node_is_left_out_round_after_round_and_the_rest_stays_exact(t
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out, bad_rounds = tmp_path / "flower", (1, 2, 3, 4, 5, 6)
+    out, bad_rounds = tmp_path / "flower", (1, 2, 3, 4, 5, 6, 8)
+    # 32 training examples, 8 a client: the deployment mode's equal weights are then the partitions' sizes, so the
+    # one-process run (weighted by its partitions) is the same computation
+    dolly = write_dolly(tmp_path / "dolly.jsonl", n=42)
     metrics = lambda: lines(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []  # noqa: E731
     try:
-        flags = argv(tiny_dir, dolly, out, "-m", "1", "--rounds", "7", "--rouge_samples", "0")
+        flags = argv(tiny_dir, dolly, out, "-m", "1", "--rounds", "9", "--rouge_samples", "0")
         with LocalFederation(tmp_path / "fed", nodes=2) as fed:
             result = {}
             runner = threading.Thread(target=lambda: result.update(done=fed.submit(
@@ -53,22 +58,38 @@ def test_a_hostile_node_is_left_out_round_after_round_and_the_rest_stays_exact(t
             assert not runner.is_alive()
             done, status = result["done"], fed.last_run()
         assert done.returncode == 0 and status[0] == "finished:completed", done.stdout[-3000:] + done.stderr[-3000:]
-        one = run_fk(tiny_dir, dolly, tmp_path / "one", "-m", "1", "--rounds", "7",
-                     transport=Dropping({r: (1, 3) for r in bad_rounds}))
+        one = run_fk(tiny_dir, dolly, tmp_path / "one", "-m", "1", "--rounds", "9",
+                     transport=Zeroing({r: (1, 3) for r in bad_rounds}))
+        honest = run_fk(tiny_dir, dolly, tmp_path / "honest", "-m", "1", "--rounds", "9")
     finally:
         torch.set_num_threads(threads)
     log = done.stdout + done.stderr
-    assert "data sizes declared by the nodes" in log
+    assert "data sizes equal: every client weighs 1, whatever its node declares" in log
     assert "claims partition 0, which connected node" in log and "says partition 0 of 3, the run has 2" in log
-    assert [m["dropped"] for m in metrics()[1:]] == [[1, 3]] * len(bad_rounds) + [[]]
+    assert [m["dropped"] for m in metrics()[1:]] == [[1, 3]] * 6 + [[], [1, 3], []]
     reasons = {(e["round"], e["client"]): e["dropped"] for e in lines(out / "ledger.jsonl") if e.get("dropped")}
     assert set(reasons) == {(r, c) for r in bad_rounds for c in (1, 3)}
-    assert all("not all finite numbers" in reasons[r, c] for r in (1, 6) for c in (1, 3))
-    assert all("longer than the protocol's" in reasons[2, c] for c in (1, 3))
+    assert all("not all finite numbers" in reasons[r, c] for r in (1, 6, 8) for c in (1, 3))
+    assert all("a reply of more than" in reasons[2, c] for c in (1, 3))  # refused while it was pulled
     assert all("not the draws the protocol assigns" in reasons[3, c] for c in (1, 3))
     assert all(reasons[4, c].startswith("malformed reply") for c in (1, 3))
     assert all(reasons[5, c] == "node failed: no reason given" for c in (1, 3))
     assert same_weights(exported(out), exported(one))
+    last, honest_last = metrics()[-1]["eval_loss"], lines(tmp_path / "honest" / "metrics.jsonl")[-1]["eval_loss"]
+    assert abs(last - honest_last) <= 0.01 * honest_last, (last, honest_last)
+
+
+class Zeroing(Dropping):
+    """One process: the clients of drops[round] do not answer, and clients 1 and 3 upload every scalar 0 in round 7."""
+
+    def exchange(self, fn, run, rnd, sent, clients, widths, keys, tags=None):
+        import fedkseed as fk
+        import numpy as np
+        got = super().exchange(fn, run, rnd, sent, clients, widths, keys, tags)
+        for c in ((1, 3) if rnd == 7 else ()):
+            n, idx, g = fk.decode_upload(got[c][0], run.args.K)
+            got[c] = (fk.encode_upload(n, idx, np.zeros(len(g)), run.args.K), got[c][1])
+        return got
 
 
 def test_a_hostile_node_sending_a_1e30_block_is_refused_and_the_rest_stays_exact(tiny_dir, dolly, tmp_path,  # noqa: F811

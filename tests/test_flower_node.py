@@ -31,6 +31,8 @@ def test_a_data_path_or_model_the_server_chose_is_refused_unless_the_node_sets_o
         node_args(cfg("--device cpu --data_path /etc/passwd"), {})
     with pytest.raises(fk.ConfigError, match="the server chose --model some/model: this node's config"):
         node_args(cfg("--device cpu --model some/model"), {})
+    with pytest.raises(fk.ConfigError, match="the server chose --model /tmp/elsewhere: this node's config"):
+        node_args(cfg("--device cpu --model smollm2-135m --model /tmp/elsewhere"), {})  # argparse takes the last
     mine = tmp_path / "mine.jsonl"
     mine.write_text("")
     # the node's own config pins both: whatever the server says, the node's values are used

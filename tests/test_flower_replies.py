@@ -214,6 +214,25 @@ def test_a_reply_of_too_many_objects_is_refused_before_any_is_pulled(monkeypatch
                for why in flower.dropped.values()) and set(flower.dropped) == {0, 1}
 
 
+def test_a_reply_of_more_bytes_than_its_uploads_allow_is_refused_while_it_is_pulled(monkeypatch):
+    """Node 1 answers with an upload of 2 MiB where the protocol allows 64 bytes: its objects are counted as they
+    arrive and the reply is refused past the node's bound (its clients x the longest upload + 1 MiB), before Flower
+    inflates it; node 2's reply is taken."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    flower = flower_for(Grid([], nodes=(1, 2)), monkeypatch, nodes=((0, 1), (1, 2)))
+    link = StubLink()
+    big = Message(RecordDict({MESSAGE_KEY: ConfigRecord(good(clients=[0], uploads=[b"u" * (2 << 20)]))}),
+                  dst_node_id=0, message_type="train")
+    big.metadata.__dict__["_src_node_id"] = 1
+    link.store("m0", big)
+    link.store("m1", node_reply(2, [1])[0])
+    flower.grid = LinkGrid(link)
+    run = SimpleNamespace(args=SimpleNamespace())
+    got = flower.exchange(None, run, 1, {0: b"d", 1: b"d"}, [0, 1], (None, 64), KEYS, {0: ("", "1"), 1: ("", "1")})
+    assert set(got) == {1} and list(flower.dropped) == [0]
+    assert flower.dropped[0].startswith("its reply could not be read (ReplyRefused: a reply of more than 1048640 bytes")
+
+
 def test_a_nodes_error_text_cannot_forge_a_log_line():
     """A client's error line with a newline and an escape sequence: the server's reason is one line, escaped."""
     dropped = {}

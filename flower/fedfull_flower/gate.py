@@ -1,7 +1,7 @@
 """The SuperLink's gate: a TLS front that lets the SuperNodes reach the Fleet API and nothing else.
 
     python -m fedfull_flower.gate --listen 0.0.0.0:9093 --upstream 127.0.0.1:9092 \
-        --certfile superlink.crt --keyfile superlink.key
+        --certfile superlink.crt --keyfile superlink.key --upstream_ca ca.crt
 
 Why. Flower 1.42 serves every SuperLink API on one HTTP port: the Fleet API the SuperNodes use (/v1/fleet/...), the
 Control API that submits runs (/v1/control/..., `flwr run`: an App's code then runs on every SuperNode) and the Runtime
@@ -9,7 +9,8 @@ API of the ServerApp (/v1/runtime/...). Without OIDC (not in the open-source dis
 authenticates no one, so any machine that reaches the port can run code on every node. Bind the SuperLink to
 127.0.0.1 and expose this gate instead: it terminates TLS and forwards POST /v1/fleet/<name> (and GET /health) to the
 SuperLink, unchanged, headers included (SuperNode authentication signs them); every other request gets 403 here. Run
-submission then needs a shell on the server machine.
+submission then needs a shell on the server machine. SuperNode authentication (--enable-supernode-auth) needs the
+SuperLink itself on TLS: --upstream_ca is the CA the gate checks it against (its certificate must name 127.0.0.1).
 
 It reads a request's body in chunks and streams it on, refusing more than --max_body bytes (413), so one node cannot
 make the SuperLink or the gate hold an upload of any size. Standard library only; one thread a connection.
@@ -29,6 +30,7 @@ HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upg
 class Gate(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Flower's HTTP client expects
     upstream = ("127.0.0.1", 9092)
+    upstream_tls = None  # an ssl.SSLContext that checks the SuperLink's certificate, or None: plain HTTP
     max_body = 1 << 30
     log_requests = False
 
@@ -71,7 +73,8 @@ class Gate(BaseHTTPRequestHandler):
 
     def forward(self, n):
         """The request to the SuperLink with its body streamed, then the answer back, streamed."""
-        up = http.client.HTTPConnection(*self.upstream, timeout=600)
+        up = (http.client.HTTPSConnection(*self.upstream, timeout=600, context=self.upstream_tls) if self.upstream_tls
+              else http.client.HTTPConnection(*self.upstream, timeout=600))
         try:
             up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for k, v in self.headers.items():
@@ -106,12 +109,14 @@ class Gate(BaseHTTPRequestHandler):
             up.close()
 
 
-def serve(listen, upstream, certfile=None, keyfile=None, max_body=1 << 30, verbose=False, ready=None):
-    """Run the gate until interrupted. certfile/keyfile None: plain HTTP (tests on 127.0.0.1 only)."""
+def serve(listen, upstream, certfile=None, keyfile=None, max_body=1 << 30, verbose=False, ready=None, upstream_ca=None):
+    """Run the gate until interrupted. certfile/keyfile None: plain HTTP (tests on 127.0.0.1 only); upstream_ca: the
+    SuperLink speaks TLS, with a certificate from that CA."""
     host, port = listen.rsplit(":", 1)
     uhost, uport = upstream.rsplit(":", 1)
+    tls = ssl.create_default_context(cafile=upstream_ca) if upstream_ca else None
     handler = type("BoundGate", (Gate,), {"upstream": (uhost, int(uport)), "max_body": max_body,
-                                          "log_requests": verbose})
+                                          "log_requests": verbose, "upstream_tls": tls})
     server = ThreadingHTTPServer((host, int(port)), handler)
     server.daemon_threads = True
     if certfile:
@@ -119,7 +124,8 @@ def serve(listen, upstream, certfile=None, keyfile=None, max_body=1 << 30, verbo
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(certfile, keyfile)
         server.socket = context.wrap_socket(server.socket, server_side=True)
-    print(f"gate: {'https' if certfile else 'http'}://{listen} -> the Fleet API of http://{upstream}", flush=True)
+    print(f"gate: {'https' if certfile else 'http'}://{listen} -> the Fleet API of "
+          f"{'https' if upstream_ca else 'http'}://{upstream}", flush=True)
     if ready is not None:
         ready.set()
     try:
@@ -134,6 +140,7 @@ def main(argv=None):
     p.add_argument("--upstream", default="127.0.0.1:9092", help="the SuperLink (flower-superlink --host 127.0.0.1)")
     p.add_argument("--certfile", help="TLS certificate for the listen address (the nodes hold its CA)")
     p.add_argument("--keyfile", help="its private key")
+    p.add_argument("--upstream_ca", help="the SuperLink is on TLS (needed by --enable-supernode-auth): its CA")
     p.add_argument("--insecure", action="store_true", help="plain HTTP: only for a test on 127.0.0.1")
     p.add_argument("--max_body", type=int, default=1 << 30, help="bytes a request may carry (default 1 GiB)")
     p.add_argument("--verbose", action="store_true", help="log every request, not only refused ones")
@@ -141,7 +148,8 @@ def main(argv=None):
     if not a.insecure and not (a.certfile and a.keyfile):
         p.error("give --certfile and --keyfile (TLS), or --insecure for a test on 127.0.0.1")
     try:
-        serve(a.listen, a.upstream, None if a.insecure else a.certfile, a.keyfile, a.max_body, a.verbose)
+        serve(a.listen, a.upstream, None if a.insecure else a.certfile, a.keyfile, a.max_body, a.verbose,
+              upstream_ca=a.upstream_ca)
     except KeyboardInterrupt:
         return 0
     except (OSError, ssl.SSLError) as e:

@@ -45,9 +45,10 @@ def binary(name):
 
 class LocalFederation:
     """SuperLink + SuperNodes on 127.0.0.1 under `folder` (FLWR_HOME, the database, logs, the nodes' states).
-    gated: the README's two-machine recipe on one machine: the SuperLink serves 127.0.0.1 only, the nodes reach it
-    through fedfull_flower.gate over TLS (a CA and a certificate for 127.0.0.1 made with openssl, as the recipe
-    does), and the run is submitted to the SuperLink's own address; `gate_port` is what the nodes dial."""
+    gated: docs/flower.md's two-machine recipe on one machine: the SuperLink serves 127.0.0.1 only, on TLS (a CA and
+    a certificate for 127.0.0.1 made with openssl, as the recipe does) with SuperNode authentication; each node has a
+    key pair registered with `flwr supernode register` and reaches it through fedfull_flower.gate; the run is
+    submitted to the SuperLink's own address; `gate_port` is what the nodes dial."""
 
     def __init__(self, folder, nodes=2, timeout=60.0, gated=False):
         self.folder, self.nodes, self.timeout, self.gated = Path(folder), nodes, timeout, gated
@@ -91,11 +92,16 @@ class LocalFederation:
     def start(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(exist_ok=True)
-        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        if self.gated:  # the recipe: TLS and SuperNode authentication on the SuperLink, which serves 127.0.0.1 only
+            self.certificates()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+            + (f'root-certificates = "{self.folder / "ca.crt"}"\n' if self.gated else "insecure = true\n"))
+        tls = ["--ssl-ca-certfile", str(self.folder / "ca.crt"), "--ssl-certfile", str(self.folder / "superlink.crt"),
+               "--ssl-keyfile", str(self.folder / "superlink.key"), "--enable-supernode-auth"]
         self.superlink = self._spawn("superlink", [
-            binary("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.folder / "superlink.db"), "--disable-runtime-dependency-installation"])
+            binary("flower-superlink"), *(tls if self.gated else ["--insecure"]), "--host", "127.0.0.1", "--port",
+            str(self.port), "--database", str(self.folder / "superlink.db"), "--disable-runtime-dependency-installation"])
 
         def listening():
             try:
@@ -106,11 +112,11 @@ class LocalFederation:
 
         self._wait("the SuperLink", listening, self.superlink)
         if self.gated:
-            self.certificates()
             self.gate = self._spawn("gate", [sys.executable, "-m", "fedfull_flower.gate", "--listen",
                                              f"127.0.0.1:{self.gate_port}", "--upstream", f"127.0.0.1:{self.port}",
                                              "--certfile", str(self.folder / "superlink.crt"),
-                                             "--keyfile", str(self.folder / "superlink.key")])
+                                             "--keyfile", str(self.folder / "superlink.key"),
+                                             "--upstream_ca", str(self.folder / "ca.crt")])
             self._wait("the gate", lambda: "gate: https://" in self.logs["gate"].read_text(errors="replace"),
                        self.gate)
         for p in range(self.nodes):
@@ -131,8 +137,16 @@ class LocalFederation:
         """Start the SuperNode of partition p (of `partitions`, default one per node) and wait until the SuperLink has
         registered it. name: another name for it (its log, `stop_node`), for a second node claiming p (tests)."""
         before, name = self.activated(), name or p
-        link = (["--superlink", f"127.0.0.1:{self.gate_port}", "--root-certificates", str(self.folder / "ca.crt")]
-                if self.gated else ["--insecure", "--superlink", f"127.0.0.1:{self.port}"])
+        link = ["--insecure", "--superlink", f"127.0.0.1:{self.port}"]
+        if self.gated:  # through the gate, with a key pair the server's operator registered (`flwr supernode register`)
+            key = self.folder / f"node{name}"
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-t", "ecdsa", "-b", "384", "-N", "", "-q", "-f", str(key)], check=True,
+                               timeout=60)
+                subprocess.run([binary("flwr"), "supernode", "register", f"{key}.pub", "local"], env=self.env,
+                               check=True, capture_output=True, timeout=120)
+            link = ["--superlink", f"127.0.0.1:{self.gate_port}", "--root-certificates", str(self.folder / "ca.crt"),
+                    "--auth-supernode-private-key", str(key)]
         proc = self._spawn(f"supernode{name}", [
             binary("flower-supernode"), *link, "--port", str(free_port()), "--node-config",
             f'partition-id={p} num-partitions={partitions or self.nodes} state-dir="{self.folder / f"state{name}"}" '

@@ -8,10 +8,20 @@ import shlex
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
+import tasks
 from tasks import ConfigError
 
 from .transport import MESSAGE_KEY, script_module
+
+
+def client_node(script, args):
+    """A node's view of a run: what the script's `load_parts` loads on every party (the model, its clients' data;
+    fedkseed: w0 and the seeds too), a device, progress bars, and no server."""
+    run = SimpleNamespace(args=args, device=args.device, server=None, progress=tasks.Progress())
+    script.load_parts(run)
+    return run
 
 
 def answer_query(message, context):
@@ -24,7 +34,7 @@ def answer_query(message, context):
     if "script" in cfg and len(reply) == 2:
         try:
             _, script, args = node_args(cfg, node)
-            run = script.client_node(args)
+            run = client_node(script, args)
             p, count = reply["partition-id"], reply["num-partitions"]
             mine = [c for c in range(len(run.clients)) if c % count == p]
             reply.update(clients=mine, sizes=[len(run.clients[c]) for c in mine])
@@ -51,12 +61,14 @@ STATE_BYTES = 20 * 2**30  # the state dir's size a node allows (node config max-
 
 
 def server_chose(argv, flag):
-    """The value the server's argv gives `flag` (`--flag v` or `--flag=v`; argparse's prefixes too), or None."""
+    """The value the server's argv gives `flag` (`--flag v` or `--flag=v`; argparse's prefixes too), or None; given
+    more than once, the last, as argparse takes it."""
+    chose = None
     for i, x in enumerate(argv):
         head, eq, value = x.partition("=")
         if len(head) > 2 and flag.startswith(head) and head.startswith("--"):
-            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-    return None
+            chose = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return chose
 
 
 def node_args(cfg, node):
@@ -129,7 +141,7 @@ def handle(message, context):
         folder = state_dir(context) / f"{name}-{cfg['key']}"
         folder.mkdir(parents=True, exist_ok=True)
         t = time.time()
-        run = script.client_node(args)
+        run = client_node(script, args)
         print(f"fedfull node: {name} round {cfg['round']}, clients {clients}: model and data loaded in "
               f"{time.time() - t:.2f} s", flush=True)
         run.last_client = clients[-1]

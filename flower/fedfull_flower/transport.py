@@ -370,7 +370,8 @@ def serve(grid, context):
     if data_sizes not in ("partition", "declared"):
         raise ConfigError(f"run config data-sizes {data_sizes!r}: partition (research simulation) or declared")
     if name == "fedcybgd" and data_sizes == "declared":
-        print("Flower: FedCyBGD weights no client by its data size: the nodes declare nothing", flush=True)
+        print("Flower: FedCyBGD weights no client by its data size: data-sizes = declared runs as partition (the nodes "
+              "declare nothing; the server reads the data set, as in the research simulation)", flush=True)
         data_sizes = "partition"
     transport = Flower(grid, device, name, argv, nodes, float(cfg.get("round-timeout", 600)),
                        float(cfg.get("node-timeout", 120)), partitions=int(cfg.get("num-partitions", 0)) or nodes,
