@@ -24,7 +24,7 @@ Options, one line each:
     --optimizer adamw|sgd          the clients' optimizer, fresh every round (its state never crosses)
     --lora_r, --lora_alpha, --lora_targets   the adapters' rank, scale (alpha/r * B A), modules (default: peft's)
     --tensor_bound c, --max_change f   robust aggregation (tasks/robust.py): each tensor's change within c x the recent
-                                   median; an upload that moves the weights by more than f of their norm refused
+                                   lower median; an upload that moves the weights by more than f of their norm refused
 
 Where the clients live. In one process they take turns on ONE model (no per-client copies); the server keeps one copy
 of the global trainable weights. torchrun is not supported (one line says so). On Flower (docs/flower.md) each client
@@ -206,7 +206,7 @@ def check_uploads(run, rnd, sampled, replies, wire_down):
                       "download_bytes": len(wire_down), "peak_memory_bytes": int(stats["peak_memory_bytes"]),
                       "held_bytes": int(stats["held_bytes"]), "step_bytes": int(stats["step_bytes"]),
                       "client_seconds": round(stats["client_seconds"], 3)})
-    # robust aggregation (beyond FedAvg, on by default: --tensor_bound, tasks/robust.py): each tensor's change within c x the median
+    # robust aggregation (beyond FedAvg, on by default: --tensor_bound, tasks/robust.py): tensor changes <= c x median
     uploads, scaled, run.recent = tasks.bound_uploads(uploads, run.global_w, run.recent, run.args.tensor_bound,
                                                       run.args.tensor_window)
     for line, n in zip([t for t in turns if "dropped" not in t], scaled):

@@ -37,7 +37,7 @@ Options beyond the paper (their section below; the glue and squad defaults are t
     --logit_adjust, --head_lr_scale   candidate remedies for label skew (docs/label-skew.md)
     --train_embeddings          the input embeddings become one more block of the cycle
     --tensor_bound c, --max_change f  robust aggregation (tasks/robust.py): each tensor's change within c x the recent
-                                median; an upload that moves the weights by more than f of their norm is refused
+                                lower median; an upload that moves the weights by more than f of their norm is refused
 
 In one process the clients take turns on ONE model; under torchrun client c lives on rank c % world (every rank
 keeps an equal replica of the server); on Flower on a SuperNode that keeps its weights on disk. A client that does not
@@ -356,7 +356,7 @@ def turn(run, rnd, c):
         run.progress.log(f"round {rnd} client {c}: left out of the round: {why}")
     else:
         line["change"] = round(tasks.relative_change(upload, server["weights"]), 6)  # before the upload replaces them
-        # robust aggregation (on by default: --tensor_bound, tasks/robust.py): each tensor's change within c x median
+        # robust aggregation (on by default: --tensor_bound, tasks/robust.py): each tensor's change <= c x the median
         (upload,), (line["bounded"],), server["recent"] = tasks.bound_uploads(
             [upload], server["weights"], server["recent"], args.tensor_bound, args.tensor_window)
         server_aggregate(server, c, upload, run.units)

@@ -51,7 +51,7 @@ Options beyond the paper, in the same wire format (defined in the section after 
   --compute_dtype bfloat16               forwards on a bf16 copy written by the same fused pass (weights stay fp32)
   --fold                                 two passes over the weights a step instead of three
   --g_bound c (on: 10), --max_abs_g B, --clip_norm c   the server bounds what one client's scalars can move
-  --mask sensitivity|magnitude|random --mask_density d   z only on a fixed fraction d of each tensor (0 elsewhere)
+  --mask sensitivity|magnitude|random --mask_density d   z only on a fixed fraction d of each tensor (off: no win)
 Measured figures, each option's default and every difference from the official code (zhenqincn/FedKSeed):
 docs/fedkseed.md. One process, torchrun ranks (client c on rank c % world) and Flower sit behind one transport.
 """
@@ -137,11 +137,11 @@ def parse_args(argv=None):
     add("--server_lr", type=float, default=1.0, help="A += server_lr * velocity (1: FedAvg's mean)")
     add("--server_momentum", type=float, default=0.0, help="beta: velocity <- beta velocity + a(t); 0 = none")
     add("--max_abs_g", type=float, default=0.0, help="the server clips every uploaded scalar to [-B, B]; 0 = off")
-    add("--g_bound", type=float, default=10.0, help="every uploaded scalar is clipped to this many times the median "
-      "|scalar| of this round and the last --g_window rounds; 0 = off")
-    add("--g_window", type=int, default=10, help="--g_bound: the rounds before this one whose scalars the median pools")
+    add("--g_bound", type=float, default=10.0, help="every uploaded scalar is clipped to this many times the lower "
+      "median |scalar| of this round and the last --g_window rounds; 0 = off")
+    add("--g_window", type=int, default=10, help="--g_bound: the rounds before this one whose scalars it pools")
     add("--clip_norm", type=float, default=0.0, help="robust aggregation: each client's per-seed vector (the sum of "
-      "its scalars on each seed) is scaled down to at most this many times the round's median client norm; 0 = off")
+      "its scalars on each seed) is scaled down to at most this many times the round's lower median norm; 0 = off")
     add("--fold", action="store_true", help="two passes over the weights a step instead of three (other last bits)")
     add("--compute_dtype", choices=["float32", "bfloat16", "float16"], help="the forwards' copy (default: --dtype; "
       "sst2, mrpc: bfloat16)")
@@ -241,8 +241,7 @@ def index_dtype(K):
 
 
 def encode_upload(num_examples, seed_idx, scalars, K):
-    """Client -> server: uint32 data size, then the steps' seed indices (uint16 for K <= 65536), then float32 scalars
-    (g of each two-point step)."""
+    """Client -> server: uint32 data size, the pairs' seed indices (uint16 for K <= 65536), their float32 scalars."""
     return (np.uint32(num_examples).tobytes() + np.asarray(seed_idx, dtype=index_dtype(K)).tobytes()
             + np.asarray(scalars, dtype=np.float32).tobytes())
 
@@ -436,7 +435,7 @@ def check_upload(msg, K, local_steps, directions, num_examples, draws=None):
     """Server: why an upload cannot be aggregated, or None: it must be the client's data size (num_examples; None: not
     checked), then whole steps of (seed index < K, finite scalar) pairs, at most --local_steps of them (a step with a
     non-finite loss sends none), and with `draws` (`seed_draws`: the client's draws this round) each step's indices
-    the next assigned step's, in order: a client cannot stack its pairs on seeds of its choice."""
+    an assigned step's, in order (steps with a non-finite loss skipped): no pairs stacked on seeds of its choice."""
     width = np.dtype(index_dtype(K)).itemsize + 4
     if len(msg) < 4 or (len(msg) - 4) % width:
         return f"{len(msg)} bytes are not a data size and whole (seed index, scalar) pairs"
@@ -517,7 +516,7 @@ def server_update(server, uploads, sizes, dropped, args, seeds, w0, rnd):
 # ---------------------------------------------------------------------------------------------------- the rounds
 def train(args, transport=None):
     """The rounds, as the paper's Algorithm 1: the server sends each sampled client the part of A it lacks, the
-    client replays it onto w0 and takes its ZO steps, the server aggregates the (seed, g) pairs into A."""
+    client replays it onto w0 and takes its ZO steps, the server aggregates the (seed index, scalar) pairs into A."""
     run = setup(args, transport)  # plumbing: model, data, seeds, the server's state, the run's files
     transport, progress, on_server = run.transport, run.progress, run.transport.on_server  # on_server(fn, *a): fn(*a)
     # on the server's process (in one process, simply fn(*a)); None on the other torchrun ranks
@@ -531,8 +530,8 @@ def train(args, transport=None):
             sampled = tasks.sample_clients(args.seed, rnd, len(run.clients), run.n_sampled)  # the same on every rank
             tags = on_server(state_tags, run.server, sampled) if transport.keeps_client_state else None  # Flower: skip
             sent = on_server(server_download, run.server, sampled, args.bias_sampling)
-            # 2.-3. each client, where it lives, runs client_round -> its (seed, g) pairs. In one process `exchange` is
-            # {c: client_round(run, rnd, c, sent[c]) for c in sampled}; torchrun and Flower carry the same bytes
+            # 2.-3. each client, where it lives, runs client_round -> its (seed index, scalar) pairs. In one process
+            # `exchange` is {c: client_round(run, rnd, c, sent[c]) for c in sampled}; torchrun, Flower: the same bytes
             mine = transport.mine(sampled)  # this process's clients of the round (all of them in one process)
             run.replays, run.diffs, run.last_client = {}, [], mine[-1] if mine else None  # the shared replay's
             progress.reset("clients", len(mine))  # CLIENT_STATS: the per-client numbers logged (plumbing)
@@ -825,9 +824,10 @@ def setup(args, transport=None):
                                    args.rouge_samples, args.seed))  # the same examples as the other scripts
     total = sum(p.numel() for p in run.weights.tensors)
     print(f"{data.summary}\n{args.model}: {total / 1e6:.1f}M trainable params ({args.dtype}, forwards in "
-          f"{args.compute_dtype}) on {args.device}; {N} clients, {run.n_sampled} per round, K={K}, {args.local_steps} "
-          f"steps, {'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}, {args.estimator} estimator "
-          f"({args.directions} directions a step), z {args.perturbation}, lr {args.lr:g} ({args.lr_scheduler})"
+          f"{args.compute_dtype}) on {args.device}; {'FedKSeed-Pro' if args.bias_sampling else 'FedKSeed'}: "
+          f"{N} clients, {run.n_sampled} a round, {args.rounds} rounds, {args.local_steps} steps of {args.batch_size}, "
+          f"K={K}, {args.estimator} ({args.directions} directions a step, eps {args.zo_eps:g}), z {args.perturbation}, "
+          f"lr {args.lr:g} ({args.lr_scheduler})"
           + (f", --mask {args.mask}: {run.masked / total:.2%} of the weights" if args.mask != "none" else "")
           + (f"; {transport.world} ranks (torchrun), rank 0 the server, client c on rank c % {transport.world}"
              if transport.world > 1 else "") + transport.describe(), flush=True)

@@ -59,11 +59,13 @@ def rows_of(a):
     steps = "1" if q else "16"
     zo = ["-K", "64" if q else "1024", "--zo_eps", "1e-3", "--compute_dtype", "bfloat16", "--local_steps", steps]
     central = ["--num_clients", "1", "-m", "1", "--local_steps", str(int(steps) * 2)]  # the round's two clients' steps
+    two_point = ["--estimator", "two_point", "--directions", "1"]  # named: --dataset sst2's own default is FZOO
     rows = [
-        ("sst2", "fedkseed", "FedKSeed (two-point)", "fedkseed.py", sst + zo, 1e-5),
+        ("sst2", "fedkseed", "FedKSeed (two-point)", "fedkseed.py", sst + zo + two_point, 1e-5),
         ("sst2", "fedkseed-fzoo", "FedKSeed (FZOO, n = 4)", "fedkseed.py",
          sst + zo + ["--estimator", "fzoo", "--directions", "4"], 1e-3),
-        ("sst2", "fedkseed-pro", "FedKSeed-Pro (two-point)", "fedkseed.py", sst + zo + ["--bias_sampling"], 1e-5),
+        ("sst2", "fedkseed-pro", "FedKSeed-Pro (two-point)", "fedkseed.py", sst + zo + two_point + ["--bias_sampling"],
+         1e-5),
         ("sst2", "fedit", "FedIT (LoRA)", "fedavg.py", ["--task", "prompt", "--method", "lora"] + sst
          + ["--local_steps", steps], 3e-4),
         ("sst2", "fedavg", "FedAvg (full)", "fedavg.py", ["--task", "prompt"] + sst + ["--local_steps", steps], 1e-5),

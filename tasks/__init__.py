@@ -62,8 +62,8 @@ Runs:        (tasks/runfiles.py) tasks.Progress(**bars), tasks.RunFiles(folder, 
 Wire:        (tasks/wire.py) tasks.pack(dict name -> tensor) -> bytes (safetensors), tasks.unpack(bytes) -> dict,
              tasks.packed_bound(tensors) (uploads are refused beyond it), check_tensors (the server's check of an
              upload of tensors), relative_change
-Robust:      (tasks/robust.py) robust aggregation on by default: scalar_bound, clip_client_norms (FedKSeed), bound_uploads
-             (FedAvg, FedCyBGD): bounds relative to the median of the recent uploads
+Robust:      (tasks/robust.py) on by default: scalar_bound, clip_client_norms (FedKSeed), bound_uploads
+             (FedAvg, FedCyBGD): bounds relative to the recent uploads' lower median (lower_median)
 Transports:  (tasks/transport.py) tasks.transport_from_env(device) -> Transport (one process) or Ranks (torchrun);
              Flower's transport and ClientApp are the Flower App's (flower/fedfull_flower/)
 Errors:      (tasks/errors.py) tasks.ConfigError, tasks.DataError, tasks.ModelError, tasks.GroupError: one line each
@@ -91,5 +91,6 @@ from .runfiles import (Progress, RunFiles, export_model, fmt_bytes, read_run_jso
 from .sources import hub_reachable, read_jsonl
 from .training import param_groups, train_steps
 from .transport import Ranks, Transport, accept_replies, transport_from_env
-from .robust import bound_changes, bound_uploads, change_limit, change_sizes, clip_client_norms, scalar_bound
+from .robust import (bound_changes, bound_uploads, change_limit, change_sizes, clip_client_norms, lower_median,
+                     scalar_bound)
 from .wire import check_tensors, pack, packed_bound, relative_change, unpack

@@ -118,8 +118,8 @@ SHARED = {
                    lambda args, name, low=None: _finite(args, name, 0.0, strict=False, note=" (0 = off)")),
     "tensor_bound": (("--tensor_bound",), dict(type=float, default=10.0, help="robust aggregation: each uploaded "
                                                "tensor's change (RMS per element) is scaled down to at most this many "
-                                               "times the median change of the tensors accepted in this and the last "
-                                               "--tensor_window rounds (FedCyBGD: turns); 0 = off"),
+                                               "times the lower median change of the tensors accepted in this and the "
+                                               "last --tensor_window rounds (FedCyBGD: turns); 0 = off"),
                      lambda args, name, low=None: _finite(args, name, 0.0, strict=False, note=" (0 = off)")),
     "tensor_window": (("--tensor_window",), dict(type=int, default=10, help="--tensor_bound: the past rounds (turns) "
                                                  "whose accepted tensors the median pools"), _at_least(0)),

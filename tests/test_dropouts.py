@@ -245,7 +245,7 @@ def test_bad_fedavg_upload_is_left_out_of_the_average(tmp_path, monkeypatch, how
 
 def test_tensor_bound_scales_each_tensor_to_c_times_the_pooled_median():
     """--tensor_bound c (tasks.bound_uploads), written out here in numpy: each tensor's change size is its RMS change
-    per element; the pool is the window's sizes and this round's; a tensor above c x the pool's median is scaled to
+    per element; the pool is the window's sizes and this round's; a tensor above c x the pool's lower median is scaled to
     it along its change, one within it kept bit for bit; the window keeps this round's sizes capped at the limit."""
     ref = {"a": torch.zeros(4), "b": torch.ones(9)}
     ups = [{"a": torch.tensor([0.1, -0.1, 0.1, -0.1]), "b": torch.ones(9) + 0.2},
@@ -254,13 +254,25 @@ def test_tensor_bound_scales_each_tensor_to_c_times_the_pooled_median():
     got, scaled, window = tasks.bound_uploads(ups, ref, recent, 2.0, 1)
     size = lambda t, r: float(np.sqrt(np.mean((t.double().numpy() - r.double().numpy()) ** 2)))  # noqa: E731
     sizes = [[size(u[n], ref[n]) for n in ("a", "b")] for u in ups]
-    limit = 2.0 * float(np.median([0.1, 0.3, 0.2] + [x for s_ in sizes for x in s_]))
+    pool = sorted([0.1, 0.3, 0.2] + [x for s_ in sizes for x in s_])
+    limit = 2.0 * pool[(len(pool) - 1) // 2]  # the lower median
     for u, g, s_ in zip(ups, got, sizes):
         for n, x in zip(("a", "b"), s_):
             want = u[n] if x <= limit else (ref[n].double() + (u[n].double() - ref[n].double()) * limit / x).float()
             assert torch.equal(g[n], want)
     assert scaled == [sum(x > limit for x in s_) for s_ in sizes] == [0, 1]
     assert window == [[0.2], [min(x, limit) for s_ in sizes for x in s_]]  # window 1: this round and the last
+
+
+def test_half_the_scalars_at_1e30_leave_the_bound_at_an_honest_value():
+    """FedKSeed's --g_bound with 2 of 4 clients uploading g = 1e30: the lower median of the pooled |scalars| is the
+    largest honest one, so each 1e30 becomes 10x it (numpy's median, the mean of the two middle values, would be
+    5e29: no bound at all)."""
+    honest = [np.array([0.5, -2.0, 1.0], np.float32), np.array([3.0, -0.25, 1.5], np.float32)]
+    hostile = [np.full(3, 1e30, np.float32)] * 2
+    bound, _, clipped = tasks.scalar_bound([], honest + hostile, 10.0, 10)
+    assert bound == 10 * 3.0 and clipped == 6
+    assert float(np.median(np.abs(np.concatenate(honest + hostile)))) > 4e29  # the mean of the middle two: no bound
 
 
 def test_a_median_of_zero_bounds_every_scalar_to_zero_and_lifts_nothing():
