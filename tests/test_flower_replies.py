@@ -91,6 +91,13 @@ def flower_for(grid, monkeypatch, nodes=((0, 1),)):
     return flower
 
 
+def exchange(flower, clients):
+    """Round 1 of a fedkseed exchange with `clients`, each sent b"d" (uploads up to 64 bytes) -> what it took."""
+    run = SimpleNamespace(args=SimpleNamespace())
+    return flower.exchange(None, run, 1, {c: b"d" for c in clients}, list(clients), (None, 64), KEYS,
+                           {c: ("", "1") for c in clients})
+
+
 @pytest.mark.parametrize("cfg, why", [
     (dict(good(), clients=[0]), "malformed reply (ValueError)"),                    # not the node's clients
     (dict(good(), uploads=[b"x"]), "malformed reply (ValueError)"),                 # fewer uploads than clients
@@ -102,16 +109,14 @@ def flower_for(grid, monkeypatch, nodes=((0, 1),)):
 ])
 def test_exchange_drops_exactly_the_nodes_clients_with_the_reason(cfg, why, monkeypatch):
     flower = flower_for(Grid([reply(**cfg)]), monkeypatch)  # one node serves clients 0 and 2
-    run = SimpleNamespace(args=SimpleNamespace())
-    got = flower.exchange(None, run, 1, {0: b"d", 2: b"d"}, [0, 2], (None, 64), KEYS, {0: ("", "1"), 2: ("", "1")})
+    got = exchange(flower, [0, 2])
     assert got == {} and flower.dropped == {0: why, 2: why}
 
 
 def test_a_node_that_does_not_answer_is_dropped_and_the_other_taken(monkeypatch):
     flower = flower_for(Grid([None, reply(node=2, **good(clients=(1,), uploads=(b"u",)))], nodes=(1, 2)), monkeypatch,
                         nodes=((0, 1), (1, 2)))
-    run = SimpleNamespace(args=SimpleNamespace())
-    got = flower.exchange(None, run, 1, {0: b"d", 1: b"d"}, [0, 1], (None, 64), KEYS, {0: ("", "1"), 1: ("", "1")})
+    got = exchange(flower, [0, 1])
     assert set(got) == {1} and flower.dropped == {0: "no reply within 1 s"}
 
 
@@ -178,10 +183,11 @@ class LinkGrid(Grid):
         return [f"m{i}" for i in range(len(list(messages)))]
 
 
-def node_reply(node, clients):
+def node_reply(node, clients, uploads=None):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.app.metadata import Metadata
-    m = Message(RecordDict({MESSAGE_KEY: ConfigRecord(good(clients=clients, uploads=[b"u"] * len(clients)))}),
+    uploads = [b"u"] * len(clients) if uploads is None else uploads
+    m = Message(RecordDict({MESSAGE_KEY: ConfigRecord(good(clients=clients, uploads=uploads))}),
                 dst_node_id=0, message_type="train")
     m.metadata.__dict__["_src_node_id"] = node
     return m, Metadata
@@ -196,8 +202,7 @@ def test_a_reply_whose_content_is_not_a_message_drops_its_node_in_flowers_own_de
     link.store("m0", node_reply(1, [0])[0], corrupt=b"\xff\xfe not a protobuf \x00\x01")
     link.store("m1", node_reply(2, [1])[0])
     flower.grid = LinkGrid(link)
-    run = SimpleNamespace(args=SimpleNamespace())
-    got = flower.exchange(None, run, 1, {0: b"d", 1: b"d"}, [0, 1], (None, 64), KEYS, {0: ("", "1"), 1: ("", "1")})
+    got = exchange(flower, [0, 1])
     assert set(got) == {1} and list(flower.dropped) == [0]
     assert flower.dropped[0].startswith("its reply could not be read (")
 
@@ -207,8 +212,7 @@ def test_a_reply_of_too_many_objects_is_refused_before_any_is_pulled(monkeypatch
     link = StubLink()
     link.store("m0", node_reply(1, [0, 1])[0], extra_objects=10_000)
     flower.grid = LinkGrid(link, nodes=(1,))
-    run = SimpleNamespace(args=SimpleNamespace())
-    got = flower.exchange(None, run, 1, {0: b"d", 1: b"d"}, [0, 1], (None, 64), KEYS, {0: ("", "1"), 1: ("", "1")})
+    got = exchange(flower, [0, 1])
     assert got == {} and link.pulled == []
     assert all(why.startswith("its reply could not be read (ReplyRefused: a reply of 10003 objects")
                for why in flower.dropped.values()) and set(flower.dropped) == {0, 1}
@@ -218,17 +222,12 @@ def test_a_reply_of_more_bytes_than_its_uploads_allow_is_refused_while_it_is_pul
     """Node 1 answers with an upload of 2 MiB where the protocol allows 64 bytes: its objects are counted as they
     arrive and the reply is refused past the node's bound (its clients x the longest upload + 1 MiB), before Flower
     inflates it; node 2's reply is taken."""
-    from flwr.app import ConfigRecord, Message, RecordDict
     flower = flower_for(Grid([], nodes=(1, 2)), monkeypatch, nodes=((0, 1), (1, 2)))
     link = StubLink()
-    big = Message(RecordDict({MESSAGE_KEY: ConfigRecord(good(clients=[0], uploads=[b"u" * (2 << 20)]))}),
-                  dst_node_id=0, message_type="train")
-    big.metadata.__dict__["_src_node_id"] = 1
-    link.store("m0", big)
+    link.store("m0", node_reply(1, [0], uploads=[b"u" * (2 << 20)])[0])
     link.store("m1", node_reply(2, [1])[0])
     flower.grid = LinkGrid(link)
-    run = SimpleNamespace(args=SimpleNamespace())
-    got = flower.exchange(None, run, 1, {0: b"d", 1: b"d"}, [0, 1], (None, 64), KEYS, {0: ("", "1"), 1: ("", "1")})
+    got = exchange(flower, [0, 1])
     assert set(got) == {1} and list(flower.dropped) == [0]
     assert flower.dropped[0].startswith("its reply could not be read (ReplyRefused: a reply of more than 1048640 bytes")
 
