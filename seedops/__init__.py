@@ -75,15 +75,20 @@ def apply_weights_(params, copies, seeds, scales, offsets, kind, masks=None):
         apply_seeds_copy_multi_(params, copies, seeds, scales, offsets, kind)
 
 
+def mask_count(numel, density):
+    """How many of a tensor's `numel` elements a mask of `density` keeps: ceil(density * numel), at least 1."""
+    import math
+    return min(numel, max(1, math.ceil(density * numel)))
+
+
 def mask_of(scores, density):
     """Each tensor's top `density` fraction by its score tensor (the same shapes) -> [int64 index tensor per tensor],
-    sorted: k = ceil(density * numel) indices (at least 1), the largest scores, ties broken by the lower index (a
-    stable sort, so every party that computes the scores' same bits gets the same mask on any device)."""
-    import math
+    sorted: `mask_count` indices, the largest scores, ties broken by the lower index (a stable sort, so every party
+    that computes the scores' same bits gets the same mask on any device)."""
     masks = []
     for sc in scores:
         flat = sc.detach().reshape(-1).float()
-        k = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+        k = mask_count(flat.numel(), density)
         order = torch.sort(-flat, stable=True).indices[:k]
         masks.append(torch.sort(order).values.to(torch.int64).contiguous())
     return masks

@@ -17,7 +17,6 @@ Rules (each scores every element of every trainable tensor; the mask keeps the h
 The two rules every party computes are functions of (w0, seed) on the CPU, so their bits, and the masks, are the same
 on every machine.
 """
-import math
 
 import numpy as np
 import torch
@@ -78,8 +77,8 @@ def decode_mask(msg, offsets, sizes):
 
 
 def mask_size(w0, density):
-    """The elements a mask of `density` keeps: seedops.mask_of's k of each tensor, summed."""
-    return sum(min(p.numel(), max(1, math.ceil(density * p.numel()))) for p in w0)
+    """The elements a mask of `density` keeps: seedops.mask_count of each tensor, summed."""
+    return sum(seedops.mask_count(p.numel(), density) for p in w0)
 
 
 def mask_bytes(w0, density):
